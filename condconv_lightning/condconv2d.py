@@ -1,0 +1,306 @@
+"""CondConv2d: a drop-in replacement for ``nn.Conv2d`` with K routed expert kernels.
+
+CondConv: Conditionally Parameterized Convolutions for Efficient Inference
+(Yang, Bender, Le, Ngiam; NeurIPS 2019, arXiv:1904.04971). Softmax routing with a
+temperature follows Dynamic Convolution (Chen et al., CVPR 2020, arXiv:1912.03458).
+
+Parameter layout (as in timm's ``CondConv2d``): ``weight`` is 2-D ``[K, P]`` with
+``P = Cout * Cin/groups * kh * kw`` and ``bias`` is ``[K, Cout]``. A 2-D tensor is
+left alone by ``model.to(memory_format=torch.channels_last)`` (which accepts only
+4-D parameters and would reject a 5-D one), and ``expert_weight()`` views it as
+``[K, Cout, Cin/groups, kh, kw]`` without a copy. The router is ``router``, an
+``nn.Linear(in_channels, K)`` over the globally average-pooled input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Callable, Literal, Optional, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from .functional.condconv import PADDING_MODES, IntPair, Padding, Strategy, check_strategy, condconv2d, pair
+from .functional.routing import Routing, check_routing, route
+
+RoutingHook = Callable[["CondConv2d", Tensor], None]
+ExpertInit = Literal["upcycle", "fresh"]
+
+
+class CondConv2d(nn.Module):
+    """A convolution whose kernel is a per-sample, input-routed mixture of ``num_experts`` kernels.
+
+    Takes every argument of ``nn.Conv2d`` with the same meaning, plus:
+
+    Args:
+        num_experts: K, the number of expert kernels.
+        routing: ``'sigmoid'`` (CondConv) or ``'softmax'`` (DynamicConv) over the
+            router's logits divided by ``temperature``.
+        temperature: divides the router's logits; stored as the buffer
+            ``temperature`` (change it with :meth:`set_temperature`).
+        strategy: how the convolution is executed: ``'auto'``, ``'grouped'``,
+            ``'mixture'`` or ``'bmm'`` (see :mod:`condconv_lightning.functional`).
+            All compute the same function; assign ``layer.strategy`` to change it.
+
+    Observing routing: :meth:`register_routing_hook` registers ``hook(layer, r)``,
+    called during every forward with the detached routing weights ``r`` of shape
+    ``[B, K]`` that the forward used. Detaching means no autograd graph outlives the
+    step; the hook runs only if registered, so an unobserved layer pays nothing.
+
+    Example:
+        >>> layer = CondConv2d(16, 32, 3, padding=1, num_experts=4)
+        >>> layer(torch.randn(2, 16, 8, 8)).shape
+        torch.Size([2, 32, 8, 8])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: Padding = 0,
+        dilation: IntPair = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Optional[Union[torch.device, str]] = None,
+        dtype: Optional[torch.dtype] = None,
+        *,
+        num_experts: int = 4,
+        routing: Routing = "sigmoid",
+        temperature: float = 1.0,
+        strategy: Strategy = "auto",
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        if not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups must be a positive integer, got {groups!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must both be divisible by groups ({groups})"
+            )
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts must be a positive integer, got {num_experts!r}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature!r}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride = pair(stride, "stride")
+        self.dilation = pair(dilation, "dilation")
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions (as in nn.Conv2d)")
+            self.padding: Union[str, tuple[int, int]] = padding
+        else:
+            self.padding = pair(padding, "padding")
+        self.groups = groups
+        self.padding_mode = padding_mode
+        self.transposed = False
+        self.output_padding = (0, 0)
+        self.num_experts = num_experts
+        self.routing = check_routing(routing)
+        self.strategy = check_strategy(strategy)
+
+        kh, kw = self.kernel_size
+        self.weight = nn.Parameter(torch.empty(num_experts, out_channels * (in_channels // groups) * kh * kw, **factory))
+        self.bias = nn.Parameter(torch.empty(num_experts, out_channels, **factory)) if bias else None
+        if not bias:
+            self.register_parameter("bias", None)
+        self.router = nn.Linear(in_channels, num_experts, **factory)
+        self.register_buffer("temperature", torch.tensor(float(temperature), **factory))
+        self._routing_hooks: OrderedDict[int, RoutingHook] = OrderedDict()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialize each expert as ``nn.Conv2d`` initializes its one kernel.
+
+        ``nn.Conv2d`` uses ``kaiming_uniform_(a=sqrt(5))``, i.e. U(-1/sqrt(fan_in),
+        1/sqrt(fan_in)) with ``fan_in = Cin/groups * kh * kw`` of a single kernel, and
+        the same bound for the bias. Computing fan-in on the stacked expert tensor
+        would shrink the init (a known bug elsewhere); here it is per expert.
+        """
+        bound = 1.0 / math.sqrt(self.fan_in)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.router.reset_parameters()
+
+    @property
+    def fan_in(self) -> int:
+        """Fan-in of one expert kernel: ``Cin/groups * kh * kw``."""
+        return (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
+
+    def expert_weight(self) -> Tensor:
+        """The experts as ``[K, Cout, Cin/groups, kh, kw]``: a view of ``weight``, not a copy."""
+        return self.weight.view(self.num_experts, self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def expert_bias(self) -> Optional[Tensor]:
+        """The per-expert biases ``[K, Cout]`` (the parameter itself), or None."""
+        return self.bias
+
+    def route(self, x: Tensor) -> Tensor:
+        """Routing weights ``[B, K]`` this layer uses for input ``x``."""
+        return route(x, self.router.weight, self.router.bias, self.routing, self.temperature)
+
+    def set_temperature(self, temperature: float) -> None:
+        """Set the routing temperature in place (no recompilation under ``torch.compile``)."""
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature!r}")
+        with torch.no_grad():
+            self.temperature.fill_(float(temperature))
+
+    def register_routing_hook(self, hook: RoutingHook) -> RemovableHandle:
+        """Call ``hook(layer, routing_weights)`` in every forward; returns a handle with ``remove()``.
+
+        ``routing_weights`` is the detached ``[B, K]`` tensor the forward used, on the
+        input's device: accumulate it on device to avoid host synchronizations. Hooks
+        are not copied by ``copy.deepcopy`` or pickling: a copy of a model does not
+        report into its original's monitors.
+        """
+        handle = RemovableHandle(self._routing_hooks)
+        self._routing_hooks[handle.id] = hook
+        return handle
+
+    def forward(self, x: Tensor) -> Tensor:
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        routing_weights = self.route(x)
+        if self._routing_hooks:
+            detached = routing_weights.detach()
+            for hook in self._routing_hooks.values():
+                hook(self, detached)
+        y = condconv2d(
+            x,
+            self.expert_weight(),
+            routing_weights,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.padding_mode,
+            self.strategy,
+        )
+        return y.squeeze(0) if unbatched else y
+
+    def __getstate__(self) -> dict:
+        # Used by pickling and by copy.deepcopy: routing hooks belong to their observers.
+        state = self.__dict__.copy()
+        state["_routing_hooks"] = OrderedDict()
+        return state
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0, 0):
+            s += f", padding={self.padding!r}" if isinstance(self.padding, str) else f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s + f", num_experts={self.num_experts}, routing={self.routing}, strategy={self.strategy}"
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        num_experts: int = 4,
+        *,
+        routing: Routing = "sigmoid",
+        temperature: float = 1.0,
+        strategy: Strategy = "auto",
+        init: ExpertInit = "upcycle",
+        perturbation: float = 0.05,
+        generator: Optional[torch.Generator] = None,
+    ) -> "CondConv2d":
+        """Build a CondConv2d with ``conv``'s configuration, device, dtype, mode and ``requires_grad``.
+
+        ``init='upcycle'`` (exact upcycling) seeds the experts from ``conv`` so the new
+        layer computes exactly what ``conv`` did, for every input, until training
+        moves it:
+
+        - the router starts with zero weight and zero bias, so every sample gets the
+          same routing ``c`` for every expert (``sigmoid(0) = 1/2``; softmax ``1/K``);
+        - expert ``k`` is ``(W + d_k) / (K c)`` where ``d_k = s * std(W) * (n_k - mean_j n_j)``
+          with Gaussian ``n_k`` and ``s = perturbation``; the ``d_k`` sum to zero, so
+          ``sum_k c E_k = W`` exactly; the bias is routed the same way, ``b / (K c)``;
+        - the ``d_k`` break the symmetry: the router's gradient ``<E_k, dL/dW_b>``
+          differs between experts, so routing and then the experts diverge in training.
+
+        ``init='fresh'`` keeps the from-scratch init of the constructor (training from
+        scratch, as in the paper): the layer then does not reproduce ``conv``.
+        """
+        if init not in ("upcycle", "fresh"):
+            raise ValueError(f"init must be 'upcycle' or 'fresh', got {init!r}")
+        weight = conv.weight
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device=weight.device,
+            dtype=weight.dtype,
+            num_experts=num_experts,
+            routing=routing,
+            temperature=temperature,
+            strategy=strategy,
+        )
+        if init == "upcycle":
+            layer.upcycle_(conv.weight, conv.bias, perturbation=perturbation, generator=generator)
+        layer.weight.requires_grad_(weight.requires_grad)
+        layer.router.requires_grad_(weight.requires_grad)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(conv.bias.requires_grad)
+        return layer.train(conv.training)
+
+    @torch.no_grad()
+    def upcycle_(
+        self,
+        weight: Tensor,
+        bias: Optional[Tensor] = None,
+        *,
+        perturbation: float = 0.05,
+        generator: Optional[torch.Generator] = None,
+    ) -> "CondConv2d":
+        """Seed experts and router in place so the layer computes ``conv2d(x, weight, bias)`` exactly.
+
+        See :meth:`from_conv` for the construction. Computed in float64, then cast.
+        """
+        expected = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"weight must have shape {expected}, got {tuple(weight.shape)}")
+        if (bias is None) != (self.bias is None):
+            raise ValueError("bias must be given exactly when the layer has a bias")
+        if not perturbation >= 0:
+            raise ValueError(f"perturbation must be >= 0, got {perturbation!r}")
+        k = self.num_experts
+        self.router.weight.zero_()
+        self.router.bias.zero_()
+        initial_routing = 0.5 if self.routing == "sigmoid" else 1.0 / k
+        scale = 1.0 / (k * initial_routing)
+        w = weight.detach().to(device="cpu", dtype=torch.float64).reshape(1, -1)
+        spread = float(w.std()) if w.numel() > 1 and float(w.std()) > 0 else 1.0 / math.sqrt(self.fan_in)
+        noise = torch.randn(k, w.shape[1], dtype=torch.float64, generator=generator)
+        offsets = perturbation * spread * (noise - noise.mean(dim=0, keepdim=True))
+        self.weight.copy_((w + offsets) * scale)
+        if bias is not None:
+            self.bias.copy_(bias.detach().to(device="cpu", dtype=torch.float64).expand(k, -1) * scale)
+        return self

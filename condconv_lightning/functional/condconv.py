@@ -1,0 +1,194 @@
+"""Conditionally parameterized convolution as a function, with interchangeable strategies.
+
+CondConv (Yang et al., NeurIPS 2019, arXiv:1904.04971) convolves sample ``b`` with
+the kernel ``sum_k r[b, k] * W_k``. Every strategy below computes exactly that; they
+differ only in how the work is laid out (``../shared/DESIGN.md`` section 2):
+
+- ``grouped``: the batch folded into conv groups (the formulation of the original
+  note and of timm): one conv with ``groups * B`` groups over per-sample kernels.
+- ``mixture``: one conv with all K experts stacked on the output channels, then the
+  K outputs mixed by the routing weights. K times the conv FLOPs, no per-sample kernels.
+- ``bmm``: per-sample kernels as batched matrix products; 1x1 kernels multiply the
+  input directly, larger kernels go through ``unfold``.
+- ``auto``: picks one of the above per call (see :mod:`.auto`).
+
+Padding is resolved once for all strategies: non-zero padding modes and asymmetric
+'same' padding are applied with ``F.pad`` first, exactly as ``nn.Conv2d`` does, and
+the strategies then see symmetric zero padding only.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .auto import choose_strategy
+
+Strategy = Literal["auto", "grouped", "mixture", "bmm"]
+STRATEGIES: tuple[str, ...] = ("auto", "grouped", "mixture", "bmm")
+PADDING_MODES: tuple[str, ...] = ("zeros", "reflect", "replicate", "circular")
+_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+IntPair = Union[int, Sequence[int]]
+Padding = Union[str, int, Sequence[int]]
+
+
+def pair(value: IntPair, name: str = "value") -> tuple[int, int]:
+    """``3 -> (3, 3)``, ``(3, 5) -> (3, 5)``; anything else is a one-line ValueError."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    items = tuple(value)
+    if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return items  # type: ignore[return-value]
+
+
+def check_strategy(strategy: str) -> str:
+    """Return ``strategy`` if it is known, else raise a one-line ValueError."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    return strategy
+
+
+def explicit_padding(
+    kernel_size: tuple[int, int], padding: Padding, dilation: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """Padding as ``(left, right, top, bottom)`` pixels, the order ``F.pad`` takes.
+
+    ``'same'`` puts the odd pixel on the right/bottom, as ``nn.Conv2d`` and
+    ``F.conv2d`` do; ``'valid'`` is no padding.
+    """
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        (kh, kw), (dh, dw) = kernel_size, dilation
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    if isinstance(padding, str):
+        raise ValueError(f"padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
+    ph, pw = pair(padding, "padding")  # type: ignore[arg-type]
+    if ph < 0 or pw < 0:
+        raise ValueError(f"padding must be non-negative, got {padding!r}")
+    return (pw, pw, ph, ph)
+
+
+def _grouped(x: Tensor, weight: Tensor, bias: Optional[Tensor], r: Tensor, stride, padding, dilation, groups: int) -> Tensor:
+    batch, in_channels, height, width = x.shape
+    num_experts, out_channels = weight.shape[:2]
+    kernels = torch.mm(r, weight.reshape(num_experts, -1)).reshape(batch * out_channels, *weight.shape[2:])
+    mixed_bias = torch.mm(r, bias).reshape(-1) if bias is not None else None
+    y = F.conv2d(
+        x.reshape(1, batch * in_channels, height, width), kernels, mixed_bias, stride, padding, dilation, groups * batch
+    )
+    return y.reshape(batch, out_channels, *y.shape[-2:])
+
+
+def _mixture(x: Tensor, weight: Tensor, bias: Optional[Tensor], r: Tensor, stride, padding, dilation, groups: int) -> Tensor:
+    num_experts, out_channels = weight.shape[:2]
+    per_group = out_channels // groups
+    # Stacked output channels ordered (group, expert, channel) so that each conv group
+    # reads its own input channels for every expert.
+    stacked = (
+        weight.reshape(num_experts, groups, per_group, *weight.shape[2:])
+        .transpose(0, 1)
+        .reshape(groups * num_experts * per_group, *weight.shape[2:])
+    )
+    y = F.conv2d(x, stacked, None, stride, padding, dilation, groups)
+    y = y.unflatten(1, (groups, num_experts, per_group))
+    mix = r.to(y.dtype)[:, None, :, None, None, None]
+    out = (y * mix).sum(dim=2).flatten(1, 2)
+    if bias is not None:
+        out = out + torch.mm(r, bias).to(out.dtype)[:, :, None, None]
+    return out
+
+
+def _bmm(x: Tensor, weight: Tensor, bias: Optional[Tensor], r: Tensor, stride, padding, dilation, groups: int) -> Tensor:
+    batch, _, height, width = x.shape
+    num_experts, out_channels, in_per_group, kh, kw = weight.shape
+    kernels = torch.mm(r, weight.reshape(num_experts, -1)).reshape(
+        batch, groups, out_channels // groups, in_per_group * kh * kw
+    )
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if (kh, kw, ph, pw) == (1, 1, 0, 0):
+        cols = x[:, :, ::sh, ::sw].reshape(batch, groups, in_per_group, out_h * out_w)
+    else:
+        cols = F.unfold(x, (kh, kw), (dh, dw), (ph, pw), (sh, sw)).view(batch, groups, in_per_group * kh * kw, -1)
+    out = torch.matmul(kernels, cols).reshape(batch, out_channels, out_h, out_w)
+    if bias is not None:
+        out = out + torch.mm(r, bias).to(out.dtype)[:, :, None, None]
+    return out
+
+
+_STRATEGY_FNS: dict[str, Callable[..., Tensor]] = {"grouped": _grouped, "mixture": _mixture, "bmm": _bmm}
+
+
+def condconv2d(
+    x: Tensor,
+    weight: Tensor,
+    routing_weights: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: IntPair = 1,
+    padding: Padding = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    strategy: Strategy = "auto",
+) -> Tensor:
+    """Convolve each sample of ``x`` with its own mixture of expert kernels.
+
+    Args:
+        x: input ``[B, Cin, H, W]`` (any memory format).
+        weight: experts ``[K, Cout, Cin / groups, kh, kw]``.
+        routing_weights: ``[B, K]``, the mixing coefficients of each sample.
+        bias: per-expert bias ``[K, Cout]``, mixed with the same coefficients, or None.
+        stride, padding, dilation, groups, padding_mode: as in ``nn.Conv2d``
+            (``padding`` also takes ``'same'`` and ``'valid'``).
+        strategy: ``'auto'``, ``'grouped'``, ``'mixture'`` or ``'bmm'``; all compute
+            the same function.
+
+    Returns:
+        ``[B, Cout, H_out, W_out]``.
+
+    Raises:
+        ValueError: on shapes that do not fit together or unknown options.
+    """
+    check_strategy(strategy)
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    if x.dim() != 4:
+        raise ValueError(f"condconv2d expects input of shape [B, C, H, W], got {tuple(x.shape)}")
+    if weight.dim() != 5:
+        raise ValueError(f"weight must have shape [K, Cout, Cin/groups, kh, kw], got {tuple(weight.shape)}")
+    num_experts, out_channels, in_per_group = weight.shape[:3]
+    if groups < 1 or out_channels % groups or x.shape[1] != in_per_group * groups:
+        raise ValueError(
+            f"input has {x.shape[1]} channels but weight {tuple(weight.shape)} with groups={groups} expects "
+            f"{in_per_group * groups} (and Cout divisible by groups)"
+        )
+    if routing_weights.shape != (x.shape[0], num_experts):
+        raise ValueError(
+            f"routing_weights must have shape [B, K] = [{x.shape[0]}, {num_experts}], got {tuple(routing_weights.shape)}"
+        )
+    if bias is not None and bias.shape != (num_experts, out_channels):
+        raise ValueError(f"bias must have shape [K, Cout] = [{num_experts}, {out_channels}], got {tuple(bias.shape)}")
+
+    kernel_size = (weight.shape[3], weight.shape[4])
+    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
+    if padding == "same" and stride != (1, 1):
+        raise ValueError("padding='same' is not supported for strided convolutions (as in nn.Conv2d)")
+    left, right, top, bottom = explicit_padding(kernel_size, padding, dilation)
+    if padding_mode != "zeros" or left != right or top != bottom:
+        if left or right or top or bottom:
+            x = F.pad(x, (left, right, top, bottom), mode=_PAD_MODE[padding_mode])
+        conv_padding = (0, 0)
+    else:
+        conv_padding = (top, left)
+
+    if strategy == "auto":
+        strategy = choose_strategy(x, weight, stride, conv_padding, dilation, groups)
+    return _STRATEGY_FNS[strategy](x, weight, bias, routing_weights, stride, conv_padding, dilation, groups)
