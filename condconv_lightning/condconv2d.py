@@ -112,8 +112,9 @@ class CondConv2d(nn.Module):
 
         kh, kw = self.kernel_size
         self.weight = nn.Parameter(torch.empty(num_experts, out_channels * (in_channels // groups) * kh * kw, **factory))
-        self.bias = nn.Parameter(torch.empty(num_experts, out_channels, **factory)) if bias else None
-        if not bias:
+        if bias:
+            self.bias = nn.Parameter(torch.empty(num_experts, out_channels, **factory))
+        else:
             self.register_parameter("bias", None)
         self.router = nn.Linear(in_channels, num_experts, **factory)
         self.register_buffer("temperature", torch.tensor(float(temperature), **factory))
