@@ -26,6 +26,10 @@ from torch.utils.hooks import RemovableHandle
 from .functional.condconv import PADDING_MODES, IntPair, Padding, Strategy, check_strategy, condconv2d, pair
 from .functional.routing import Routing, check_routing, route
 
+# torch.fx records the functional call as one node instead of tracing its shape logic,
+# so models containing CondConv2d stay symbolically traceable.
+torch.fx.wrap("condconv2d")
+
 RoutingHook = Callable[["CondConv2d", Tensor], None]
 ExpertInit = Literal["upcycle", "fresh"]
 
@@ -172,15 +176,12 @@ class CondConv2d(nn.Module):
         return handle
 
     def forward(self, x: Tensor) -> Tensor:
-        unbatched = x.dim() == 3
-        if unbatched:
-            x = x.unsqueeze(0)
         routing_weights = self.route(x)
         if self._routing_hooks:
-            detached = routing_weights.detach()
+            detached = routing_weights.detach().reshape(-1, self.num_experts)
             for hook in self._routing_hooks.values():
                 hook(self, detached)
-        y = condconv2d(
+        return condconv2d(
             x,
             self.expert_weight(),
             routing_weights,
@@ -192,7 +193,6 @@ class CondConv2d(nn.Module):
             self.padding_mode,
             self.strategy,
         )
-        return y.squeeze(0) if unbatched else y
 
     def __getstate__(self) -> dict:
         # Used by pickling and by copy.deepcopy: routing hooks belong to their observers.

@@ -142,7 +142,8 @@ def condconv2d(
     """Convolve each sample of ``x`` with its own mixture of expert kernels.
 
     Args:
-        x: input ``[B, Cin, H, W]`` (any memory format).
+        x: input ``[B, Cin, H, W]`` (any memory format), or unbatched ``[Cin, H, W]``
+            with ``routing_weights`` of shape ``[K]``.
         weight: experts ``[K, Cout, Cin / groups, kh, kw]``.
         routing_weights: ``[B, K]``, the mixing coefficients of each sample.
         bias: per-expert bias ``[K, Cout]``, mixed with the same coefficients, or None.
@@ -157,6 +158,10 @@ def condconv2d(
     Raises:
         ValueError: on shapes that do not fit together or unknown options.
     """
+    if x.dim() == 3 and routing_weights.dim() == 1:  # unbatched input, as nn.Conv2d accepts
+        return condconv2d(
+            x[None], weight, routing_weights[None], bias, stride, padding, dilation, groups, padding_mode, strategy
+        )[0]
     check_strategy(strategy)
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
