@@ -1,0 +1,118 @@
+"""The conversion check: the converted model must compute what the original computed.
+
+Exact upcycling (``CondConv2d.from_conv``, see DESIGN.md section 1) makes a converted
+model reproduce the original's outputs up to float32 round-off. The command verifies
+that on a random input before it writes anything, so a conversion that would change
+the model (a Conv2d subclass with its own forward converted by force, a broken layer)
+is caught at conversion time instead of in training. Differences are measured as the
+project's tests measure them: largest absolute difference, and that divided by the
+largest reference magnitude.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..condconv2d import CondConv2d
+from .errors import CommandError
+from .loading import one_line
+
+CHECK_BATCH = 2  # two samples: per-sample kernels must not mix across the batch
+DEFAULT_SPATIAL = 224  # ImageNet's input size, which the common torchvision/timm CNNs expect
+DEFAULT_TOLERANCE = 1e-5  # DESIGN.md's acceptance bar for exact upcycling
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """Largest differences between the original and converted outputs on one random input."""
+
+    input_shape: tuple[int, ...]
+    max_abs_diff: float
+    max_rel_diff: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_rel_diff <= self.tolerance  # False for NaN too
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "input_shape": list(self.input_shape), "passed": self.passed}
+
+
+def infer_input_shape(model: nn.Module) -> Optional[tuple[int, ...]]:
+    """``(2, C, 224, 224)`` with C the in_channels of the first convolution registered, or None.
+
+    Registration order is the forward order in almost every CNN (stems come first);
+    a model that needs another size fails the check's forward and is asked for
+    ``--input-shape``.
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, CondConv2d)):
+            return (CHECK_BATCH, module.in_channels, DEFAULT_SPATIAL, DEFAULT_SPATIAL)
+    return None
+
+
+def random_input(shape: Sequence[int], seed: int) -> Tensor:
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def float32_outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
+    """Every output tensor of ``model(x)`` in float32 eval mode; ``model`` is left as it was.
+
+    A model held in another dtype runs as a float32 copy; each submodule's train/eval
+    flag is restored afterwards (models often keep some parts, e.g. frozen BatchNorm,
+    in eval mode while training).
+    """
+    floating = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    runner = model if all(t.dtype == torch.float32 for t in floating) else copy.deepcopy(model).float()
+    modes = [(module, module.training) for module in runner.modules()]
+    runner.eval()
+    try:
+        output = runner(x.to(floating[0].device) if floating else x)
+    except Exception as error:
+        raise CommandError(
+            f"the check could not run the model on a random input of shape {_shape(x.shape)} "
+            f"({one_line(error)}); pass --input-shape with the shape the model takes, or --no-check"
+        ) from None
+    finally:
+        for module, training in modes:
+            module.training = training
+    tensors = [t.detach().float().cpu() for t in _tensors(output)]
+    if not tensors:
+        raise CommandError("the model's output holds no tensors to compare; pass --no-check")
+    return tensors
+
+
+def compare(reference: list[Tensor], converted: list[Tensor], input_shape: Sequence[int], tolerance: float) -> CheckResult:
+    """Largest absolute difference over all outputs, and relative to the largest reference magnitude."""
+    if [t.shape for t in reference] != [t.shape for t in converted]:
+        raise CommandError("the converted model's outputs have other shapes than the original's; the conversion is broken")
+    diffs = torch.cat([(r.double() - c.double()).abs().flatten() for r, c in zip(reference, converted)])
+    magnitudes = torch.cat([r.double().abs().flatten() for r in reference])
+    max_abs = diffs.max().item() if diffs.numel() else 0.0  # NaN if any output is NaN: the check then fails
+    scale = magnitudes.max().item() if magnitudes.numel() else 0.0
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    return CheckResult(tuple(input_shape), max_abs, max_rel, tolerance)
+
+
+def _tensors(output: object) -> Iterator[Tensor]:
+    """Tensors in a (nested) tensor / tuple / list / dict output, in order."""
+    if isinstance(output, Tensor):
+        yield output
+    elif isinstance(output, dict):
+        for value in output.values():
+            yield from _tensors(value)
+    elif isinstance(output, (list, tuple)):
+        for value in output:
+            yield from _tensors(value)
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return ",".join(str(s) for s in shape)

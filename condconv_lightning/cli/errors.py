@@ -1,0 +1,16 @@
+"""The error the command line reports as one line, exit status 1, without a traceback."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+
+class CommandError(Exception):
+    """A problem with the user's input, stated in one line that says what to do about it.
+
+    ``facts`` (optional) are added to the ``--json`` error document, e.g. the failed check.
+    """
+
+    def __init__(self, message: str, *, facts: Optional[dict[str, Any]] = None) -> None:
+        super().__init__(message)
+        self.facts = facts

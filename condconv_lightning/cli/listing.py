@@ -1,0 +1,62 @@
+"""``--list``: every convolution of a model, and what ``--layers`` selects among them."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch.nn as nn
+from rich.table import Table
+
+from ..condconv2d import CondConv2d
+
+
+def conv_rows(model: nn.Module) -> list[dict[str, Any]]:
+    """One JSON-ready row per Conv2d (subclasses included) or CondConv2d, in registration order."""
+    rows = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, CondConv2d)):
+            rows.append(
+                {
+                    "name": name,
+                    "type": type(module).__name__,
+                    "in_channels": module.in_channels,
+                    "out_channels": module.out_channels,
+                    "kernel_size": list(module.kernel_size),
+                    "stride": list(module.stride),
+                    "groups": module.groups,
+                    "parameters": sum(p.numel() for p in module.parameters()),
+                }
+            )
+    return rows
+
+
+def mark_selection(rows: list[dict[str, Any]], selected: set[str], skipped: Mapping[str, str], already: set[str]) -> None:
+    """Add ``selected`` (bool) and ``note`` (why a matching layer is not converted) to each row."""
+    for row in rows:
+        row["selected"] = row["name"] in selected
+        row["note"] = skipped.get(row["name"]) or ("already CondConv2d" if row["name"] in already else None)
+
+
+def conv_table(rows: list[dict[str, Any]], title: Optional[str] = None) -> Table:
+    """The rows as a rich table; the ``selected`` column appears once a selection was marked."""
+    marked = bool(rows) and "selected" in rows[0]
+    table = Table(title=title, title_justify="left")
+    for header, justify in [("name", "left"), ("type", "left"), ("in -> out", "right"), ("kernel", "right"),
+                            ("stride", "right"), ("groups", "right"), ("params", "right")]:
+        table.add_column(header, justify=justify)
+    if marked:
+        table.add_column("--layers", justify="left")
+    for row in rows:
+        cells = [
+            row["name"],
+            row["type"],
+            f"{row['in_channels']} -> {row['out_channels']}",
+            "x".join(map(str, row["kernel_size"])),
+            "x".join(map(str, row["stride"])),
+            str(row["groups"]),
+            f"{row['parameters']:,}",
+        ]
+        if marked:
+            cells.append("[bold green]selected[/]" if row["selected"] else (f"[yellow]{row['note']}[/]" if row["note"] else ""))
+        table.add_row(*cells)
+    return table

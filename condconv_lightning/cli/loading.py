@@ -1,0 +1,246 @@
+"""Turn a model file (plus, for weights, an architecture) into an nn.Module without running its code.
+
+Unpickling runs code chosen by whoever wrote the file, which is why ``torch.load``
+defaults to ``weights_only=True`` since torch 2.6. Files are opened weights-only; a
+file that holds pickled Python objects (a full ``torch.save(model)``) is loaded only
+when the caller passes ``trust_pickle=True`` (``--trust-pickle``), and otherwise
+refused with the globals it would import, read from its opcodes without executing
+anything (:func:`~condconv_lightning.cli.formats.pickled_globals`).
+
+Weights (a state dict, safetensors, a Lightning ``.ckpt``) need the architecture as an
+import path ``module.path:callable`` (a class or a factory), as ``uvicorn`` and
+``gunicorn`` name applications; a LightningModule class loads a ``.ckpt`` through its
+own ``load_from_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pickle
+import sys
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..io import load_state_dict, strip_wrapper_prefixes
+from .errors import CommandError
+from .formats import FileFormat, detect_format, pickled_globals
+
+# Globals that weights-only loading resolves itself; anything else is the file's own code.
+TORCH_OWN_MODULES = frozenset({"torch", "collections", "builtins", "__builtin__", "_codecs"})
+MAX_NAMES_SHOWN = 3
+
+
+@dataclass
+class LoadedModel:
+    """A model read from a file, and what the file held (the output mirrors it)."""
+
+    model: nn.Module
+    full_module: bool  # True: a pickled module (written back as one); False: weights (written with the spec)
+    holds: str  # what the file held, for people: "full module (ResNet)", "state dict (122 tensors)", ...
+    file_format: FileFormat
+
+
+def load_model(
+    path: Path,
+    *,
+    arch: Optional[str] = None,
+    arch_kwargs: Optional[Mapping[str, Any]] = None,
+    trust_pickle: bool = False,
+) -> LoadedModel:
+    """Read ``path`` onto the CPU as an nn.Module (see the module docstring for the rules).
+
+    Raises:
+        CommandError: the file is unusable, needs ``--trust-pickle`` or ``--arch``, or the
+            architecture does not import or does not match the weights.
+    """
+    file_format = detect_format(path)
+    if file_format is FileFormat.TORCHSCRIPT:
+        raise CommandError(
+            f"{path} is a TorchScript archive (torch.jit.save): it holds compiled code, not the Python modules "
+            "to convert; pass torch.save(model.state_dict()) with --arch, or a torch.save(model) file"
+        )
+    if file_format is FileFormat.TORCH_EXPORT:
+        raise CommandError(
+            f"{path} is a torch.export archive: its graph has no Conv2d modules to convert; pass "
+            "torch.save(model.state_dict()) with --arch, or a torch.save(model) file"
+        )
+    if file_format is FileFormat.SAFETENSORS:
+        content: object = load_state_dict(path)
+    else:
+        content = _torch_load(path, file_format, trust_pickle)
+    if isinstance(content, nn.Module):
+        if arch is not None:
+            raise CommandError(f"{path} holds a full module ({type(content).__name__}); drop --arch, which is for weights files")
+        model = _unwrap(content)
+        return LoadedModel(model, True, f"full module ({type(model).__name__})", file_format)
+    state, checkpoint = _weights_in(content, path)
+    holds = f"{'Lightning checkpoint' if checkpoint else 'state dict'} ({len(state)} tensors)"
+    if arch is None:
+        raise CommandError(
+            f"{path} holds a {holds} but no architecture; pass "
+            "--arch module.path:ClassOrFactory (and --arch-kwargs JSON if it takes arguments)"
+        )
+    builder = import_object(arch, "--arch")
+    if checkpoint and _is_lightning_module_class(builder):
+        model = _load_lightning_checkpoint(builder, path, arch, arch_kwargs or {}, trust_pickle)
+    else:
+        model = _build(builder, arch, arch_kwargs or {})
+    _load_weights(model, state, path, arch)
+    return LoadedModel(model, False, holds, file_format)
+
+
+def import_object(target: str, flag: str) -> Callable[..., Any]:
+    """Import ``module.path:attribute`` (the current folder is importable, as for ``python -m``)."""
+    module_name, _, attribute = target.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as error:
+        raise CommandError(
+            f"{flag} {target}: cannot import {module_name!r} ({error}); check the name, or run from the folder that contains it"
+        ) from None
+    except Exception as error:  # the module's own code failed while importing
+        raise CommandError(f"{flag} {target}: importing {module_name!r} raised {one_line(error)}") from None
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise CommandError(f"{flag} {target}: {module_name!r} has no attribute {attribute!r}; check the name after ':'")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise CommandError(f"{flag} {target} is a {type(obj).__name__}, not a class or function")
+    return obj
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: message`` with the message's lines joined, for one-line reports."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _torch_load(path: Path, file_format: FileFormat, trust_pickle: bool) -> object:
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols it reads fine
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        foreign = [g for g in pickled_globals(path, file_format) if g.split(".")[0] not in TORCH_OWN_MODULES]
+        if not foreign:  # weights-only loading failed on the data itself, not on a global
+            raise CommandError(f"cannot read {path} ({one_line(error)}); it is truncated or corrupted") from None
+        if not trust_pickle:
+            more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+            raise CommandError(
+                f"{path} holds pickled Python objects: loading it imports {foreign[0]}{more} and can run code "
+                "from the file; nothing was loaded. If you trust its source, pass --trust-pickle"
+            ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        raise CommandError(f"cannot read {path} ({one_line(error)}); it is truncated or corrupted") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError) as error:
+        raise CommandError(
+            f"unpickling {path} needs code that does not import here ({one_line(error)}); run where the model's "
+            "package is installed, or pass its state dict with --arch"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
+        raise CommandError(f"cannot read {path} ({one_line(error)}); it is truncated or corrupted") from None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DataParallel/DDP (``.module``) or torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _weights_in(content: object, path: Path) -> tuple[dict[str, Tensor], bool]:
+    """The state dict in ``content`` and whether it came from a Lightning checkpoint."""
+    checkpoint = isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping)
+    state = content["state_dict"] if checkpoint else content  # type: ignore[index]
+    if not isinstance(state, Mapping) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CommandError(f"{path} holds a {type(content).__name__}, not a model, a state dict or a Lightning checkpoint")
+    return strip_wrapper_prefixes(state), checkpoint
+
+
+def _is_lightning_module_class(obj: object) -> bool:
+    """Checked by name so that loading plain models never imports Lightning (a slow import)."""
+    return isinstance(obj, type) and any(
+        base.__name__ == "LightningModule" and base.__module__.startswith(("lightning.pytorch", "pytorch_lightning"))
+        for base in obj.__mro__
+    )
+
+
+def _load_lightning_checkpoint(
+    cls: Any, path: Path, arch: str, arch_kwargs: Mapping[str, Any], trust_pickle: bool
+) -> nn.Module:
+    try:
+        # strict=False: key mismatches are reported by _load_weights in one line.
+        return cls.load_from_checkpoint(path, map_location="cpu", weights_only=not trust_pickle, strict=False, **arch_kwargs)
+    except Exception as error:
+        raise CommandError(f"--arch {arch}: {cls.__name__}.load_from_checkpoint({path}) failed: {one_line(error)}") from None
+
+
+def _build(builder: Callable[..., Any], arch: str, arch_kwargs: Mapping[str, Any]) -> nn.Module:
+    try:
+        model = builder(**arch_kwargs)
+    except Exception as error:
+        raise CommandError(
+            f"--arch {arch} with --arch-kwargs {json.dumps(dict(arch_kwargs))} raised {one_line(error)}"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise CommandError(f"--arch {arch} returned a {type(model).__name__}, not an nn.Module; name a model class or a factory")
+    return model
+
+
+def _load_weights(model: nn.Module, state: dict[str, Tensor], path: Path, arch: str) -> None:
+    """Load strictly, or fail with one line naming the missing, unexpected and reshaped keys."""
+    expected = model.state_dict()
+    state = _without_common_prefix(state, expected)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({_names(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({_names(unexpected)})")
+    if reshaped:
+        first = reshaped[0]
+        shapes = f"{first}: file {list(state[first].shape)}, model {list(expected[first].shape)}"
+        problems.append(f"{len(reshaped)} with another shape ({shapes})")
+    if problems:
+        raise CommandError(
+            f"the weights in {path} do not match --arch {arch}: {', '.join(problems)}; "
+            "pass the architecture (and --arch-kwargs) they were saved from"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _without_common_prefix(state: dict[str, Tensor], expected: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Drop a first name component shared by every key (``model.`` of a LightningModule) when that makes the names match."""
+    if set(state) == set(expected):
+        return state
+    heads = {key.split(".", 1)[0] for key in state}
+    if len(heads) == 1 and all("." in key for key in state):
+        stripped = {key.split(".", 1)[1]: value for key, value in state.items()}
+        if set(stripped) == set(expected):
+            return stripped
+    return state
+
+
+def _names(keys: list[str]) -> str:
+    shown = ", ".join(keys[:MAX_NAMES_SHOWN])
+    return shown + (", ..." if len(keys) > MAX_NAMES_SHOWN else "")
