@@ -34,8 +34,6 @@ from ..io import load_state_dict, strip_wrapper_prefixes
 from .errors import CommandError
 from .formats import FileFormat, detect_format, pickled_globals
 
-# Globals that weights-only loading resolves itself; anything else is the file's own code.
-TORCH_OWN_MODULES = frozenset({"torch", "collections", "builtins", "__builtin__", "_codecs"})
 MAX_NAMES_SHOWN = 3
 
 
@@ -101,8 +99,7 @@ def load_model(
 def import_object(target: str, flag: str) -> Callable[..., Any]:
     """Import ``module.path:attribute`` (the current folder is importable, as for ``python -m``)."""
     module_name, _, attribute = target.partition(":")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    make_cwd_importable()
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as error:
@@ -120,6 +117,16 @@ def import_object(target: str, flag: str) -> Callable[..., Any]:
     return obj
 
 
+def make_cwd_importable() -> None:
+    """Let ``--arch`` and trusted pickles import the user's modules from the current folder.
+
+    A console script's ``sys.path`` starts at its own folder, unlike ``python -m``; the
+    current folder is appended, so it cannot shadow installed packages.
+    """
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+
+
 def one_line(error: BaseException) -> str:
     """``Type: message`` with the message's lines joined, for one-line reports."""
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
@@ -133,17 +140,19 @@ def _torch_load(path: Path, file_format: FileFormat, trust_pickle: bool) -> obje
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        foreign = [g for g in pickled_globals(path, file_format) if g.split(".")[0] not in TORCH_OWN_MODULES]
+        allowed = _weights_only_globals()
+        foreign = [g for g in pickled_globals(path, file_format) if g not in allowed]
         if not foreign:  # weights-only loading failed on the data itself, not on a global
             raise CommandError(f"cannot read {path} ({one_line(error)}); it is truncated or corrupted") from None
         if not trust_pickle:
-            more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+            more = f" (and {len(foreign) - 1} more globals)" if len(foreign) > 1 else ""
             raise CommandError(
                 f"{path} holds pickled Python objects: loading it imports {foreign[0]}{more} and can run code "
                 "from the file; nothing was loaded. If you trust its source, pass --trust-pickle"
             ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise CommandError(f"cannot read {path} ({one_line(error)}); it is truncated or corrupted") from None
+    make_cwd_importable()
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (ImportError, AttributeError) as error:
@@ -153,6 +162,17 @@ def _torch_load(path: Path, file_format: FileFormat, trust_pickle: bool) -> obje
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
         raise CommandError(f"cannot read {path} ({one_line(error)}); it is truncated or corrupted") from None
+
+
+def _weights_only_globals() -> set[str]:
+    """Globals ``torch.load(weights_only=True)`` resolves: its default allowlist and the user's safe globals.
+
+    The default allowlist is private to torch; without it every global counts as
+    foreign, which only makes the refusal message name a torch class first.
+    """
+    allowlist = getattr(torch._weights_only_unpickler, "_get_allowed_globals", dict)
+    user = {f"{g.__module__}.{g.__qualname__}" for g in torch.serialization.get_safe_globals() if hasattr(g, "__qualname__")}
+    return set(allowlist()) | user
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
