@@ -1,0 +1,199 @@
+"""Routing Entropy Monitor
+=========================
+
+Logs how CondConv layers route (Yang et al., NeurIPS 2019, arXiv:1904.04971): per-sample
+routing entropy, expert-usage entropy and per-expert mean routing, for every
+``CondConv2d`` and averaged over layers, and warns when a layer collapses onto one
+expert. Built like Lightning's ``LearningRateMonitor``: it writes to every logger of
+the Trainer, in training every ``logging_interval`` optimizer steps and once per
+validation epoch.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from ..condconv2d import CondConv2d
+from ..metrics import RoutingEntropy
+
+__all__ = ["RoutingEntropyMonitor"]
+
+
+class RoutingEntropyMonitor(Callback):
+    r"""Log routing statistics of every ``CondConv2d`` in the LightningModule.
+
+    For each layer ``<layer>`` (its dotted name in the LightningModule) it logs
+    ``<prefix>/<layer>/entropy``, ``<prefix>/<layer>/usage_entropy`` and
+    ``<prefix>/<layer>/expert_<k>``, and over all layers ``<prefix>/entropy`` and
+    ``<prefix>/usage_entropy`` (means of the layers' values). Validation values use the
+    prefix ``val_<prefix>``. Definitions: :func:`condconv_lightning.metrics.routing_entropy`.
+
+    The routing weights are those the forward already computed, received through
+    :meth:`CondConv2d.register_routing_hook` (no second forward) and accumulated on the
+    device in :class:`~condconv_lightning.metrics.RoutingEntropy` states (no host
+    synchronization per step). A logged training value covers every training sample
+    since the previous training log; under DDP the states are summed over processes
+    before the values are computed, so they are the values of the global batches.
+    Hooks are registered at fit/validation start and removed in ``teardown``.
+
+    Args:
+        logging_interval: log training statistics every this many optimizer steps;
+            ``None`` follows the Trainer's ``log_every_n_steps``, 0 logs no training values.
+        collapse_threshold: warn once per layer, on rank zero, when its usage entropy
+            falls below this value (0 disables). For K = 4, one expert taking 90% of the
+            routing weight gives about 0.3; two experts used evenly give 0.5.
+        log_experts: also log the mean routing weight of every expert.
+        prefix: first component of every logged name.
+
+    Raises:
+        ValueError: a negative ``logging_interval``, a ``collapse_threshold`` outside
+            ``[0, 1]``, or an empty ``prefix``.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from condconv_lightning.callbacks import RoutingEntropyMonitor
+        >>> trainer = Trainer(callbacks=[RoutingEntropyMonitor(logging_interval=10)])
+    """
+
+    def __init__(
+        self,
+        logging_interval: Optional[int] = None,
+        collapse_threshold: float = 0.2,
+        log_experts: bool = True,
+        prefix: str = "routing",
+    ) -> None:
+        if logging_interval is not None and (isinstance(logging_interval, bool) or logging_interval < 0):
+            raise ValueError(f"logging_interval must be None or a non-negative integer, got {logging_interval!r}")
+        if not 0.0 <= collapse_threshold <= 1.0:
+            raise ValueError(f"collapse_threshold must lie in [0, 1] (0 disables the warning), got {collapse_threshold!r}")
+        if not prefix:
+            raise ValueError("prefix must be a non-empty string such as 'routing'")
+        self.logging_interval = logging_interval
+        self.collapse_threshold = collapse_threshold
+        self.log_experts = log_experts
+        self.prefix = prefix
+        self._layers: dict[str, CondConv2d] = {}
+        self._train: dict[str, RoutingEntropy] = {}
+        self._val: dict[str, RoutingEntropy] = {}
+        self._active: Optional[dict[str, RoutingEntropy]] = None
+        self._handles: list[RemovableHandle] = []
+        self._warned: set[str] = set()
+        self._last_logged_step = -1
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._attach(pl_module)
+
+    @override
+    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._attach(pl_module)
+
+    @override
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        self._active = self._train
+
+    @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._active = None
+        interval = trainer.log_every_n_steps if self.logging_interval is None else self.logging_interval
+        step = _logging_step(trainer)
+        if interval and (step + 1) % interval == 0 and step != self._last_logged_step:
+            self._last_logged_step = step
+            self._log(trainer, self._train, self.prefix)
+
+    @override
+    def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._active = self._val
+
+    @override
+    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._active = None
+        if trainer.sanity_checking:
+            _reset(self._val)
+        else:
+            self._log(trainer, self._val, f"val_{self.prefix}")
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._detach()
+
+    def _detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._layers, self._train, self._val, self._active = {}, {}, {}, None
+
+    def _attach(self, pl_module: "pl.LightningModule") -> None:
+        """Register one routing hook per CondConv2d (once; shared layers count once)."""
+        layers = {name: m for name, m in pl_module.named_modules() if isinstance(m, CondConv2d)}
+        if self._handles and all(self._layers.get(name) is m for name, m in layers.items()):
+            return
+        self._detach()
+        if not layers:
+            rank_zero_warn("RoutingEntropyMonitor found no CondConv2d in the LightningModule; convert the model first")
+        self._layers = layers
+        for name, layer in layers.items():
+            self._train[name] = RoutingEntropy(layer.num_experts, validate_args=False).to(pl_module.device)
+            self._val[name] = RoutingEntropy(layer.num_experts, validate_args=False).to(pl_module.device)
+            self._handles.append(layer.register_routing_hook(partial(self._record, name)))
+
+    def _record(self, name: str, layer: CondConv2d, routing: Tensor) -> None:
+        if self._active is not None:
+            self._active[name].update(routing)
+
+    def _log(self, trainer: "pl.Trainer", metrics: dict[str, RoutingEntropy], prefix: str) -> None:
+        """Compute (synchronized across processes), log to every logger, check collapse, reset."""
+        if not trainer.loggers or not metrics or any(m.update_count == 0 for m in metrics.values()):
+            _reset(metrics)
+            return
+        names: list[str] = []
+        values: list[Tensor] = []
+        entropies, usages = [], []
+        for layer, metric in metrics.items():
+            stats = metric.compute()
+            entropies.append(stats["entropy"])
+            usages.append(stats["usage_entropy"])
+            names += [f"{prefix}/{layer}/entropy", f"{prefix}/{layer}/usage_entropy"]
+            values += [stats["entropy"], stats["usage_entropy"]]
+            if self.log_experts:
+                names += [f"{prefix}/{layer}/expert_{k}" for k in range(metric.num_experts)]
+                values += list(stats["expert_mean"].unbind())
+        names += [f"{prefix}/entropy", f"{prefix}/usage_entropy"]
+        values += [torch.stack(entropies).mean(), torch.stack(usages).mean()]
+        logged = dict(zip(names, torch.stack(values).tolist()))  # the one host read of this log
+        _reset(metrics)
+        for logger in trainer.loggers:
+            logger.log_metrics(logged, step=_logging_step(trainer))
+        self._warn_on_collapse(logged, prefix)
+
+    def _warn_on_collapse(self, logged: dict[str, float], prefix: str) -> None:
+        for name, layer in self._layers.items():
+            usage = logged[f"{prefix}/{name}/usage_entropy"]
+            if layer.num_experts > 1 and usage < self.collapse_threshold and name not in self._warned:
+                self._warned.add(name)
+                rank_zero_warn(
+                    f"routing of {name} collapsed onto few experts: usage entropy {usage:.3f} < collapse_threshold "
+                    f"{self.collapse_threshold}; consider softmax routing with a temperature schedule or a lower learning rate for routers"
+                )
+
+
+def _logging_step(trainer: "pl.Trainer") -> int:
+    """The step Lightning itself logs with (as its ``LearningRateMonitor`` does), so rows line up in every logger."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def _reset(metrics: dict[str, RoutingEntropy]) -> None:
+    for metric in metrics.values():
+        metric.reset()

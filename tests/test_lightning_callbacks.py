@@ -1,0 +1,168 @@
+"""RoutingEntropyMonitor and RoutingTemperatureScheduler in real (tiny) Trainer runs."""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+
+from condconv_lightning import CondConv2d
+from condconv_lightning.callbacks import RoutingEntropyMonitor, RoutingTemperatureScheduler
+from condconv_lightning.finetune import ImageClassifier, SyntheticImageDataModule
+from test_lightning_metrics import assert_matches, reference
+
+
+class TinyNet(nn.Module):
+    def __init__(self, routing: str = "sigmoid", num_experts: int = 4) -> None:
+        super().__init__()
+        self.conv1 = CondConv2d(3, 8, 3, padding=1, num_experts=num_experts, routing=routing)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = CondConv2d(8, 8, 3, padding=1, num_experts=num_experts, routing=routing)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.bn(self.conv1(x)))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def tiny_data(train_size: int = 32) -> SyntheticImageDataModule:
+    return SyntheticImageDataModule(image_size=8, train_size=train_size, val_size=16, batch_size=8, seed=3)
+
+
+def frozen_optimizer(params):
+    return torch.optim.SGD(params, lr=0.0)
+
+
+def trainer(tmp_path: Path, callbacks: list, **kwargs) -> Trainer:
+    options = dict(
+        logger=CSVLogger(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+    )
+    options.update(kwargs)
+    return Trainer(accelerator="cpu", devices=1, callbacks=callbacks, **options)
+
+
+def csv_rows(t: Trainer) -> list[dict[str, str]]:
+    with open(Path(t.logger.log_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_logged_values_equal_the_routing_of_the_batches_since_the_last_log(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = TinyNet()
+    data = tiny_data()
+    monitor = RoutingEntropyMonitor(logging_interval=2)
+    t = trainer(tmp_path, [monitor], max_steps=4, limit_val_batches=1, num_sanity_val_steps=1)
+    t.fit(ImageClassifier(net, optimizer=frozen_optimizer), data)
+
+    rows = [r for r in csv_rows(t) if r.get("routing/model.conv1/entropy")]
+    assert [int(r["step"]) for r in rows] == [1, 3]  # the steps Lightning logs its own values at
+    batches = [images for images, _ in data.train_dataloader()]  # same seed: same order as in fit
+    with torch.no_grad():
+        for row, (first, second) in zip(rows, [(0, 1), (2, 3)]):
+            expected = reference(net.conv1.route(torch.cat([batches[first], batches[second]])))
+            logged = {
+                "entropy": torch.tensor(float(row["routing/model.conv1/entropy"])),
+                "usage_entropy": torch.tensor(float(row["routing/model.conv1/usage_entropy"])),
+                "expert_mean": torch.tensor([float(row[f"routing/model.conv1/expert_{k}"]) for k in range(4)]),
+            }
+            assert_matches(logged, expected, atol=1e-5)
+            layer_means = [float(row[f"routing/model.{n}/entropy"]) for n in ("conv1", "conv2")]
+            assert float(row["routing/entropy"]) == pytest.approx(sum(layer_means) / 2, abs=1e-6)
+    validation = [r for r in csv_rows(t) if r.get("val_routing/entropy")]
+    assert len(validation) == 1, "one validation epoch logged; the sanity check is not"
+    assert all(not layer._routing_hooks for layer in (net.conv1, net.conv2)), "hooks must be removed in teardown"
+
+
+def test_tensorboard_and_bf16_mixed(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    t = trainer(tmp_path, [RoutingEntropyMonitor(logging_interval=1)], logger=[tb], max_steps=2, limit_val_batches=1, precision="bf16-mixed")
+    t.fit(ImageClassifier(TinyNet()), tiny_data(train_size=16))  # one epoch: validation runs
+    events = EventAccumulator(tb.log_dir)
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"routing/entropy", "routing/model.conv2/usage_entropy", "routing/model.conv1/expert_3", "val_routing/entropy"} <= set(tags)
+    values = [e.value for tag in tags if "routing" in tag for e in events.Scalars(tag)]
+    assert values and all(0.0 <= v <= 1.0 for v in values)
+
+
+def test_collapse_warns_once_per_collapsed_layer(tmp_path: Path) -> None:
+    net = TinyNet(routing="softmax")
+    with torch.no_grad():
+        net.conv2.router.weight.zero_()
+        net.conv2.router.bias.copy_(torch.tensor([30.0, 0.0, 0.0, 0.0]))  # every sample -> expert 0
+    t = trainer(tmp_path, [RoutingEntropyMonitor(logging_interval=1, collapse_threshold=0.2)], max_steps=3, limit_val_batches=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(ImageClassifier(net, optimizer=frozen_optimizer), tiny_data())
+    collapse = [str(w.message) for w in caught if "collapsed" in str(w.message)]
+    assert len(collapse) == 1 and "model.conv2" in collapse[0], collapse
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"logging_interval": -1}, "logging_interval"), ({"collapse_threshold": 1.5}, "collapse_threshold"), ({"prefix": ""}, "prefix")],
+)
+def test_monitor_rejects_bad_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RoutingEntropyMonitor(**kwargs)
+
+
+def record_temperatures(net: TinyNet) -> list[float]:
+    seen: list[float] = []
+    net.conv1.register_routing_hook(lambda layer, r: seen.append(float(layer.temperature)) if layer.training else None)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "trainer_kwargs", "expected"),
+    [
+        (RoutingTemperatureScheduler(8.0, 2.0, duration=3, interval="step"), {"max_steps": 5}, [8.0, 6.0, 4.0, 2.0, 2.0]),
+        (RoutingTemperatureScheduler(30.0, 1.0, duration=2), {"max_epochs": 3}, [30.0, 30.0, 15.5, 15.5, 1.0, 1.0]),
+    ],
+)
+def test_temperature_follows_the_schedule(tmp_path: Path, scheduler, trainer_kwargs: dict, expected: list[float]) -> None:
+    net = TinyNet(routing="softmax")
+    seen = record_temperatures(net)
+    t = trainer(tmp_path, [scheduler], limit_val_batches=0, logger=False, **trainer_kwargs)
+    t.fit(ImageClassifier(net), tiny_data(train_size=16))
+    assert seen == pytest.approx(expected)
+    assert float(net.conv2.temperature) == pytest.approx(expected[-1])
+
+
+def test_cosine_annealing_and_state_dict() -> None:
+    scheduler = RoutingTemperatureScheduler(10.0, 2.0, duration=4, annealing="cosine", interval="step")
+    for step in range(6):
+        fraction = min(step / 4, 1.0)
+        assert scheduler.temperature_at(step) == pytest.approx(10.0 + (2.0 - 10.0) * (1 - math.cos(math.pi * fraction)) / 2)
+    scheduler.temperature = 7.5
+    restored = RoutingTemperatureScheduler()
+    restored.load_state_dict(scheduler.state_dict())
+    assert restored.temperature == 7.5
+
+
+def test_temperature_scheduler_needs_matching_layers(tmp_path: Path) -> None:
+    t = trainer(tmp_path, [RoutingTemperatureScheduler()], max_steps=1, limit_val_batches=0, logger=False)
+    with pytest.raises(ValueError, match="no CondConv2d with 'softmax' routing"):
+        t.fit(ImageClassifier(TinyNet(routing="sigmoid")), tiny_data())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"start": 0.0}, "positive"), ({"duration": 0}, "duration"), ({"interval": "batch"}, "interval"), ({"routing": "relu"}, "routing")],
+)
+def test_temperature_scheduler_rejects_bad_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RoutingTemperatureScheduler(**kwargs)
