@@ -1,0 +1,156 @@
+"""A LightningModule that fine-tunes any image classifier, CondConv-aware.
+
+Cross-entropy and torchmetrics accuracy; the optimizer and learning-rate scheduler
+are injected as callables (LightningCLI's ``OptimizerCallable``/``LRSchedulerCallable``
+pattern), and the parameters are split into three groups (the network, the CondConv
+experts, the CondConv routers) so experts and routers can get learning rates of their
+own: a fresh router on top of upcycled experts usually wants a different step size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from ..condconv2d import CondConv2d
+from ..models import resnet_tiny
+
+__all__ = ["ImageClassifier", "parameter_groups"]
+
+
+def parameter_groups(
+    model: nn.Module, expert_lr: Optional[float] = None, router_lr: Optional[float] = None
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups ``base``, ``experts`` (``CondConv2d.weight``/``bias``) and ``routers`` (``CondConv2d.router``).
+
+    Each parameter appears once (shared layers too); frozen parameters are left out, and so
+    are empty groups. A group gets ``lr`` only when its learning rate is given, so it
+    otherwise inherits the optimizer's.
+    """
+    experts: set[int] = set()
+    routers: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, CondConv2d):
+            experts.update(id(p) for p in (module.weight, module.bias) if p is not None)
+            routers.update(id(p) for p in module.router.parameters())
+    groups: dict[str, dict[str, Any]] = {
+        "base": {"params": [], "name": "base"},
+        "experts": {"params": [], "name": "experts"},
+        "routers": {"params": [], "name": "routers"},
+    }
+    for lr, name in ((expert_lr, "experts"), (router_lr, "routers")):
+        if lr is not None:
+            groups[name]["lr"] = lr
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            name = "experts" if id(parameter) in experts else "routers" if id(parameter) in routers else "base"
+            groups[name]["params"].append(parameter)
+    return [group for group in groups.values() if group["params"]]
+
+
+class ImageClassifier(pl.LightningModule):
+    """Image classification with cross-entropy and accuracy, for any network, CondConv or not.
+
+    The network is ``self.model``; convert it in Python first, or let
+    :class:`~condconv_lightning.callbacks.CondConvConversion` (``submodule="model"``)
+    convert it when the Trainer sets up.
+
+    Args:
+        model: the network (images ``[B, C, H, W]`` -> logits ``[B, num_classes]``).
+            None builds :func:`condconv_lightning.models.resnet_tiny` for ``num_classes``
+            (unless ``weights`` is a whole-module file).
+        weights: a file written by ``condconv-convert`` / ``save_converted``, loaded with
+            :func:`condconv_lightning.surgery.load_converted` (weights and conversion spec
+            are applied to ``model``; a whole pickled module replaces it and needs
+            ``trust_pickle``).
+        trust_pickle: allow ``weights`` to be a pickled module (unpickling runs code: only
+            for files you trust).
+        num_classes: number of classes (for accuracy and the default network).
+        optimizer: builds the optimizer from the parameter groups (YAML:
+            ``class_path: torch.optim.SGD`` with ``init_args``).
+        scheduler: builds a learning-rate scheduler from the optimizer, or None.
+        scheduler_interval: step the scheduler every ``"epoch"`` or every ``"step"``.
+        expert_lr: learning rate of CondConv experts (None: the optimizer's).
+        router_lr: learning rate of CondConv routers (None: the optimizer's).
+        label_smoothing: passed to ``F.cross_entropy``.
+
+    Raises:
+        ValueError: ``num_classes`` below 2 or a non-positive ``expert_lr``/``router_lr``.
+
+    SyncBatchNorm: pass ``Trainer(sync_batchnorm=True)`` (CLI ``--trainer.sync_batchnorm
+    true``); Lightning converts the BatchNorm layers before wrapping the model in DDP.
+    This module adds no option of its own for it. PyTorch's SyncBatchNorm runs on GPUs only.
+
+    Example::
+
+        >>> from condconv_lightning.models import resnet_tiny
+        >>> module = ImageClassifier(resnet_tiny(num_classes=4), num_classes=4, router_lr=1e-2)
+    """
+
+    def __init__(
+        self,
+        model: Optional[nn.Module] = None,
+        weights: Optional[Union[str, Path]] = None,
+        trust_pickle: bool = False,
+        num_classes: int = 4,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: Optional[LRSchedulerCallable] = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        expert_lr: Optional[float] = None,
+        router_lr: Optional[float] = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes!r}")
+        for name, lr in (("expert_lr", expert_lr), ("router_lr", router_lr)):
+            if lr is not None and not lr > 0:
+                raise ValueError(f"{name} must be positive or None (use the optimizer's), got {lr!r}")
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
+        if weights is not None:
+            from ..surgery import load_converted
+
+            model = load_converted(weights, model, trust_pickle=trust_pickle)
+        self.model = model if model is not None else resnet_tiny(num_classes=num_classes)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.expert_lr = expert_lr
+        self.router_lr = router_lr
+        self.label_smoothing = label_smoothing
+        self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        self.train_accuracy(logits, labels)
+        self.log("train_loss", loss, prog_bar=True)
+        self.log("train_acc", self.train_accuracy, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.val_accuracy(logits, labels)
+        self.log("val_loss", F.cross_entropy(logits, labels), prog_bar=True, sync_dist=True)
+        self.log("val_acc", self.val_accuracy, prog_bar=True)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(parameter_groups(self, self.expert_lr, self.router_lr))
+        if self.scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": self.scheduler_interval}}
