@@ -46,15 +46,9 @@ def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def main(args: Optional[list[str]] = None) -> FinetuneCLI:
+def main(args: Optional[list[str]] = None) -> None:
     """Entry point of ``condconv-finetune`` (``args`` replaces ``sys.argv[1:]``, for tests and notebooks)."""
-    return FinetuneCLI(
-        ImageClassifier,
-        LightningDataModule,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    FinetuneCLI(ImageClassifier, LightningDataModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True}, args=args)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """A synthetic image classification task on which conditional kernels pay off.
 
-Every image is a grating (stripes of one of ``num_classes`` orientations, random
-frequency and phase) under a global colour cast, warm or cool, plus noise. The label
-is the orientation index shifted by ``num_classes // 2`` under the cool cast, so the
-same stripes mean different classes depending on a global property of the image.
-That is the situation CondConv targets (Yang et al., NeurIPS 2019, arXiv:1904.04971):
-its router sees exactly such global statistics (average-pooled input) and can pick
-different kernels per image. Generated in memory from a seed: no downloads.
+Every image carries two gratings (stripes with one of ``num_classes`` orientations,
+random frequency and phase), one in the red and one in the blue channel, under a
+global colour cast, warm or cool, plus noise. The cast says which grating counts: the
+class is the orientation of the red grating in warm images and of the blue grating in
+cool ones; the other grating is a distractor of independent orientation. So the right
+filter depends on a global property of the image, the situation CondConv targets
+(Yang et al., NeurIPS 2019, arXiv:1904.04971): its router sees exactly such global
+statistics (the average-pooled input) and can pick different kernels per image.
+Generated in memory from a seed: no downloads.
 """
 
 from __future__ import annotations
@@ -21,8 +23,21 @@ from torch.utils.data import DataLoader, TensorDataset
 
 __all__ = ["SyntheticImageDataModule", "make_context_gratings"]
 
-# Colour casts per context (R, G, B offsets): visible to a global average pool.
+# Colour cast per context (R, G, B offsets), visible to a global average pool, and the
+# channel whose grating decides the class in that context.
 _CASTS = torch.tensor([[0.6, 0.0, -0.6], [-0.6, 0.0, 0.6]])
+_SIGNAL_CHANNEL = (0, 2)
+
+
+def _gratings(orientation: Tensor, num_classes: int, image_size: int, generator: Optional[torch.Generator]) -> Tensor:
+    """Unit-amplitude gratings ``[N, S, S]`` at angles ``pi * orientation / num_classes``, 3-5 cycles per image."""
+    frequency = 3.0 + 2.0 * torch.rand(len(orientation), generator=generator, dtype=torch.float64)
+    phase = 2 * math.pi * torch.rand(len(orientation), generator=generator, dtype=torch.float64)
+    angle = math.pi * orientation.double() / num_classes
+    grid = torch.linspace(0.0, 1.0, image_size, dtype=torch.float64)
+    v, u = torch.meshgrid(grid, grid, indexing="ij")
+    position = u * angle.cos()[:, None, None] + v * angle.sin()[:, None, None]
+    return torch.sin(2 * math.pi * frequency[:, None, None] * position + phase[:, None, None]).float()
 
 
 def make_context_gratings(
@@ -32,29 +47,25 @@ def make_context_gratings(
     noise: float = 0.3,
     generator: Optional[torch.Generator] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Draw ``num_samples`` images ``[N, 3, S, S]`` with labels, orientations and contexts (each ``[N]``).
+    """Draw images ``[N, 3, S, S]``, labels, contexts and distractor orientations (each ``[N]``).
 
-    ``label = (orientation + context * (num_classes // 2)) % num_classes`` with
-    ``context`` 0 (warm cast) or 1 (cool cast); the grating has angle
-    ``pi * orientation / num_classes``.
+    ``context`` 0 (warm cast): the label is the red grating's orientation; 1 (cool
+    cast): the blue grating's. The other of the two channels holds a grating with the
+    distractor orientation, drawn independently of the label.
     """
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     if image_size < 8:
         raise ValueError(f"image_size must be at least 8 pixels to hold a grating, got {image_size}")
-    orientation = torch.randint(num_classes, (num_samples,), generator=generator)
+    labels = torch.randint(num_classes, (num_samples,), generator=generator)
+    distractor = torch.randint(num_classes, (num_samples,), generator=generator)
     context = torch.randint(2, (num_samples,), generator=generator)
-    frequency = 3.0 + 2.0 * torch.rand(num_samples, generator=generator)  # cycles per image
-    phase = 2 * math.pi * torch.rand(num_samples, generator=generator)
-    angle = math.pi * orientation.double() / num_classes
-    grid = torch.linspace(0.0, 1.0, image_size, dtype=torch.float64)
-    v, u = torch.meshgrid(grid, grid, indexing="ij")
-    position = u * angle.cos()[:, None, None] + v * angle.sin()[:, None, None]
-    stripes = torch.sin(2 * math.pi * frequency.double()[:, None, None] * position + phase.double()[:, None, None])
-    images = 0.5 * stripes[:, None].float() + _CASTS[context][:, :, None, None]
-    images = images + noise * torch.randn(images.shape, generator=generator)
-    labels = (orientation + context * (num_classes // 2)) % num_classes
-    return images, labels, orientation, context
+    signal = _gratings(labels, num_classes, image_size, generator)
+    other = _gratings(distractor, num_classes, image_size, generator)
+    warm = (context == 0)[:, None, None]
+    images = 0.5 * torch.stack([torch.where(warm, signal, other), torch.zeros_like(signal), torch.where(warm, other, signal)], dim=1)
+    images = images + _CASTS[context][:, :, None, None] + noise * torch.randn(images.shape, generator=generator)
+    return images, labels, context, distractor
 
 
 class SyntheticImageDataModule(pl.LightningDataModule):
