@@ -14,7 +14,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Mapping, Union
+from typing import Iterator, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
@@ -65,15 +65,26 @@ def strip_wrapper_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor
     return stripped
 
 
-def save_state_dict(state_dict: Mapping[str, Tensor], path: PathLike, *, overwrite: bool = False) -> Path:
-    """Write tensors atomically: safetensors for a ``.safetensors`` path, else ``torch.save``."""
+def save_state_dict(
+    state_dict: Mapping[str, Tensor],
+    path: PathLike,
+    *,
+    overwrite: bool = False,
+    metadata: Optional[Mapping[str, str]] = None,
+) -> Path:
+    """Write tensors atomically: safetensors for a ``.safetensors`` path, else ``torch.save``.
+
+    ``metadata`` (string pairs) goes into a safetensors header; other formats refuse it.
+    """
     target = Path(path)
+    if metadata is not None and target.suffix not in SAFETENSORS_SUFFIXES:
+        raise ValueError(f"{target}: metadata is only stored in .safetensors files")
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
     with atomic_write(target, overwrite=overwrite) as tmp:
         if target.suffix in SAFETENSORS_SUFFIXES:
             from safetensors.torch import save_file
 
-            save_file(_unshare(tensors), str(tmp))
+            save_file(_unshare(tensors), str(tmp), metadata=dict(metadata) if metadata else None)
         else:
             torch.save(tensors, tmp)
     return target

@@ -1,0 +1,160 @@
+"""Saving and loading converted models: weights plus their conversion spec, or a full module.
+
+Weights files keep the spec with the tensors, in one file, so they cannot be separated:
+
+- ``.safetensors``: the spec's JSON is stored in the file's header metadata under
+  ``condconv_lightning.spec`` (safetensors allows string metadata), tensors as usual;
+- any other suffix: ``torch.save({"format": ..., "spec": <JSON str>, "state_dict": {...}})``,
+  which ``torch.load(weights_only=True)`` reads without running code (and which
+  :func:`condconv_lightning.io.load_state_dict` reads as a state dict).
+
+A full module (``as_module=True``) is ``torch.save(model)``: loading it unpickles,
+which runs code from the file, so :func:`load_converted` does it only with
+``trust_pickle=True``. All writes are atomic.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ..io import SAFETENSORS_SUFFIXES, PathLike, atomic_write, load_state_dict, save_state_dict, strip_wrapper_prefixes
+from .spec import ConversionSpec
+
+FILE_FORMAT = "condconv_lightning.converted/1"
+SPEC_KEY = "condconv_lightning.spec"
+
+
+def save_converted(
+    model: nn.Module,
+    path: PathLike,
+    spec: Optional[ConversionSpec] = None,
+    *,
+    as_module: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write a converted model atomically; returns the path.
+
+    Args:
+        model: the converted model.
+        path: target file; ``.safetensors`` needs the safetensors package.
+        spec: the conversion's spec (``report.spec``); by default one describing every
+            CondConv2d in ``model`` (:meth:`ConversionSpec.from_model`).
+        as_module: write the full pickled module instead of weights + spec.
+        overwrite: replace an existing file.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        ValueError: ``spec`` does not cover the model's CondConv2d layers.
+    """
+    target = Path(path)
+    if as_module:
+        if target.suffix in SAFETENSORS_SUFFIXES:
+            raise ValueError(f"{target}: a full module cannot be stored as safetensors; use a .pt path or as_module=False")
+        with atomic_write(target, overwrite=overwrite) as tmp:
+            torch.save(model, tmp)
+        return target
+    spec = spec if spec is not None else ConversionSpec.from_model(model)
+    _check_covers(spec, model)
+    text = spec.to_json(indent=None)
+    if target.suffix in SAFETENSORS_SUFFIXES:
+        return save_state_dict(model.state_dict(), target, overwrite=overwrite, metadata={SPEC_KEY: text})
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_write(target, overwrite=overwrite) as tmp:
+        torch.save({"format": FILE_FORMAT, "spec": text, "state_dict": tensors}, tmp)
+    return target
+
+
+def load_converted(
+    path: PathLike,
+    model: Optional[nn.Module] = None,
+    *,
+    trust_pickle: bool = False,
+    map_location: Union[str, torch.device] = "cpu",
+) -> nn.Module:
+    """Load what :func:`save_converted` wrote.
+
+    Weights + spec: the spec is applied to ``model`` (a fresh, unconverted instance of
+    the architecture) and the weights are loaded strictly; ``model`` is returned.
+    A full module: returned as unpickled (``model`` is not used), only if
+    ``trust_pickle=True``.
+
+    Raises:
+        ValueError: a weights file without ``model``, a file without a spec, or a full
+            module without ``trust_pickle=True``.
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} does not exist or is not a file")
+    if source.suffix in SAFETENSORS_SUFFIXES:
+        spec = _spec_or_error(source, _safetensors_spec(source))
+        state = load_state_dict(source, map_location)
+    else:
+        try:
+            loaded = torch.load(source, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            return _load_module(source, map_location, trust_pickle)
+        spec = _spec_or_error(source, _torch_spec(loaded))
+        state = strip_wrapper_prefixes(loaded["state_dict"])
+    if model is None:
+        raise ValueError(f"{source} holds weights and a conversion spec; pass a fresh instance of its architecture as model")
+    spec.apply(model)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def read_spec(path: PathLike) -> ConversionSpec:
+    """The conversion spec stored in a weights file :func:`save_converted` wrote."""
+    source = Path(path)
+    if source.suffix in SAFETENSORS_SUFFIXES:
+        return _spec_or_error(source, _safetensors_spec(source))
+    return _spec_or_error(source, _torch_spec(torch.load(source, map_location="cpu", weights_only=True)))
+
+
+def _load_module(source: Path, map_location: Union[str, torch.device], trust_pickle: bool) -> nn.Module:
+    if not trust_pickle:
+        raise ValueError(
+            f"{source} is a full pickled module: loading it runs code from the file; pass trust_pickle=True "
+            "only if you trust its origin (or save weights + spec with as_module=False)"
+        )
+    module = torch.load(source, map_location=map_location, weights_only=False)
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"{source} holds a {type(module).__name__}, not an nn.Module")
+    return module
+
+
+def _safetensors_spec(source: Path) -> Optional[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(source), framework="pt") as handle:
+        return (handle.metadata() or {}).get(SPEC_KEY)
+
+
+def _torch_spec(loaded: object) -> Optional[str]:
+    if isinstance(loaded, dict) and loaded.get("format") == FILE_FORMAT:
+        return loaded.get("spec")
+    return None
+
+
+def _spec_or_error(source: Path, text: Optional[str]) -> ConversionSpec:
+    if text is None:
+        raise ValueError(
+            f"{source} holds no conversion spec (it was not written by save_converted); convert a fresh model with "
+            "convert() using the original selectors, then load the weights with load_state_dict"
+        )
+    return ConversionSpec.from_json(text)
+
+
+def _check_covers(spec: ConversionSpec, model: nn.Module) -> None:
+    recorded = set(ConversionSpec.from_model(model).layers)
+    missing = sorted(recorded - set(spec.layers))
+    if missing:
+        raise ValueError(
+            f"the spec does not cover the CondConv2d layers {', '.join(missing[:3])}; pass spec=None to describe "
+            "every converted layer of the model (or merge the reports' specs)"
+        )
+

@@ -1,0 +1,236 @@
+"""What a conversion did: per-layer records, totals, a rich table and JSON.
+
+Extra cost per sample of a CondConv2d over its Conv2d (CondConv, Yang et al. 2019,
+section 3): routing is a global average pool (``Cin * H * W`` adds) plus a linear layer
+(``Cin * K`` MACs); kernel mixing is ``K * P`` MACs for the kernel (``P = Cout *
+Cin/groups * kh * kw``) plus ``K * Cout`` for the bias. The static convolution itself
+costs ``P * Hout * Wout``. Quantities that depend on the spatial size are known only
+when the conversion was given an ``input_size`` (then a forward pass measures the
+shapes every layer sees) and are None otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from .spec import ConversionSpec
+
+HW = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class LayerShapes:
+    """Spatial sizes a conv sees in one forward pass, and how many times it runs (shared convs run more)."""
+
+    input_hw: HW
+    output_hw: HW
+    calls: int
+
+
+@dataclass(frozen=True)
+class ConvertedLayer:
+    """One Conv2d that became a CondConv2d."""
+
+    name: str
+    aliases: tuple[str, ...]
+    in_channels: int
+    out_channels: int
+    kernel_size: HW
+    stride: HW
+    groups: int
+    num_experts: int
+    routing: str
+    params_before: int
+    params_after: int
+    input_hw: Optional[HW]
+    output_hw: Optional[HW]
+    calls: Optional[int]
+    conv_macs: Optional[int]
+    routing_macs: Optional[int]
+    mixing_macs: int
+
+    @classmethod
+    def measure(
+        cls, name: str, aliases: Sequence[str], conv: nn.Conv2d, layer: nn.Module, shapes: Optional[LayerShapes]
+    ) -> "ConvertedLayer":
+        """Count parameters and per-sample MACs of ``conv`` and its replacement ``layer``."""
+        k = layer.num_experts
+        per_expert = conv.weight.numel()
+        calls = shapes.calls if shapes is not None else 1
+        conv_macs = routing_macs = None
+        if shapes is not None:
+            (h, w), (ho, wo) = shapes.input_hw, shapes.output_hw
+            conv_macs = calls * per_expert * ho * wo
+            routing_macs = calls * (conv.in_channels * h * w + conv.in_channels * k)
+        mixing = calls * k * (per_expert + (conv.out_channels if conv.bias is not None else 0))
+        return cls(
+            name=name,
+            aliases=tuple(aliases),
+            in_channels=conv.in_channels,
+            out_channels=conv.out_channels,
+            kernel_size=tuple(conv.kernel_size),
+            stride=tuple(conv.stride),
+            groups=conv.groups,
+            num_experts=k,
+            routing=layer.routing,
+            params_before=sum(p.numel() for p in conv.parameters()),
+            params_after=sum(p.numel() for p in layer.parameters()),
+            input_hw=shapes.input_hw if shapes else None,
+            output_hw=shapes.output_hw if shapes else None,
+            calls=shapes.calls if shapes else None,
+            conv_macs=conv_macs,
+            routing_macs=routing_macs,
+            mixing_macs=mixing,
+        )
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    """A selected conv left alone, and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass
+class ConversionReport:
+    """The result of :func:`~condconv_lightning.surgery.convert` (or ``ConversionSpec.apply``).
+
+    ``print`` it with rich for a table; ``to_json()`` for machines.
+    """
+
+    converted: list[ConvertedLayer]
+    skipped: list[SkippedLayer]
+    already_converted: list[str]
+    spec: "ConversionSpec"
+    input_size: Optional[tuple[int, ...]] = None
+    totals: dict[str, Optional[int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.totals = {
+            "layers": len(self.converted),
+            "params_before": sum(r.params_before for r in self.converted),
+            "params_after": sum(r.params_after for r in self.converted),
+            "params_added": sum(r.params_after - r.params_before for r in self.converted),
+            "conv_macs": _sum_or_none(r.conv_macs for r in self.converted),
+            "routing_macs": _sum_or_none(r.routing_macs for r in self.converted),
+            "mixing_macs": sum(r.mixing_macs for r in self.converted),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "converted": [asdict(r) for r in self.converted],
+            "skipped": [asdict(r) for r in self.skipped],
+            "already_converted": list(self.already_converted),
+            "input_size": list(self.input_size) if self.input_size is not None else None,
+            "totals": dict(self.totals),
+            "spec": self.spec.to_dict(),
+        }
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def __rich__(self) -> Table:
+        size = "x".join(map(str, self.input_size)) if self.input_size else None
+        table = Table(
+            title=f"CondConv conversion: {len(self.converted)} layers",
+            caption=self._caption(size),
+            show_footer=bool(self.converted),
+        )
+        t = self.totals
+        columns = [
+            ("layer", "total"),
+            ("conv", ""),
+            ("K", ""),
+            ("params before", _int(t["params_before"])),
+            ("params after", _int(t["params_after"])),
+            ("routing MACs", _int(t["routing_macs"])),
+            ("mixing MACs", _int(t["mixing_macs"])),
+        ]
+        for header, footer in columns:
+            if header == "layer":  # names must stay whole: fold them instead of truncating
+                table.add_column(header, footer=footer, overflow="fold")
+            else:
+                table.add_column(header, footer=footer, justify="right")
+        for r in self.converted:
+            name = r.name + (f" (= {', '.join(r.aliases[1:])})" if len(r.aliases) > 1 else "")
+            conv = f"{r.in_channels}->{r.out_channels} {'x'.join(map(str, r.kernel_size))}"
+            conv += "" if r.stride == (1, 1) else f" /{'x'.join(map(str, r.stride)) if r.stride[0] != r.stride[1] else r.stride[0]}"
+            conv += "" if r.groups == 1 else f" g{r.groups}"
+            table.add_row(
+                name,
+                conv,
+                str(r.num_experts),
+                _int(r.params_before),
+                _int(r.params_after),
+                _int(r.routing_macs),
+                _int(r.mixing_macs),
+            )
+        return table
+
+    def _caption(self, size: Optional[str]) -> str:
+        parts = [f"MACs per sample at input {size}" if size else "MACs per sample (routing needs input_size)"]
+        conv = self.totals["conv_macs"]
+        extra = self.totals["mixing_macs"] + (self.totals["routing_macs"] or 0)
+        if conv:
+            parts.append(f"the converted convs' own MACs: {_int(conv)} (+{100 * extra / conv:.2f}%)")
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} skipped")
+        if self.already_converted:
+            parts.append(f"{len(self.already_converted)} already CondConv2d")
+        return "; ".join(parts)
+
+
+def probe_shapes(model: nn.Module, convs: Sequence[nn.Module], input_size: Sequence[int]) -> dict[int, LayerShapes]:
+    """Run one eval-mode, no-grad forward on zeros of ``(1, *input_size)`` recording each conv's shapes.
+
+    Eval mode keeps BatchNorm running statistics unchanged; every module's mode is
+    restored afterwards.
+
+    Raises:
+        ValueError: the model's forward fails on that input.
+    """
+    seen: dict[int, list[tuple[HW, HW]]] = {id(m): [] for m in convs}
+
+    def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        seen[id(module)].append((tuple(args[0].shape[-2:]), tuple(output.shape[-2:])))
+
+    first = next(model.parameters(), None)
+    factory = {"device": first.device, "dtype": first.dtype} if first is not None else {}
+    modes = [(m, m.training) for m in model.modules()]
+    handles = [m.register_forward_hook(record) for m in {id(m): m for m in convs}.values()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size, **factory))
+    except Exception as error:
+        raise ValueError(
+            f"input_size={tuple(input_size)} does not fit the model ({type(error).__name__}: {error}); pass the "
+            "(C, H, W) of one input sample, or input_size=None to skip the spatial MAC counts"
+        ) from None
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes:
+            module.training = training
+    return {
+        key: LayerShapes(calls[0][0], calls[0][1], len(calls))  # type: ignore[arg-type]
+        for key, calls in seen.items()
+        if calls
+    }
+
+
+def _sum_or_none(values: Any) -> Optional[int]:
+    values = list(values)
+    return None if any(v is None for v in values) else sum(values)
+
+
+def _int(value: Optional[int]) -> str:
+    return "-" if value is None else f"{value:,}"

@@ -1,0 +1,215 @@
+"""Which Conv2d layers a conversion targets: selectors, excludes and filters.
+
+Selectors follow what users of peft (``target_modules``) and timm (``list_models``)
+expect. A selector is one of
+
+- an exact dotted module name: a Conv2d selects itself, any other module every
+  Conv2d beneath it (``"layer3"``);
+- a glob over dotted names, with :func:`fnmatch.fnmatchcase` (``"layer3.*.conv2"``);
+- a regular expression after ``re:``, matched against the whole name
+  (``"re:layer[34]\\.\\d+\\.conv[12]"``).
+
+A glob or regex that matches a container selects the convs beneath it too. Names
+written with a leading ``module.`` or ``_orig_mod.`` (DataParallel/DDP,
+``torch.compile``) resolve against an unwrapped model, and the other way round.
+A selector that matches no convolution at all is a :class:`SelectorError`; one
+that matches only layers that are already CondConv2d is not.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Iterator, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from ..condconv2d import CondConv2d
+from ..io import WRAPPER_PREFIXES
+
+Selectors = Union[str, Sequence[str]]
+KernelSize = Union[int, tuple[int, int]]
+REGEX_PREFIX = "re:"
+GLOB_CHARS = frozenset("*?[")
+
+
+class SelectorError(ValueError):
+    """A layer selector that matches no convolution (or is malformed)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A convolution found in the model: its first dotted name, every name it has, the module."""
+
+    name: str
+    aliases: tuple[str, ...]
+    module: nn.Module
+
+
+def is_conv(module: nn.Module) -> bool:
+    """True for every module a selector can target: any ``nn.Conv2d`` (subclasses too) or CondConv2d."""
+    return isinstance(module, (nn.Conv2d, CondConv2d))
+
+
+def list_convs(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every ``nn.Conv2d`` (subclasses included) and CondConv2d in ``model``, once each, in module order."""
+    return [(c.name, c.module) for c in _candidates(model)]
+
+
+def as_selector_list(selectors: Selectors | None, argument: str) -> list[str]:
+    """Normalize one selector or a sequence of them; the CLI splits ``"a,b"`` itself."""
+    if selectors is None:
+        return []
+    items = [selectors] if isinstance(selectors, str) else list(selectors)
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"{argument} must be a string or a sequence of strings, got an item {item!r}")
+        if not item.strip():
+            raise SelectorError(f"{argument} contains an empty selector; use '*' to select every Conv2d")
+    return items
+
+
+def resolve(model: nn.Module, selectors: Sequence[str], argument: str = "layers") -> dict[int, Candidate]:
+    """Map ``id(conv) -> Candidate`` for every conv that one of ``selectors`` matches, in module order.
+
+    Raises:
+        SelectorError: a selector matches no convolution, is an unknown name, or is a bad regex.
+        TypeError: a selector reaches into a TorchScript module, which cannot be changed.
+    """
+    candidates = _candidates(model)
+    names = _module_names(model)
+    selected: set[int] = set()
+    for selector in selectors:
+        matched = _match(selector, names, argument)
+        if not matched:
+            raise SelectorError(_no_match_message(selector, names, argument))
+        _refuse_torchscript(model, selector, matched)
+        hits = {id(c.module) for c in candidates if any(_within(alias, m) for alias in c.aliases for m in matched)}
+        if not hits:
+            found = ", ".join(f"{m} ({type(model.get_submodule(m)).__name__})" for m in sorted(matched)[:3])
+            raise SelectorError(
+                f"{argument} selector {selector!r} matches no Conv2d: it matches {found} with no Conv2d beneath; "
+                f"closest conv names: {_closest(selector, [c.name for c in candidates])}"
+            )
+        selected |= hits
+    return {id(c.module): c for c in candidates if id(c.module) in selected}
+
+
+def kernel_filter(kernel_sizes: Sequence[KernelSize] | None) -> set[tuple[int, int]] | None:
+    """Normalize ``kernel_sizes`` (ints mean square kernels) to a set of pairs."""
+    if kernel_sizes is None:
+        return None
+    if isinstance(kernel_sizes, (int, str)):
+        raise TypeError(f"kernel_sizes must be a sequence such as [3] or [(1, 3)], got {kernel_sizes!r}")
+    pairs: set[tuple[int, int]] = set()
+    for size in kernel_sizes:
+        pair = (size, size) if isinstance(size, int) else tuple(size)
+        if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+            raise ValueError(f"kernel_sizes must hold positive ints or (kh, kw) pairs, got {size!r}")
+        pairs.add(pair)  # type: ignore[arg-type]
+    return pairs
+
+
+def filter_reason(
+    conv: nn.Conv2d,
+    kernel_sizes: set[tuple[int, int]] | None,
+    min_channels: int,
+    include_depthwise: bool,
+) -> str | None:
+    """Why the shape filters leave ``conv`` alone, or None if they keep it."""
+    kernel = tuple(conv.kernel_size)
+    if kernel_sizes is not None and kernel not in kernel_sizes:
+        return f"kernel size {kernel} is not in kernel_sizes {sorted(kernel_sizes)}"
+    if min(conv.in_channels, conv.out_channels) < min_channels:
+        return f"{conv.in_channels} -> {conv.out_channels} channels is below min_channels={min_channels}"
+    if not include_depthwise and is_depthwise(conv):
+        return "depthwise (groups == in_channels) and include_depthwise=False"
+    return None
+
+
+def is_depthwise(conv: nn.Module) -> bool:
+    """A conv whose every group sees one input channel."""
+    return conv.groups > 1 and conv.groups == conv.in_channels
+
+
+def _candidates(model: nn.Module) -> list[Candidate]:
+    aliases: dict[int, list[str]] = {}
+    modules: dict[int, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if is_conv(module):
+            aliases.setdefault(id(module), []).append(name)
+            modules[id(module)] = module
+    return [Candidate(names[0], tuple(names), modules[key]) for key, names in aliases.items()]
+
+
+def _module_names(model: nn.Module) -> list[str]:
+    return [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+
+
+def _match(selector: str, names: list[str], argument: str) -> list[str]:
+    """Module names ``selector`` matches, trying it as written, unwrapped, then wrapped."""
+    for variant in _variants(selector, names):
+        matched = _match_exactly(variant, names, argument)
+        if matched:
+            return matched
+    return []
+
+
+def strip_wrapper_prefix(name: str) -> str:
+    """``name`` without leading ``module.`` / ``_orig_mod.`` parts."""
+    while name.startswith(WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def _variants(selector: str, names: list[str]) -> Iterator[str]:
+    lead = REGEX_PREFIX if selector.startswith(REGEX_PREFIX) else ""
+    body = selector[len(lead) :]
+    stripped = strip_wrapper_prefix(body)
+    yield selector
+    if stripped != body:
+        yield lead + stripped
+    for prefix in WRAPPER_PREFIXES:  # the model is a wrapper and the selector names the inner model
+        if prefix[:-1] in names:
+            yield lead + (re.escape(prefix) if lead else prefix) + stripped
+
+
+def _match_exactly(selector: str, names: list[str], argument: str) -> list[str]:
+    if selector.startswith(REGEX_PREFIX):
+        try:
+            pattern = re.compile(selector[len(REGEX_PREFIX) :])
+        except re.error as error:
+            raise SelectorError(f"{argument} selector {selector!r} is not a valid regular expression ({error})") from None
+        return [n for n in names if pattern.fullmatch(n)]
+    if GLOB_CHARS & set(selector):
+        return [n for n in names if fnmatch.fnmatchcase(n, selector)]
+    return [selector] if selector in names else []
+
+
+def _within(name: str, ancestor: str) -> bool:
+    return name == ancestor or name.startswith(ancestor + ".")
+
+
+def _refuse_torchscript(model: nn.Module, selector: str, matched: list[str]) -> None:
+    for name in matched:
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):
+            owner = ".".join(parts[:depth])
+            if isinstance(model.get_submodule(owner), torch.jit.ScriptModule):
+                raise TypeError(
+                    f"selector {selector!r} reaches into {owner!r}, a TorchScript module: its compiled code cannot be "
+                    "changed by module surgery; convert the eager nn.Module, then script it again"
+                )
+
+
+def _no_match_message(selector: str, names: list[str], argument: str) -> str:
+    return f"{argument} selector {selector!r} matches no module; closest names: {_closest(selector, names)}"
+
+
+def _closest(selector: str, pool: list[str]) -> str:
+    body = selector[len(REGEX_PREFIX) :] if selector.startswith(REGEX_PREFIX) else selector
+    close = difflib.get_close_matches(body, pool, n=3, cutoff=0.0)
+    return ", ".join(close) if close else "(none: the model has no such modules)"
