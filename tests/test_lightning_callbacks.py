@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 
 from condconv_lightning import CondConv2d
-from condconv_lightning.callbacks import RoutingEntropyMonitor, RoutingTemperatureScheduler
+from condconv_lightning.callbacks import CondConvConversion, RoutingEntropyMonitor, RoutingTemperatureScheduler
 from condconv_lightning.finetune import ImageClassifier, SyntheticImageDataModule
 from test_lightning_metrics import assert_matches, reference
 
@@ -166,3 +166,31 @@ def test_temperature_scheduler_needs_matching_layers(tmp_path: Path) -> None:
 def test_temperature_scheduler_rejects_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         RoutingTemperatureScheduler(**kwargs)
+
+
+def conversion_trainer(tmp_path: Path, conversion, **kwargs) -> Trainer:
+    return trainer(tmp_path, [conversion], logger=False, limit_val_batches=1, **kwargs)
+
+
+def test_conversion_in_setup_gives_the_optimizer_the_new_parameters(tmp_path: Path) -> None:
+    from condconv_lightning.models import resnet_tiny
+
+    module = ImageClassifier(resnet_tiny(num_classes=4))
+    conversion = CondConvConversion(["layer4"], submodule="model", num_experts=2, seed=0, verbose=False)
+    t = conversion_trainer(tmp_path, conversion, max_steps=2)
+    t.fit(module, tiny_data(train_size=16))
+    layers = {name: m for name, m in module.model.named_modules() if isinstance(m, CondConv2d)}
+    assert set(layers) == {"layer4.0.conv1", "layer4.0.conv2", "layer4.0.downsample.0"}
+    optimized = {id(p) for group in t.optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in module.parameters()}
+    assert all(layer.router.weight.abs().sum() > 0 for layer in layers.values()), "routers start at zero and were trained"
+
+    # A second setup (validate after fit) converts nothing twice and keeps the trained layers.
+    t.validate(module, tiny_data(train_size=16), verbose=False)
+    assert {name: m for name, m in module.model.named_modules() if isinstance(m, CondConv2d)} == layers
+
+
+def test_conversion_reports_a_missing_submodule(tmp_path: Path) -> None:
+    t = conversion_trainer(tmp_path, CondConvConversion(["layer4"], submodule="network", verbose=False), max_steps=1)
+    with pytest.raises(ValueError, match="no submodule 'network'"):
+        t.fit(ImageClassifier(), tiny_data())

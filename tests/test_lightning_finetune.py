@@ -15,31 +15,36 @@ from condconv_lightning.finetune import ImageClassifier, SyntheticImageDataModul
 from condconv_lightning.models import resnet_tiny
 
 
-def test_gratings_are_seeded_and_labels_depend_on_orientation_and_colour() -> None:
+def test_gratings_are_seeded_and_the_colour_cast_tells_which_grating_counts() -> None:
     first = make_context_gratings(64, 4, 16, generator=torch.Generator().manual_seed(5))
     again = make_context_gratings(64, 4, 16, generator=torch.Generator().manual_seed(5))
     other = make_context_gratings(64, 4, 16, generator=torch.Generator().manual_seed(6))
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(first[0], other[0])
-    images, labels, orientation, context = first
-    assert torch.equal(labels, (orientation + 2 * context) % 4)
+    images, labels, context, _ = first
     # The context is a global property: the mean red-minus-blue of an image gives it away.
     red_minus_blue = images[:, 0].mean(dim=(1, 2)) - images[:, 2].mean(dim=(1, 2))
     assert torch.equal((red_minus_blue < 0).long(), context)
-    # The same orientation under the two colour casts belongs to different classes.
-    for o in range(4):
-        assert set(labels[(orientation == o) & (context == 0)].tolist()).isdisjoint(labels[(orientation == o) & (context == 1)].tolist())
+    assert set(labels.tolist()) == set(range(4)) and set(context.tolist()) == {0, 1}
 
 
-def test_grating_orientation_is_the_dominant_spatial_frequency() -> None:
-    images, _, orientation, _ = make_context_gratings(32, 4, 32, noise=0.0, generator=torch.Generator().manual_seed(0))
-    spectrum = torch.fft.fftshift(torch.fft.fft2(images[:, 1]).abs(), dim=(-2, -1))  # green carries no colour cast
-    spectrum[:, 16, 16] = 0.0
-    for image_spectrum, o in zip(spectrum, orientation.tolist()):
-        row, col = divmod(int(image_spectrum.argmax()), 32)
-        angle = math.atan2(row - 16, col - 16) % math.pi
-        nearest = min(range(4), key=lambda c: min(abs(angle - math.pi * c / 4), math.pi - abs(angle - math.pi * c / 4)))
-        assert nearest == o
+def dominant_orientation(channel: torch.Tensor, num_classes: int) -> int:
+    """Orientation index nearest to the angle of the strongest non-DC spatial frequency."""
+    size = channel.shape[-1]
+    spectrum = torch.fft.fftshift(torch.fft.fft2(channel).abs())
+    spectrum[size // 2, size // 2] = 0.0
+    row, col = divmod(int(spectrum.argmax()), size)
+    angle = math.atan2(row - size // 2, col - size // 2) % math.pi
+    return min(range(num_classes), key=lambda c: min(abs(angle - math.pi * c / num_classes), math.pi - abs(angle - math.pi * c / num_classes)))
+
+
+def test_label_is_the_orientation_of_the_grating_the_cast_selects() -> None:
+    images, labels, context, distractor = make_context_gratings(32, 4, 32, noise=0.0, generator=torch.Generator().manual_seed(0))
+    for image, label, ctx, other in zip(images, labels.tolist(), context.tolist(), distractor.tolist()):
+        signal_channel, other_channel = (0, 2) if ctx == 0 else (2, 0)
+        assert dominant_orientation(image[signal_channel], 4) == label
+        assert dominant_orientation(image[other_channel], 4) == other
+        assert torch.all(image[1] == 0)  # green: no cast, no grating
 
 
 def test_data_module_splits_and_loaders() -> None:
@@ -108,3 +113,34 @@ def test_module_rejects_bad_arguments() -> None:
         ImageClassifier(router_lr=0.0)
     with pytest.raises(ValueError, match="num_classes"):
         ImageClassifier(num_classes=1)
+
+
+SMALL_DATA = ["--data.init_args.train_size=16", "--data.init_args.val_size=8", "--data.init_args.batch_size=8", "--data.init_args.image_size=16"]
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def test_cli_defaults_convert_the_builtin_model_and_checkpoint_it(tmp_path: Path) -> None:
+    from condconv_lightning.finetune.cli import main
+
+    main(["fit", "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}", *SMALL_DATA, *QUIET])
+    (version,) = (tmp_path / "lightning_logs").iterdir()
+    (checkpoint,) = (version / "checkpoints").iterdir()
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2
+    converted = {k.rsplit(".router.weight", 1)[0] for k in state["state_dict"] if k.endswith(".router.weight")}
+    assert converted == {f"model.{stage}.0.{conv}" for stage in ("layer3", "layer4") for conv in ("conv1", "conv2", "downsample.0")}
+    assert "model.layer2.0.conv1.weight" in state["state_dict"] and state["state_dict"]["model.layer2.0.conv1.weight"].ndim == 4
+    assert (version / "config.yaml").is_file()
+
+
+def test_cli_runs_the_single_device_example_config(tmp_path: Path) -> None:
+    from condconv_lightning.finetune.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "single_device.yaml"
+    main(["fit", f"--config={config}", "--trainer.max_steps=1", "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}", *SMALL_DATA, *QUIET])
+    (version,) = (tmp_path / "lightning_logs").iterdir()
+    state = torch.load(version / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    temperatures = {float(v) for k, v in state["state_dict"].items() if k.endswith(".temperature")}
+    assert temperatures == {30.0}  # softmax routing at the start of the 30 -> 1 schedule
+    scheduler_state = next(v for k, v in state["callbacks"].items() if "RoutingTemperatureScheduler" in k)
+    assert scheduler_state == {"temperature": 30.0}

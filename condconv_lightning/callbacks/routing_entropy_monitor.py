@@ -138,8 +138,8 @@ class RoutingEntropyMonitor(Callback):
     def _attach(self, pl_module: "pl.LightningModule") -> None:
         """Register one routing hook per CondConv2d (once; shared layers count once)."""
         layers = {name: m for name, m in pl_module.named_modules() if isinstance(m, CondConv2d)}
-        if self._handles and all(self._layers.get(name) is m for name, m in layers.items()):
-            return
+        if self._handles and layers.keys() == self._layers.keys() and all(self._layers[n] is m for n, m in layers.items()):
+            return  # already observing exactly these layers
         self._detach()
         if not layers:
             rank_zero_warn("RoutingEntropyMonitor found no CondConv2d in the LightningModule; convert the model first")
