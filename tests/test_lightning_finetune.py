@@ -132,6 +132,32 @@ def test_cli_defaults_convert_the_builtin_model_and_checkpoint_it(tmp_path: Path
     assert "model.layer2.0.conv1.weight" in state["state_dict"] and state["state_dict"]["model.layer2.0.conv1.weight"].ndim == 4
     assert (version / "config.yaml").is_file()
 
+    # The checkpoint carries the conversion: it loads into a fresh, unconverted network.
+    restored = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
+    restored_state = restored.state_dict()
+    assert restored_state.keys() == state["state_dict"].keys()
+    assert all(torch.equal(restored_state[k], v) for k, v in state["state_dict"].items())
+
+
+def test_module_loads_a_file_written_by_save_converted(tmp_path: Path) -> None:
+    from condconv_lightning.surgery import convert, save_converted
+
+    torch.manual_seed(0)
+    original = resnet_tiny(num_classes=4).eval()
+    convert(original, ["layer4"], num_experts=3, seed=1)
+    with torch.no_grad():
+        original.layer4[0].conv1.router.weight.normal_()  # as after training: input-dependent routing
+    weights = save_converted(original, tmp_path / "converted.pt")
+    module = ImageClassifier(resnet_tiny(num_classes=4), weights=str(weights)).eval()
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(module(images), original(images), rtol=0, atol=0)
+
+    pickled = save_converted(original, tmp_path / "module.pt", as_module=True)
+    with pytest.raises(ValueError, match="trust_pickle=True"):
+        ImageClassifier(weights=str(pickled))
+    assert isinstance(ImageClassifier(weights=str(pickled), trust_pickle=True).model.layer4[0].conv1, CondConv2d)
+
 
 def test_cli_runs_the_single_device_example_config(tmp_path: Path) -> None:
     from condconv_lightning.finetune.cli import main

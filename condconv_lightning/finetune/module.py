@@ -24,6 +24,10 @@ from ..models import resnet_tiny
 
 __all__ = ["ImageClassifier", "parameter_groups"]
 
+# Checkpoint entry holding the ConversionSpec of ``model``, so that a checkpoint of a
+# converted run loads into a freshly built, unconverted network.
+CONVERSION_KEY = "condconv_conversion_spec"
+
 
 def parameter_groups(
     model: nn.Module, expert_lr: Optional[float] = None, router_lr: Optional[float] = None
@@ -83,6 +87,11 @@ class ImageClassifier(pl.LightningModule):
 
     Raises:
         ValueError: ``num_classes`` below 2 or a non-positive ``expert_lr``/``router_lr``.
+
+    Checkpoints record which layers of ``model`` are CondConv (a
+    :class:`~condconv_lightning.surgery.ConversionSpec`), and loading a checkpoint applies
+    it first, so ``ImageClassifier.load_from_checkpoint(path)`` rebuilds the converted
+    network without the conversion callback.
 
     SyncBatchNorm: pass ``Trainer(sync_batchnorm=True)`` (CLI ``--trainer.sync_batchnorm
     true``); Lightning converts the BatchNorm layers before wrapping the model in DDP.
@@ -154,3 +163,17 @@ class ImageClassifier(pl.LightningModule):
         if self.scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": self.scheduler_interval}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from ..surgery import ConversionSpec
+
+        spec = ConversionSpec.from_model(self.model)
+        if spec.layers:
+            checkpoint[CONVERSION_KEY] = spec.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning calls this before load_state_dict; already converted layers are left alone.
+        if CONVERSION_KEY in checkpoint:
+            from ..surgery import ConversionSpec
+
+            ConversionSpec.from_dict(checkpoint[CONVERSION_KEY]).apply(self.model)
