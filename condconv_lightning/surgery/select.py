@@ -168,7 +168,10 @@ def strip_wrapper_prefix(name: str) -> str:
 def _variants(selector: str, names: list[str]) -> Iterator[str]:
     lead = REGEX_PREFIX if selector.startswith(REGEX_PREFIX) else ""
     body = selector[len(lead) :]
-    stripped = strip_wrapper_prefix(body)
+    prefixes = WRAPPER_PREFIXES + (tuple(re.escape(p) for p in WRAPPER_PREFIXES) if lead else ())
+    stripped = body
+    while stripped.startswith(prefixes):
+        stripped = stripped[len(next(p for p in prefixes if stripped.startswith(p))) :]
     yield selector
     if stripped != body:
         yield lead + stripped
