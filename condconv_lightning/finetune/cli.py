@@ -35,7 +35,7 @@ class FinetuneCLI(LightningCLI):
             {
                 "data": {"class_path": _class_path(SyntheticImageDataModule)},
                 "trainer.callbacks": [
-                    {"class_path": _class_path(CondConvConversion), "init_args": {"layers": ["layer3", "layer4"], "submodule": "model"}},
+                    {"class_path": _class_path(CondConvConversion), "init_args": {"layers": ["layer3", "layer4"], "submodule": "model", "input_size": [3, 32, 32]}},
                     {"class_path": _class_path(RoutingEntropyMonitor)},
                 ],
             }
