@@ -135,7 +135,7 @@ def convert(
         layers={candidate.name: layer_options for candidate, layer_options in plan},
         selectors=selectors,
         exclude=excludes,
-        options={**options, "kernel_sizes": sorted(kernels) if kernels else None,
+        options={**options, "kernel_sizes": [list(k) for k in sorted(kernels)] if kernels else None,
                  "include_depthwise": include_depthwise, "allow_classes": [class_path(c) for c in allowed]},
     )
     converted = _convert_planned(model, plan, init, perturbation, seed, input_size)
