@@ -125,8 +125,9 @@ class ConversionReport:
         }
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types only (tuples become lists), so ``json.loads(to_json()) == to_dict()``."""
         return {
-            "converted": [asdict(r) for r in self.converted],
+            "converted": [_lists(asdict(r)) for r in self.converted],
             "skipped": [asdict(r) for r in self.skipped],
             "already_converted": list(self.already_converted),
             "input_size": list(self.input_size) if self.input_size is not None else None,
@@ -225,6 +226,10 @@ def probe_shapes(model: nn.Module, convs: Sequence[nn.Module], input_size: Seque
         for key, calls in seen.items()
         if calls
     }
+
+
+def _lists(record: dict[str, Any]) -> dict[str, Any]:
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in record.items()}
 
 
 def _sum_or_none(values: Any) -> Optional[int]:

@@ -1,0 +1,102 @@
+"""The conversion report: parameter and MAC counts against hand-derived shapes, JSON and the rich table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from rich.console import Console
+from zoo import zoo_model
+
+from condconv_lightning.surgery import convert
+
+# PlainCNN at input 3x12x12, shapes worked out by hand from its definition:
+# (name, Cin, Cout, kh, kw, input HxW, output HxW, has bias)
+PLAIN_LAYERS = [
+    ("features.0", 3, 8, 3, 3, (12, 12), (12, 12), True),   # 3x3, padding 1
+    ("features.2", 8, 12, 3, 3, (12, 12), (6, 6), True),    # 3x3, stride 2, padding 1
+    ("features.4", 12, 16, 1, 3, (6, 6), (6, 6), True),     # 1x3, padding (0, 1)
+]
+
+
+def expected_counts(cin: int, cout: int, kh: int, kw: int, hw_in, hw_out, bias: bool, k: int, calls: int = 1) -> dict:
+    """CondConv's extra cost written out: pool + linear routing, K*P kernel mixing (+ K*Cout bias)."""
+    p = cout * cin * kh * kw
+    return {
+        "params_before": p + (cout if bias else 0),
+        "params_after": k * p + (k * cout if bias else 0) + cin * k + k,
+        "conv_macs": calls * p * hw_out[0] * hw_out[1],
+        "routing_macs": calls * (cin * hw_in[0] * hw_in[1] + cin * k),
+        "mixing_macs": calls * k * (p + (cout if bias else 0)),
+    }
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_counts_match_hand_derived_shapes(k: int) -> None:
+    report = convert(zoo_model("plain"), "features", num_experts=k, input_size=(3, 12, 12))
+    for record, (name, cin, cout, kh, kw, hw_in, hw_out, bias) in zip(report.converted, PLAIN_LAYERS):
+        assert record.name == name and record.input_hw == hw_in and record.output_hw == hw_out
+        got = {key: getattr(record, key) for key in ("params_before", "params_after", "conv_macs", "routing_macs", "mixing_macs")}
+        assert got == expected_counts(cin, cout, kh, kw, hw_in, hw_out, bias, k)
+    expected = [expected_counts(*layer[1:], k) for layer in PLAIN_LAYERS]
+    for key in ("params_before", "params_after", "conv_macs", "routing_macs", "mixing_macs"):
+        assert report.totals[key] == sum(e[key] for e in expected)
+    assert report.totals["params_added"] == report.totals["params_after"] - report.totals["params_before"]
+
+
+def test_a_conv_applied_twice_counts_twice() -> None:
+    report = convert(zoo_model("shared"), "shared", input_size=(3, 10, 10))
+    (record,) = report.converted
+    assert record.calls == 2 and record.aliases == ("shared", "blocks.0")
+    assert record.routing_macs == expected_counts(8, 8, 3, 3, (10, 10), (10, 10), True, 4, calls=2)["routing_macs"]
+
+
+def test_without_input_size_spatial_counts_are_none() -> None:
+    report = convert(zoo_model("plain"), "features.2")
+    (record,) = report.converted
+    assert record.conv_macs is None and record.routing_macs is None and record.input_hw is None
+    assert record.mixing_macs == 4 * (12 * 8 * 9 + 12)
+    assert report.totals["routing_macs"] is None and report.totals["mixing_macs"] == record.mixing_macs
+
+
+def test_shape_probe_changes_no_state() -> None:
+    model = zoo_model("resnet")
+    model.layer1.eval()
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    convert(model, "layer2", input_size=(3, 16, 16))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in stats.items())
+    assert model.training and not model.layer1.training and model.layer2.training
+
+
+def test_wrong_input_size_is_one_clear_line_and_changes_nothing() -> None:
+    model = zoo_model("plain")
+    with pytest.raises(ValueError, match=r"^input_size=\(4, 12, 12\) does not fit the model \(RuntimeError: .*\); pass the \(C, H, W\) of one input sample") as info:
+        convert(model, "features", input_size=(4, 12, 12))
+    assert "\n" not in str(info.value)
+    assert all(type(m) is torch.nn.Conv2d for m in model.features if isinstance(m, torch.nn.Conv2d))
+
+
+def test_json_round_trips_and_holds_the_spec() -> None:
+    model = zoo_model("mobilenet")
+    report = convert(model, "features.1", include_depthwise=False, input_size=(3, 16, 16))
+    data = json.loads(report.to_json())
+    assert data == report.to_dict()
+    assert [r["name"] for r in data["converted"]] == ["features.1.conv.0", "features.1.conv.6"]
+    assert data["skipped"] == [{"name": "features.1.conv.3", "reason": "depthwise (groups == in_channels) and include_depthwise=False"}]
+    assert data["input_size"] == [3, 16, 16] and data["spec"]["layers"].keys() == {"features.1.conv.0", "features.1.conv.6"}
+
+
+def test_rich_table_shows_every_layer_and_the_totals() -> None:
+    model = zoo_model("resnet")
+    convert(model, "layer2")
+    report = convert(model, ["layer2", "layer3"], exclude="layer3.0.downsample", input_size=(3, 16, 16))
+    console = Console(record=True, width=140)
+    console.print(report)
+    text = " ".join(console.export_text().split())  # the caption wraps at the table's width
+    assert "CondConv conversion: 2 layers" in text
+    for record in report.converted:
+        assert record.name in text and f"{record.params_after:,}" in text and f"{record.mixing_macs:,}" in text
+    assert f"{report.totals['params_after']:,}" in text and "total" in text
+    assert "32->64 3x3 /2" in text  # layer3.0.conv1 has stride 2
+    assert "1 skipped" in text and "3 already CondConv2d" in text and "MACs per sample at input 3x16x16" in text
