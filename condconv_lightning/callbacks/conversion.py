@@ -16,9 +16,12 @@ from typing import Literal, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
-from torch import nn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from rich.console import Console
+from torch import nn
 from typing_extensions import override
+
+from ..surgery import ConversionReport, convert
 
 __all__ = ["CondConvConversion"]
 
@@ -100,12 +103,10 @@ class CondConvConversion(Callback):
         }
         self.submodule = submodule
         self.verbose = verbose
-        self.report = None
+        self.report: Optional[ConversionReport] = None
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        from ..surgery import convert  # imported here: surgery is only needed once a Trainer sets up
-
         self.report = convert(self._target(pl_module), self.layers, **self.options)
         if self.verbose:
             _print_report(self.report)
@@ -123,7 +124,5 @@ class CondConvConversion(Callback):
 
 
 @rank_zero_only
-def _print_report(report: object) -> None:
-    from rich.console import Console
-
+def _print_report(report: ConversionReport) -> None:
     Console().print(report)

@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..condconv2d import CondConv2d
 from ..models import resnet_tiny
+from ..surgery import ConversionSpec, load_converted
 
 __all__ = ["ImageClassifier", "parameter_groups"]
 
@@ -126,8 +127,6 @@ class ImageClassifier(pl.LightningModule):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         if weights is not None:
-            from ..surgery import load_converted
-
             model = load_converted(weights, model, trust_pickle=trust_pickle)
         self.model = model if model is not None else resnet_tiny(num_classes=num_classes)
         self.optimizer = optimizer
@@ -165,8 +164,6 @@ class ImageClassifier(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": self.scheduler_interval}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from ..surgery import ConversionSpec
-
         spec = ConversionSpec.from_model(self.model)
         if spec.layers:
             checkpoint[CONVERSION_KEY] = spec.to_dict()
@@ -174,6 +171,4 @@ class ImageClassifier(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning calls this before load_state_dict; already converted layers are left alone.
         if CONVERSION_KEY in checkpoint:
-            from ..surgery import ConversionSpec
-
             ConversionSpec.from_dict(checkpoint[CONVERSION_KEY]).apply(self.model)
