@@ -16,6 +16,7 @@ which runs code from the file, so :func:`load_converted` does it only with
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -102,7 +103,8 @@ def load_converted(
         state = strip_wrapper_prefixes(loaded["state_dict"])
     if model is None:
         raise ValueError(f"{source} holds weights and a conversion spec; pass a fresh instance of its architecture as model")
-    spec.apply(model)
+    # the weights replace the experts next, so skip upcycling's random draws
+    replace(spec, options={**spec.options, "init": "fresh"}).apply(model)
     model.load_state_dict(state, strict=True)
     return model
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from rich import box
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -144,44 +145,40 @@ class ConversionReport:
             title=f"CondConv conversion: {len(self.converted)} layers",
             caption=self._caption(size),
             show_footer=bool(self.converted),
+            box=box.SIMPLE_HEAD,  # no vertical rules, no edge padding: 80 columns hold typical names
+            pad_edge=False,
         )
         t = self.totals
-        columns = [
-            ("layer", "total"),
-            ("conv", ""),
-            ("K", ""),
-            ("params before", _int(t["params_before"])),
-            ("params after", _int(t["params_after"])),
-            ("routing MACs", _int(t["routing_macs"])),
-            ("mixing MACs", _int(t["mixing_macs"])),
-        ]
-        for header, footer in columns:
-            if header == "layer":  # names must stay whole: fold them instead of truncating
-                table.add_column(header, footer=footer, overflow="fold")
-            else:
-                table.add_column(header, footer=footer, justify="right")
-        for r in self.converted:
-            name = r.name + (f" (= {', '.join(r.aliases[1:])})" if len(r.aliases) > 1 else "")
-            conv = f"{r.in_channels}->{r.out_channels} {'x'.join(map(str, r.kernel_size))}"
-            conv += "" if r.stride == (1, 1) else f" /{'x'.join(map(str, r.stride)) if r.stride[0] != r.stride[1] else r.stride[0]}"
-            conv += "" if r.groups == 1 else f" g{r.groups}"
-            table.add_row(
-                name,
-                conv,
+        footers = ["total", "", "", _int(t["params_before"]), _int(t["params_after"]), _int(t["routing_macs"]), _int(t["mixing_macs"])]
+        rows = [
+            [
+                r.name + (f" (= {', '.join(r.aliases[1:])})" if len(r.aliases) > 1 else ""),
+                _conv(r),
                 str(r.num_experts),
                 _int(r.params_before),
                 _int(r.params_after),
                 _int(r.routing_macs),
                 _int(r.mixing_macs),
-            )
+            ]
+            for r in self.converted
+        ]
+        headers = ["layer", "conv", "K", "params", "after", "routing", "mixing"]
+        for i, (header, footer) in enumerate(zip(headers, footers)):
+            width = max([len(header), len(footer)] + [len(row[i]) for row in rows])
+            table.add_column(header, footer=footer, justify="left" if i == 0 else "right", min_width=width, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
         return table
 
     def _caption(self, size: Optional[str]) -> str:
-        parts = [f"MACs per sample at input {size}" if size else "MACs per sample (routing needs input_size)"]
+        parts = [
+            f"routing and mixing: extra MACs per sample at input {size}" if size
+            else "routing and mixing: extra MACs per sample (routing needs input_size)"
+        ]
         conv = self.totals["conv_macs"]
         extra = self.totals["mixing_macs"] + (self.totals["routing_macs"] or 0)
         if conv:
-            parts.append(f"the converted convs' own MACs: {_int(conv)} (+{100 * extra / conv:.2f}%)")
+            parts.append(f"+{100 * extra / conv:.2f}% over the converted convs' own {_int(conv)}")
         if self.skipped:
             parts.append(f"{len(self.skipped)} skipped")
         if self.already_converted:
@@ -228,6 +225,14 @@ def probe_shapes(model: nn.Module, convs: Sequence[nn.Module], input_size: Seque
     }
 
 
+def _conv(r: ConvertedLayer) -> str:
+    """``Cin->Cout kh x kw``, then ``/stride`` and ``gGroups`` where they are not 1."""
+    text = f"{r.in_channels}->{r.out_channels} {'x'.join(map(str, r.kernel_size))}"
+    if r.stride != (1, 1):
+        text += f"/{r.stride[0]}" if r.stride[0] == r.stride[1] else f"/{'x'.join(map(str, r.stride))}"
+    return text + (f" g{r.groups}" if r.groups != 1 else "")
+
+
 def _lists(record: dict[str, Any]) -> dict[str, Any]:
     return {key: list(value) if isinstance(value, tuple) else value for key, value in record.items()}
 
@@ -238,4 +243,10 @@ def _sum_or_none(values: Any) -> Optional[int]:
 
 
 def _int(value: Optional[int]) -> str:
-    return "-" if value is None else f"{value:,}"
+    """Counts for the table: exact below 10,000, else 3 significant digits with k/M/G (JSON keeps them exact)."""
+    if value is None:
+        return "-"
+    for scale, unit in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
+        if value >= 10_000 and value >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:,}"
