@@ -98,7 +98,7 @@ def test_rich_table_shows_every_layer_and_the_totals_in_80_columns() -> None:
     rows = {line.split()[0]: line.split()[1:] for line in lines if line.strip().startswith(("layer", "total"))}
     # layer3.0.conv1: 32->64 3x3 stride 2, K=4; 4*18432 + 4*32 + 32*4 + 4 = 73,860 parameters after
     assert rows["layer3.0.conv1"][:5] == ["32->64", "3x3/2", "4", "18.4k", "73.9k"]
-    # layer3.0.downsample.0: 1x1, 32*64 = 2,048 -> 4*2048 + 32*4 + 4 = 8,324; layer3 sees 8x8 (16 / stem stride 2)
+    # layer3.0.downsample.0: 1x1, 32*64 = 2,048 -> 4*2048 + 32*4 + 4 = 8,324; layer3 sees layer2's 8x8 output
     assert rows["layer3.0.downsample.0"] == ["32->64", "1x1/2", "4", "2,048", "8,324", f"{32 * 8 * 8 + 32 * 4:,}", "8,192"]
     assert rows["total"] == ["20.5k", "82.2k", f"{2 * (32 * 8 * 8 + 32 * 4):,}", "81.9k"]  # 18,432 + 2,048; 73,860 + 8,324; 73,728 + 8,192
     text = " ".join(" ".join(lines).split())  # the caption wraps at the table's width
