@@ -236,3 +236,17 @@ def test_every_zoo_model_round_trips_through_a_file(tmp_path: Path) -> None:
         x = zoo_input(name)
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0, msg=name)
         assert copy.deepcopy(loaded) is not loaded
+
+
+def test_default_spec_of_an_allowed_subclass_loads_into_a_fresh_instance(tmp_path: Path) -> None:
+    def build() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(Odd(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1))
+
+    model = build()
+    convert(model, "*", allow_classes=[Odd])
+    path = save_converted(model, tmp_path / "odd.pt")  # spec=None: described from the converted model
+    assert read_spec(path).layers["0"].source_class is None
+    loaded = load_converted(path, build())
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)

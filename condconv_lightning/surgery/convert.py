@@ -153,7 +153,7 @@ def convert_recorded(model: nn.Module, spec: ConversionSpec, *, input_size: Opti
         if isinstance(module, CondConv2d):
             already.append(candidate.name)
             continue
-        if class_path(type(module)) != layer_options.source_class:
+        if layer_options.source_class not in (None, class_path(type(module))):
             raise TypeError(
                 f"spec layer {name!r} was a {layer_options.source_class} when converted but is a "
                 f"{class_path(type(module))} here; apply the spec to the architecture it was made from"

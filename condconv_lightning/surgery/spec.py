@@ -35,13 +35,18 @@ def class_path(cls: type) -> str:
 
 @dataclass(frozen=True)
 class LayerOptions:
-    """What shapes one CondConv2d beyond its conv's own configuration."""
+    """What shapes one CondConv2d beyond its conv's own configuration.
+
+    ``source_class`` is the converted conv's class (``module.QualName``); None when
+    unknown (a spec described from an already converted model): then any Conv2d class
+    at that name is accepted.
+    """
 
     num_experts: int
     routing: str
     temperature: float
     strategy: str
-    source_class: str = class_path(nn.Conv2d)
+    source_class: Optional[str] = None
 
 
 @dataclass
