@@ -1,0 +1,342 @@
+"""``condconv-convert``: convert the Conv2d layers of a saved model into CondConv2d, safely.
+
+    condconv-convert model.pt --layers layer3,layer4 [-o OUT] [--num-experts K] ...
+
+The file is read without running its code unless ``--trust-pickle`` says it may
+(:mod:`.loading`), converted in memory with :func:`condconv_lightning.surgery.convert`,
+checked against the original on a random input (:mod:`.check`), and only then written,
+atomically, with the same kind as the input: a full module for a full module, weights
+plus the conversion spec for weights (:func:`condconv_lightning.surgery.save_converted`).
+Every failure is one line on stderr and exit status 1 (usage errors: 2), with nothing
+written; ``CONDCONV_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from rich.console import Console
+
+from .. import __version__
+from ..surgery import ConversionReport, SelectorError, convert, save_converted
+from .check import DEFAULT_TOLERANCE, CheckResult, compare, float32_outputs, infer_input_shape, random_input
+from .errors import CommandError
+from .listing import conv_rows, conv_table, mark_selection
+from .loading import LoadedModel, import_object, load_model, one_line
+
+PROG = "condconv-convert"
+DEBUG_ENV = "CONDCONV_DEBUG"
+OUTPUT_SUFFIX = ".condconv.pt"
+IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command; returns the exit status (0 done, 1 error, 2 usage error, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.layers is None and not args.list:
+        parser.error("--layers is required (e.g. --layers layer3,layer4); run with --list to see the layer names")
+    out = Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+    try:
+        return _run(args, out, err)
+    except KeyboardInterrupt:
+        return _fail(args, "interrupted; nothing was written", 130)
+    except (CommandError, SelectorError) as error:
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
+        return _fail(args, str(error), facts=getattr(error, "facts", None))
+    except Exception as error:  # a bug or an unforeseen input: still one line unless debugging
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
+        return _fail(args, f"unexpected {one_line(error)}; nothing was written (set {DEBUG_ENV}=1 for the traceback)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Convert the Conv2d layers of a saved model into CondConv2d (exact upcycling: "
+        "the converted model computes what the original did), check it, and save it.",
+        epilog=f"Errors print one line and exit 1 (usage errors: 2); set {DEBUG_ENV}=1 for tracebacks.",
+    )
+    parser.add_argument("model", type=Path, metavar="MODEL",
+                        help="torch.save(model) file, state dict (.pt/.pth/.bin), .safetensors or Lightning .ckpt")
+    parser.add_argument("--layers", type=_selectors, metavar="SELECTORS",
+                        help="comma-separated selectors of the convs to convert: exact names, prefixes (layer3), "
+                        "globs or regexes, as condconv_lightning.surgery.convert takes them")
+    parser.add_argument("--exclude", type=_selectors, metavar="SELECTORS", help="comma-separated selectors to leave alone")
+    parser.add_argument("-o", "--output", type=Path, metavar="OUT", help=f"output file (default: MODEL's stem + {OUTPUT_SUFFIX}, beside it)")
+    parser.add_argument("--num-experts", type=_positive_int, default=4, metavar="K", help="experts per layer (default: 4)")
+    parser.add_argument("--routing", choices=("sigmoid", "softmax"), default="sigmoid", help="router activation (default: sigmoid)")
+    parser.add_argument("--temperature", type=_positive_float, default=1.0, help="router temperature (default: 1.0)")
+    parser.add_argument("--strategy", choices=("auto", "grouped", "mixture", "bmm"), default="auto",
+                        help="how CondConv2d layers execute (default: auto)")
+    parser.add_argument("--arch", type=_import_path, metavar="MODULE:CALLABLE",
+                        help="architecture for a weights file: a model class or factory; a LightningModule class loads a .ckpt itself")
+    parser.add_argument("--arch-kwargs", type=_json_object, default={}, metavar="JSON", help="keyword arguments for --arch, a JSON object")
+    parser.add_argument("--allow-class", type=_import_path, action="append", default=[], metavar="MODULE:CLASS",
+                        help="convert this Conv2d subclass too (its forward must be a plain convolution); repeatable")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="load a full pickled module; unpickling runs code from the file, so only for files you trust")
+    parser.add_argument("--list", action="store_true", help="list every Conv2d (and what --layers selects); convert nothing")
+    parser.add_argument("--dry-run", action="store_true", help="convert and check in memory, write nothing")
+    parser.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
+                        help="input of the check (default: 2, the first conv's in_channels, 224, 224)")
+    parser.add_argument("--no-check", action="store_true", help="skip comparing original and converted outputs")
+    parser.add_argument("--tolerance", type=_positive_float, default=DEFAULT_TOLERANCE,
+                        help=f"largest relative output difference the check accepts (default: {DEFAULT_TOLERANCE:g})")
+    parser.add_argument("--force", action="store_true", help="replace an existing output file")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the expert perturbations and of the check's input (default: 0)")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__} (torch {torch.__version__})")
+    return parser
+
+
+def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
+    started = time.perf_counter()
+    output = None if args.list or args.dry_run else _output_path(args.model, args.output, args.force)
+    allow_classes = tuple(import_object(target, "--allow-class") for target in args.allow_class)
+    with err.status(f"Loading {args.model} ({_megabytes(args.model)})"):
+        loaded = load_model(args.model, arch=args.arch, arch_kwargs=args.arch_kwargs, trust_pickle=args.trust_pickle)
+    model = loaded.model
+    if args.list:
+        return _list(args, loaded, allow_classes, out)
+
+    check_input = None
+    if not args.no_check:
+        shape = args.input_shape or infer_input_shape(model)
+        if shape is None:
+            raise CommandError("cannot infer the check's input shape (the model has no Conv2d); pass --input-shape or --no-check")
+        check_input = random_input(shape, args.seed)
+        with err.status("Running the original model"):
+            reference = float32_outputs(model, check_input)
+    with err.status("Converting"):
+        report = _convert(model, args, allow_classes)
+    check = None
+    if check_input is not None:
+        with err.status("Running the converted model"):
+            check = compare(reference, float32_outputs(model, check_input), check_input.shape, args.tolerance)
+    if check is not None and not check.passed:
+        if not args.json:
+            _print_result(args, loaded, report, check, None, out)
+        raise CommandError(
+            f"check failed: the converted model's outputs differ from the original's by {check.max_rel_diff:.3g} "
+            f"(relative) > tolerance {check.tolerance:g}; nothing was written",
+            facts=_facts(args, loaded, report, check, None),
+        )
+    if output is not None:
+        with err.status(f"Writing {output}"):
+            save_converted(model, output, report.spec, as_module=loaded.full_module, overwrite=args.force)
+    _print_result(args, loaded, report, check, output, out, time.perf_counter() - started)
+    return 0
+
+
+def _convert(model: nn.Module, args: argparse.Namespace, allow_classes: tuple[type, ...]) -> ConversionReport:
+    """Convert in place; an empty result is an error that says why each match was left alone."""
+    with warnings.catch_warnings():  # skipped layers are reported from report.skipped, one line each
+        warnings.simplefilter("ignore")
+        report = convert(
+            model,
+        args.layers,
+            num_experts=args.num_experts,
+            routing=args.routing,
+            temperature=args.temperature,
+            strategy=args.strategy,
+            exclude=args.exclude,
+            seed=args.seed,
+            allow_classes=allow_classes,
+            input_size=_sample_size(args, model),
+        )
+    if not report.converted:
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in report.skipped[:3])
+        already = f"{len(report.already_converted)} already CondConv2d" if report.already_converted else ""
+        details = "; ".join(part for part in (reasons, already) if part) or "no Conv2d matched"
+        hint = " (pass --allow-class MODULE:CLASS for a subclass whose forward is a plain convolution)" if report.skipped else ""
+        raise CommandError(f"nothing to convert for --layers {','.join(args.layers)}: {details}{hint}")
+    return report
+
+
+def _sample_size(args: argparse.Namespace, model: nn.Module) -> Optional[tuple[int, ...]]:
+    """(C, H, W) of one sample, for the report's MAC counts: the check's input shape without the batch."""
+    shape = args.input_shape or infer_input_shape(model)
+    return tuple(shape[1:]) if shape is not None else None
+
+
+def _list(args: argparse.Namespace, loaded: LoadedModel, allow_classes: tuple[type, ...], out: Console) -> int:
+    rows = conv_rows(loaded.model)
+    if args.layers is not None:  # resolve the selection the one way conversion resolves it: by converting
+        report = _convert(loaded.model, args, allow_classes)
+        mark_selection(
+            rows,
+            {record.name for record in report.converted},
+            {record.name: record.reason for record in report.skipped},
+            set(report.already_converted),
+        )
+    if args.json:
+        print(json.dumps({"input": _input_facts(args.model, loaded), "convs": rows}, indent=2))
+    else:
+        out.print(conv_table(rows, title=f"{args.model}: {loaded.holds}, {len(rows)} convolutions"))
+    return 0
+
+
+def _output_path(model: Path, output: Optional[Path], force: bool) -> Path:
+    """Resolve the output path and fail before any work if it cannot be written."""
+    target = output if output is not None else model.with_name(model.stem + OUTPUT_SUFFIX)
+    if target.exists() and model.exists() and target.resolve() == model.resolve():
+        raise CommandError(f"the output {target} is the input; the input is never modified, so choose another -o")
+    if target.is_dir():
+        raise CommandError(f"the output {target} is a directory; pass a file path with -o")
+    if target.exists() and not force:
+        raise CommandError(f"{target} already exists; pass --force to replace it, or choose another -o")
+    folder = target.parent
+    if not folder.is_dir():
+        raise CommandError(f"the output folder {folder} does not exist; create it or choose another -o")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise CommandError(f"cannot write to the output folder {folder} ({error.strerror}); choose another -o") from None
+    return target
+
+
+def _print_result(
+    args: argparse.Namespace,
+    loaded: LoadedModel,
+    report: ConversionReport,
+    check: Optional[CheckResult],
+    output: Optional[Path],
+    out: Console,
+    seconds: Optional[float] = None,
+) -> None:
+    if args.json:
+        print(json.dumps({**_facts(args, loaded, report, check, output), "seconds": seconds}, indent=2))
+        return
+    written = output is not None and output.exists()
+    out.print(f"{args.model}: {loaded.holds}, {_millions(loaded.model)} parameters after conversion")
+    out.print(report)
+    for record in report.skipped:
+        out.print(f"[yellow]skipped[/] {record.name}: {record.reason}")
+    if check is not None:
+        verdict = "[green]passed[/]" if check.passed else "[red]FAILED[/]"
+        out.print(
+            f"check: input {'x'.join(map(str, check.input_shape))}, max abs diff {check.max_abs_diff:.3g}, "
+            f"max rel diff {check.max_rel_diff:.3g} (tolerance {check.tolerance:g}): {verdict}"
+        )
+    if written:
+        kind = "full module" if loaded.full_module else "weights + conversion spec"
+        out.print(f"wrote {output} ({kind}, {_megabytes(output)}) in {seconds:.1f} s")
+    elif args.dry_run:
+        out.print("dry run: nothing written")
+
+
+def _facts(
+    args: argparse.Namespace,
+    loaded: LoadedModel,
+    report: ConversionReport,
+    check: Optional[CheckResult],
+    output: Optional[Path],
+) -> dict[str, Any]:
+    """What ``--json`` prints: the same facts as the tables."""
+    written = output is not None and output.exists()
+    return {
+        "condconv_lightning": __version__,
+        "input": _input_facts(args.model, loaded),
+        "conversion": report.to_dict(),
+        "check": check.to_dict() if check is not None else None,
+        "output": {
+            "path": str(output) if output is not None else None,
+            "written": written,
+            "kind": "full module" if loaded.full_module else "weights + conversion spec",
+            "bytes": output.stat().st_size if written else None,
+        },
+    }
+
+
+def _input_facts(path: Path, loaded: LoadedModel) -> dict[str, Any]:
+    return {"path": str(path), "format": loaded.file_format.value, "holds": loaded.holds}
+
+
+def _fail(args: argparse.Namespace, message: str, status: int = 1, facts: Optional[dict[str, Any]] = None) -> int:
+    if args.json:
+        print(json.dumps({"error": message, "exit_status": status, **(facts or {})}, indent=2))
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return status
+
+
+def _millions(model: nn.Module) -> str:
+    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"
+
+
+def _megabytes(path: Path) -> str:
+    return f"{path.stat().st_size / 1e6:.1f} MB" if path.is_file() else "?"
+
+
+# argparse types: a bad value is a usage error (exit status 2) with argparse's own message.
+
+
+def _selectors(value: str) -> list[str]:
+    selectors = [part.strip() for part in value.split(",") if part.strip()]
+    if not selectors:
+        raise argparse.ArgumentTypeError("expected comma-separated layer selectors, e.g. layer3,layer4")
+    return selectors
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return number
+
+
+def _shape(value: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) < 2 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive sizes like 1,3,224,224, got {value!r}")
+    return shape
+
+
+def _import_path(value: str) -> str:
+    if not IMPORT_PATH.match(value):
+        raise argparse.ArgumentTypeError(f"expected an import path like mypackage.models:ResNet, got {value!r}")
+    return value
+
+
+def _json_object(value: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {value!r}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"num_classes\": 10}}', got {value!r}")
+    return parsed
+
+
+if __name__ == "__main__":
+    sys.exit(main())
