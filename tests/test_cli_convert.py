@@ -179,6 +179,22 @@ def test_weights_with_arch_give_weights_plus_spec(work: Path, weights: str) -> N
     assert_same_function(original, converted)
 
 
+def test_converted_weights_convert_further_and_keep_their_experts(work: Path) -> None:
+    from condconv_lightning.surgery import load_converted
+
+    arch = ("--arch", "user_archs:tiny", "--arch-kwargs", '{"num_classes": 7}', "--input-shape", SMALL_INPUT)
+    succeeded(run_cli("weights.pt", *arch, "--layers", "layer3", "-o", "step1.pt", cwd=work))
+    result = succeeded(run_cli("step1.pt", *arch, "--layers", "layer4", "-o", "step2.pt", "--json", cwd=work))
+    assert json.loads(result.stdout)["input"]["holds"].startswith("converted weights + spec")
+
+    original = resnet_tiny(7)
+    original.load_state_dict(torch.load(work / "weights.pt", weights_only=True))
+    step1, step2 = load_converted(work / "step1.pt", resnet_tiny(7)), load_converted(work / "step2.pt", resnet_tiny(7))
+    assert all(isinstance(step2.get_submodule(n), CondConv2d) for n in conv_names(original, "layer3", "layer4"))
+    assert torch.equal(step1.layer3[0].conv1.weight, step2.layer3[0].conv1.weight)
+    assert_same_function(original, step2)
+
+
 def test_lightning_checkpoint_loads_through_the_lightning_module(work: Path) -> None:
     import lightning.pytorch as pl
 

@@ -29,6 +29,7 @@ import torch.nn as nn
 from rich.console import Console
 
 from .. import __version__
+from ..condconv2d import CondConv2d
 from ..surgery import ConversionReport, SelectorError, convert, save_converted
 from .check import DEFAULT_TOLERANCE, CheckResult, compare, float32_outputs, infer_input_shape, random_input
 from .errors import CommandError
@@ -121,6 +122,8 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
         check_input = random_input(shape, args.seed)
         with err.status("Running the original model"):
             reference = float32_outputs(model, check_input)
+    # A model converted before needs a spec of all its CondConv2d layers, not only of this run's.
+    spec_of_model = any(isinstance(m, CondConv2d) for m in model.modules())
     with err.status("Converting"):
         report = _convert(model, args, allow_classes)
     check = None
@@ -137,7 +140,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
         )
     if output is not None:
         with err.status(f"Writing {output}"):
-            save_converted(model, output, report.spec, as_module=loaded.full_module, overwrite=args.force)
+            save_converted(model, output, None if spec_of_model else report.spec, as_module=loaded.full_module, overwrite=args.force)
     _print_result(args, loaded, report, check, output, out, time.perf_counter() - started)
     return 0
 

@@ -30,7 +30,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..io import load_state_dict, strip_wrapper_prefixes
+from ..io import SAFETENSORS_SUFFIXES, load_state_dict, strip_wrapper_prefixes
+from ..surgery import load_converted, read_spec
+from ..surgery.persist import FILE_FORMAT as CONVERTED_FILE_FORMAT
 from .errors import CommandError
 from .formats import FileFormat, detect_format, pickled_globals
 
@@ -88,6 +90,13 @@ def load_model(
             "--arch module.path:ClassOrFactory (and --arch-kwargs JSON if it takes arguments)"
         )
     builder = import_object(arch, "--arch")
+    if _is_converted(path, content):
+        # Written by this command or save_converted: its spec converts the fresh model first.
+        try:
+            model = load_converted(path, _build(builder, arch, arch_kwargs or {}))
+        except (ValueError, TypeError, RuntimeError, KeyError) as error:
+            raise CommandError(f"the converted weights in {path} do not load into --arch {arch}: {one_line(error)}") from None
+        return LoadedModel(model, False, f"converted weights + spec ({len(state)} tensors)", file_format)
     if checkpoint and _is_lightning_module_class(builder):
         model = _load_lightning_checkpoint(builder, path, arch, arch_kwargs or {}, trust_pickle)
     else:
@@ -173,6 +182,19 @@ def _weights_only_globals() -> set[str]:
     allowlist = getattr(torch._weights_only_unpickler, "_get_allowed_globals", dict)
     user = {f"{g.__module__}.{g.__qualname__}" for g in torch.serialization.get_safe_globals() if hasattr(g, "__qualname__")}
     return set(allowlist()) | user
+
+
+def _is_converted(path: Path, content: object) -> bool:
+    """Whether ``path`` is a weights file with a conversion spec (the layout of :func:`save_converted`)."""
+    if isinstance(content, Mapping) and content.get("format") == CONVERTED_FILE_FORMAT:
+        return True
+    if path.suffix in SAFETENSORS_SUFFIXES:
+        try:
+            read_spec(path)
+        except ValueError:
+            return False
+        return True
+    return False
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
