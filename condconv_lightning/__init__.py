@@ -1,12 +1,71 @@
-"""condconv-lightning: turn ordinary CNNs into CondConv networks and fine-tune them with Lightning."""
+"""condconv-lightning: turn ordinary CNNs into CondConv networks and fine-tune them with Lightning.
 
+The layer and model surgery import eagerly. The Lightning pieces (metrics, callbacks,
+fine-tuning) are re-exported lazily (PEP 562 ``__getattr__``), so ``import
+condconv_lightning`` and the ``condconv-convert`` command do not pay for importing
+Lightning.
+"""
+
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from .condconv2d import CondConv2d
+from .surgery import (
+    ConversionReport,
+    ConversionSpec,
+    SelectorError,
+    convert,
+    list_convs,
+    load_converted,
+    revert,
+    save_converted,
+)
 
 try:
     __version__ = version("condconv-lightning")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["CondConv2d", "__version__"]
+_LAZY = {
+    "RoutingEntropy": "condconv_lightning.metrics",
+    "routing_entropy": "condconv_lightning.metrics",
+    "RoutingEntropyMonitor": "condconv_lightning.callbacks",
+    "CondConvConversion": "condconv_lightning.callbacks",
+    "RoutingTemperatureScheduler": "condconv_lightning.callbacks",
+    "ImageClassifier": "condconv_lightning.finetune",
+    "SyntheticImageDataModule": "condconv_lightning.finetune",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'condconv_lightning' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+__all__ = [
+    "CondConv2d",
+    "CondConvConversion",
+    "ConversionReport",
+    "ConversionSpec",
+    "ImageClassifier",
+    "RoutingEntropy",
+    "RoutingEntropyMonitor",
+    "RoutingTemperatureScheduler",
+    "SelectorError",
+    "SyntheticImageDataModule",
+    "__version__",
+    "convert",
+    "list_convs",
+    "load_converted",
+    "revert",
+    "routing_entropy",
+    "save_converted",
+]
