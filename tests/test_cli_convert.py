@@ -230,7 +230,7 @@ def test_list_marks_what_layers_selects_and_writes_nothing(work: Path) -> None:
     assert [(r["name"], r["in_channels"], r["out_channels"], r["parameters"]) for r in listed] == expected
 
     table = succeeded(run_cli("full.pt", "--trust-pickle", "--list", "--layers", "layer4", "--exclude", "layer4.0.downsample", cwd=work)).stdout
-    rows = {line.split()[1]: line for line in table.splitlines() if line.startswith("│")}
+    rows = {cells[1]: line for line in table.splitlines() if line.startswith("│") and (cells := line.split())[1] != "│"}
     assert set(rows) == {name for name, *_ in expected}  # every conv is listed
     assert sorted(name for name, line in rows.items() if "selected" in line) == ["layer4.0.conv1", "layer4.0.conv2"]
     assert sorted(os.listdir(work)) == before

@@ -165,7 +165,7 @@ def _convert(model: nn.Module, args: argparse.Namespace, allow_classes: tuple[ty
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in report.skipped[:3])
         already = f"{len(report.already_converted)} already CondConv2d" if report.already_converted else ""
         details = "; ".join(part for part in (reasons, already) if part) or "no Conv2d matched"
-        hint = " (pass --allow-class MODULE:CLASS for a subclass whose forward is a plain convolution)" if report.skipped else ""
+        hint = " (command line: --allow-class MODULE:CLASS)" if any("subclass" in s.reason for s in report.skipped) else ""
         raise CommandError(f"nothing to convert for --layers {','.join(args.layers)}: {details}{hint}")
     return report
 

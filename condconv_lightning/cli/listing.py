@@ -43,7 +43,7 @@ def conv_table(rows: list[dict[str, Any]], title: Optional[str] = None) -> Table
     table = Table(title=title, title_justify="left")
     for header, justify in [("name", "left"), ("type", "left"), ("in -> out", "right"), ("kernel", "right"),
                             ("stride", "right"), ("groups", "right"), ("params", "right")]:
-        table.add_column(header, justify=justify)
+        table.add_column(header, justify=justify, no_wrap=header == "name")
     if marked:
         table.add_column("--layers", justify="left")
     for row in rows:
