@@ -5,7 +5,9 @@ Issue 4 asks that converting a ResNet-50-sized model, check included, takes unde
 (state dict, and full module), runs the installed command on it in a subprocess,
 and prints, side by side with it, the floor any such command pays on the same
 machine: a fresh python that imports torch, ``torch.load``s the file and
-``torch.save``s the model again. Ratios: command / 10 s target, command / floor.
+``torch.save``s the model again. Ratios: command / 10 s target, command / floor. CPU
+seconds (user + system) are printed too: other load on the machine inflates them far
+less than wall time, and with 2 cores wall time is at least about CPU / 2.
 
     python tools/bench_convert.py [--layers layer3,layer4] [--repeat 3]
 """
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -32,13 +35,19 @@ TARGET_SECONDS = 10.0
 FLOOR = "import sys, torch; m = torch.load(sys.argv[1], weights_only=False); torch.save(m, sys.argv[2])"
 
 
-def timed(command: list[str]) -> tuple[float, subprocess.CompletedProcess]:
-    start = time.perf_counter()
+def timed(command: list[str]) -> tuple[float, float, subprocess.CompletedProcess]:
+    """Wall seconds, CPU seconds (user + system; less sensitive to other load on the machine), result."""
+    start, cpu_start = time.perf_counter(), _children_cpu()
     result = subprocess.run(command, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, _children_cpu() - cpu_start
     if result.returncode != 0:
         sys.exit(f"{' '.join(command)} failed: {result.stderr.strip()}")
-    return elapsed, result
+    return elapsed, cpu, result
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -57,14 +66,16 @@ def main() -> None:
         parameters = sum(p.numel() for p in model.parameters())
         torch.save(model.state_dict(), work / "resnet50.pt")
         torch.save(model, work / "resnet50_full.pt")
-        floor = statistics.median(
-            timed([sys.executable, "-c", FLOOR, str(work / "resnet50_full.pt"), str(work / "floor.pt")])[0]
-            for _ in range(args.repeat)
-        )
+        floors = [timed([sys.executable, "-c", FLOOR, str(work / "resnet50_full.pt"), str(work / "floor.pt")]) for _ in range(args.repeat)]
+        floor = statistics.median(f[0] for f in floors)
+        floor_cpu = statistics.median(f[1] for f in floors)
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
               f"torch threads {torch.get_num_threads()}")
-        print(f"model: resnet50_like, {parameters / 1e6:.1f}M parameters; floor (python + torch.load + torch.save): {floor:.2f} s")
-        print(f"{'input':<12} {'layers':<34} {'converted':>9} {'check':>7} {'out MB':>7} {'wall s':>7} {'/target':>8} {'/floor':>7}")
+        print(f"load average (1 min) before: {os.getloadavg()[0]:.2f}")
+        print(f"model: resnet50_like, {parameters / 1e6:.1f}M parameters; "
+              f"floor (python + torch.load + torch.save): {floor:.2f} s wall, {floor_cpu:.2f} s CPU")
+        print(f"{'input':<12} {'layers':<34} {'converted':>9} {'check':>6} {'out MB':>7} {'wall s':>7} {'CPU s':>6} "
+              f"{'/target':>8} {'/floor':>7}")
         cases = [("state dict", "resnet50.pt", ["--arch", "condconv_lightning.models:resnet50_like"]),
                  ("full module", "resnet50_full.pt", ["--trust-pickle"])]
         for kind, name, extra in cases:
@@ -72,14 +83,16 @@ def main() -> None:
                 runs = []
                 for _ in range(args.repeat):
                     out = work / "out.pt"
-                    elapsed, result = timed([command, str(work / name), *extra, "--layers", layers, "-o", str(out), "--force", "--json"])
-                    runs.append((elapsed, json.loads(result.stdout)))
+                    elapsed, cpu, result = timed([command, str(work / name), *extra, "--layers", layers, "-o", str(out), "--force", "--json"])
+                    runs.append((elapsed, cpu, json.loads(result.stdout)))
                 wall = statistics.median(r[0] for r in runs)
-                facts = runs[0][1]
+                cpu = statistics.median(r[1] for r in runs)
+                facts = runs[0][2]
                 check = facts["check"]
                 print(f"{kind:<12} {layers:<34} {len(facts['conversion']['converted']):>9} "
-                      f"{'pass' if check['passed'] else 'FAIL':>7} {facts['output']['bytes'] / 1e6:>7.0f} "
-                      f"{wall:>7.2f} {wall / TARGET_SECONDS:>8.2f} {wall / floor:>7.2f}")
+                      f"{'pass' if check['passed'] else 'FAIL':>6} {facts['output']['bytes'] / 1e6:>7.0f} "
+                      f"{wall:>7.2f} {cpu:>6.2f} {wall / TARGET_SECONDS:>8.2f} {wall / floor:>7.2f}")
+        print(f"load average (1 min) after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
