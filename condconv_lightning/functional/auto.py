@@ -1,14 +1,60 @@
 """Rules by which the ``auto`` strategy picks how to execute a CondConv call.
 
-First rules, from the FLOP model of ``../shared/DESIGN.md`` section 2 (grouped and
-bmm cost the static conv plus the kernel mixing; mixture costs K static convs):
-1x1 convolutions without groups are plain batched matrix products (``bmm``);
-everything else uses ``grouped``. The performance work retunes these by measurement.
+The rules were chosen by measurement (``tools/bench_layers.py``, results and machine in
+the README's performance section) over ResNet-50 and EfficientNet-B0 convolutions,
+guided by the cost model of ``../shared/DESIGN.md`` section 2 (P weights per expert,
+S output positions, B samples, K experts):
+
+- exporting or tracing (``torch.export``, ONNX, ``torch.jit.trace``): ``grouped``
+  would bake B into the graph's ``groups``, so 1x1 dense convs use ``bmm`` and
+  everything else ``mixture``; both keep B symbolic.
+- B = 1: ``grouped`` is one conv with the mixed kernel, the static conv's cost plus
+  the K*P mixing; nothing is faster.
+- 1x1 dense convs: ``bmm``, a batched matrix product that reads NCHW and NHWC
+  without a copy (on CPU often faster than oneDNN's own 1x1 conv).
+- depthwise and other grouped convs: ``grouped`` (``mixture`` multiplies the tiny
+  depthwise conv by K, ``bmm`` goes through a k^2-times ``unfold``).
+- other k x k convs: ``grouped`` while the per-sample kernels are not much larger
+  than the activations (S large: ResNet-50 layer1..layer3); ``mixture`` when they
+  are (layer4 has 2.4M weights per sample for 49 positions, 94x its input), and
+  when the input is channels_last, which ``grouped`` would have to copy to NCHW.
+
+Memory budget: ``grouped`` and ``bmm`` materialize B per-sample kernels (and, in
+training, their gradient). A call whose kernels would exceed
+:data:`KERNEL_BUDGET_BYTES` runs in batch chunks that each fit it, recomputing each
+chunk in the backward (see ``condconv.py``), so no call holds more than the budget of
+per-sample kernels; ``mixture`` holds none.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
+
+KERNEL_BUDGET_BYTES: int = 256 * 2**20
+"""Most bytes of per-sample kernels (B * Cout * Cin/groups * kh * kw elements) one call may hold at once."""
+
+_SMALL_KERNEL_RATIO = 32.0
+"""``grouped`` beats ``mixture`` on k x k dense convs while a sample's kernel has at most
+this many times as many elements as its input (measured on 2 CPU cores: ResNet-50
+layer1 0.2x, layer2 1.5x, layer3 12x yes; layer4 94x no, grouped 9-13x the static conv)."""
+
+
+def is_exporting() -> bool:
+    """True under ``torch.export``/dynamo export, ONNX export or TorchScript tracing."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the convolution's matrix products run in: autocast's when it is on."""
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def per_sample_kernel_bytes(x: Tensor, weight: Tensor) -> int:
+    """Bytes of one sample's mixed kernel ``[Cout, Cin/groups, kh, kw]`` in the compute dtype."""
+    return weight[0].numel() * torch.finfo(compute_dtype(x)).bits // 8
 
 
 def choose_strategy(
@@ -20,7 +66,15 @@ def choose_strategy(
     groups: int,
 ) -> str:
     """Name of the strategy ``auto`` uses for this call (input already padded if needed)."""
+    batch, in_channels = x.shape[:2]
     kh, kw = weight.shape[-2:]
-    if (kh, kw) == (1, 1) and groups == 1:
+    pointwise = (kh, kw) == (1, 1) and groups == 1
+    if is_exporting():
+        return "bmm" if pointwise else "mixture"
+    if batch == 1 or groups > 1:
+        return "grouped"
+    if pointwise:
         return "bmm"
-    return "grouped"
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and in_channels > 1
+    small_kernel = weight[0].numel() <= _SMALL_KERNEL_RATIO * x[0].numel()
+    return "grouped" if small_kernel and not channels_last else "mixture"

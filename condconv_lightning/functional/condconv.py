@@ -12,6 +12,9 @@ differ only in how the work is laid out (``../shared/DESIGN.md`` section 2):
   input directly, larger kernels go through ``unfold``.
 - ``auto``: picks one of the above per call (see :mod:`.auto`).
 
+``grouped`` and ``bmm`` hold B per-sample kernels; beyond ``auto.KERNEL_BUDGET_BYTES``
+of them a call runs in batch chunks (:func:`_in_budget_chunks`).
+
 Padding is resolved once for all strategies: non-zero padding modes and asymmetric
 'same' padding are applied with ``F.pad`` first, exactly as ``nn.Conv2d`` does, and
 the strategies then see symmetric zero padding only.
@@ -25,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .auto import choose_strategy
+from torch.utils.checkpoint import checkpoint
+
+from . import auto
+from .auto import choose_strategy, is_exporting, per_sample_kernel_bytes
 
 Strategy = Literal["auto", "grouped", "mixture", "bmm"]
 STRATEGIES: tuple[str, ...] = ("auto", "grouped", "mixture", "bmm")
@@ -75,11 +81,23 @@ def explicit_padding(
     return (pw, pw, ph, ph)
 
 
+def _channels_last(x: Tensor) -> bool:
+    """Whether ``x`` is stored NHWC, so the strategies keep that layout instead of copying it."""
+    return x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _mixed_bias(r: Tensor, bias: Optional[Tensor], out: Tensor) -> Optional[Tensor]:
+    """Per-sample bias ``r @ bias`` shaped to broadcast over ``out``'s spatial positions."""
+    return None if bias is None else torch.mm(r, bias).to(out.dtype)[:, :, None, None]
+
+
 def _grouped(x: Tensor, weight: Tensor, bias: Optional[Tensor], r: Tensor, stride, padding, dilation, groups: int) -> Tensor:
     batch, in_channels, height, width = x.shape
     num_experts, out_channels = weight.shape[:2]
     kernels = torch.mm(r, weight.reshape(num_experts, -1)).reshape(batch * out_channels, *weight.shape[2:])
     mixed_bias = torch.mm(r, bias).reshape(-1) if bias is not None else None
+    # Folding the batch into channels needs per-sample NCHW memory: for channels_last
+    # input this reshape copies (auto therefore avoids grouped for such input).
     y = F.conv2d(
         x.reshape(1, batch * in_channels, height, width), kernels, mixed_bias, stride, padding, dilation, groups * batch
     )
@@ -89,42 +107,74 @@ def _grouped(x: Tensor, weight: Tensor, bias: Optional[Tensor], r: Tensor, strid
 def _mixture(x: Tensor, weight: Tensor, bias: Optional[Tensor], r: Tensor, stride, padding, dilation, groups: int) -> Tensor:
     num_experts, out_channels = weight.shape[:2]
     per_group = out_channels // groups
-    # Stacked output channels ordered (group, expert, channel) so that each conv group
-    # reads its own input channels for every expert.
-    stacked = (
-        weight.reshape(num_experts, groups, per_group, *weight.shape[2:])
-        .transpose(0, 1)
-        .reshape(groups * num_experts * per_group, *weight.shape[2:])
-    )
+    experts = weight.reshape(num_experts, groups, per_group, *weight.shape[2:])
+    nhwc = _channels_last(x)
+    # Stacked output channels: each conv group first (it reads its own input channels),
+    # then the order that makes the mix one batched matrix product over y's memory:
+    # (expert, channel) for NCHW, (channel, expert) for NHWC, whose channels are innermost.
+    order = (1, 2, 0) if nhwc else (1, 0, 2)
+    stacked = experts.permute(*order, 3, 4, 5).reshape(groups * num_experts * per_group, *weight.shape[2:])
     y = F.conv2d(x, stacked, None, stride, padding, dilation, groups)
-    y = y.unflatten(1, (groups, num_experts, per_group))
-    mix = r.to(y.dtype)[:, None, :, None, None, None]
-    out = (y * mix).sum(dim=2).flatten(1, 2)
-    if bias is not None:
-        out = out + torch.mm(r, bias).to(out.dtype)[:, :, None, None]
-    return out
+    batch, _, out_h, out_w = y.shape
+    mix = r.to(y.dtype)
+    if nhwc:  # y's memory is [B, H, W, groups, per_group, K]
+        out = torch.bmm(y.permute(0, 2, 3, 1).reshape(batch, -1, num_experts), mix[:, :, None])
+        out = out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
+    else:  # y's memory is [B, groups, K, per_group, H, W]
+        out = torch.matmul(mix[:, None, None, :], y.view(batch, groups, num_experts, -1)).view(y.shape[0], out_channels, out_h, out_w)
+    mixed_bias = _mixed_bias(r, bias, out)
+    return out if mixed_bias is None else out + mixed_bias
 
 
 def _bmm(x: Tensor, weight: Tensor, bias: Optional[Tensor], r: Tensor, stride, padding, dilation, groups: int) -> Tensor:
     batch, _, height, width = x.shape
     num_experts, out_channels, in_per_group, kh, kw = weight.shape
-    kernels = torch.mm(r, weight.reshape(num_experts, -1)).reshape(
-        batch, groups, out_channels // groups, in_per_group * kh * kw
-    )
+    kernels = torch.mm(r, weight.reshape(num_experts, -1))
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    if (kh, kw, ph, pw) == (1, 1, 0, 0):
-        cols = x[:, :, ::sh, ::sw].reshape(batch, groups, in_per_group, out_h * out_w)
+    if (kh, kw, ph, pw, groups) == (1, 1, 0, 0, 1):
+        if (sh, sw) != (1, 1):
+            x = x[:, :, ::sh, ::sw]
+        kernels = kernels.view(batch, out_channels, in_per_group)
+        if _channels_last(x):  # [B, HW, Cin] @ [B, Cin, Cout] reads and writes NHWC in place
+            out = torch.bmm(x.permute(0, 2, 3, 1).reshape(batch, out_h * out_w, in_per_group), kernels.transpose(1, 2))
+            out = out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
+        else:
+            out = torch.bmm(kernels, x.reshape(batch, in_per_group, out_h * out_w)).view(batch, out_channels, out_h, out_w)
     else:
+        kernels = kernels.view(batch, groups, out_channels // groups, in_per_group * kh * kw)
         cols = F.unfold(x, (kh, kw), (dh, dw), (ph, pw), (sh, sw)).view(batch, groups, in_per_group * kh * kw, -1)
-    out = torch.matmul(kernels, cols).reshape(batch, out_channels, out_h, out_w)
-    if bias is not None:
-        out = out + torch.mm(r, bias).to(out.dtype)[:, :, None, None]
-    return out
+        out = torch.matmul(kernels, cols).reshape(batch, out_channels, out_h, out_w)
+    mixed_bias = _mixed_bias(r, bias, out)
+    return out if mixed_bias is None else out + mixed_bias
+
+
+def _in_budget_chunks(
+    fn: Callable[..., Tensor], x: Tensor, weight: Tensor, bias: Optional[Tensor], r: Tensor, *conv_args
+) -> Tensor:
+    """Run a per-sample-kernel strategy on batch chunks whose kernels fit ``auto.KERNEL_BUDGET_BYTES``.
+
+    When autograd records, each chunk runs under activation checkpointing (Chen et al.,
+    arXiv:1604.06174; ``torch.utils.checkpoint``): its kernels are freed after the
+    forward and rebuilt one chunk at a time in the backward, so the budget bounds
+    training too, for one extra kernel mixing and conv forward per chunk. Under export
+    the batch is symbolic and the call runs whole.
+    """
+    chunk = max(1, auto.KERNEL_BUDGET_BYTES // per_sample_kernel_bytes(x, weight))
+    if x.shape[0] <= chunk or is_exporting():
+        return fn(x, weight, bias, r, *conv_args)
+    records = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, r))
+    outputs = [
+        checkpoint(fn, xs, weight, bias, rs, *conv_args, use_reentrant=False) if records
+        else fn(xs, weight, bias, rs, *conv_args)
+        for xs, rs in zip(x.split(chunk), r.split(chunk))
+    ]
+    return torch.cat(outputs)
 
 
 _STRATEGY_FNS: dict[str, Callable[..., Tensor]] = {"grouped": _grouped, "mixture": _mixture, "bmm": _bmm}
+_PER_SAMPLE_KERNELS = ("grouped", "bmm")
 
 
 def condconv2d(
@@ -196,4 +246,7 @@ def condconv2d(
 
     if strategy == "auto":
         strategy = choose_strategy(x, weight, stride, conv_padding, dilation, groups)
-    return _STRATEGY_FNS[strategy](x, weight, bias, routing_weights, stride, conv_padding, dilation, groups)
+    fn = _STRATEGY_FNS[strategy]
+    if strategy in _PER_SAMPLE_KERNELS:
+        return _in_budget_chunks(fn, x, weight, bias, routing_weights, stride, conv_padding, dilation, groups)
+    return fn(x, weight, bias, routing_weights, stride, conv_padding, dilation, groups)
