@@ -1,0 +1,54 @@
+"""The benchmark scripts run in their CI-sized ``--quick`` mode and report what they promise.
+
+Only that they run and report: speed targets are read off their full output (README),
+never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+sys.path.insert(0, str(TOOLS))
+
+import bench_layers  # noqa: E402
+import bench_model  # noqa: E402
+
+
+def test_bench_layers_quick_reports_every_variant_against_static(tmp_path, capsys):
+    out = tmp_path / "layers.json"
+    report = bench_layers.main(["--quick", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    rows = report["rows"]
+    shapes = {shape.name for shape in bench_layers.QUICK_SUITE}
+    assert {(r["shape"], r["variant"]) for r in rows} >= {(s, v) for s in shapes for v in bench_layers.STRATEGY_VARIANTS}
+    for row in rows:
+        for key in ("train_ratio", "infer_ratio", "peak_ratio"):
+            assert math.isfinite(row[key]) and row[key] > 0, (row["shape"], row["variant"], key)
+        assert row["static_peak_bytes"] > 0
+    assert {r["auto_picks"] for r in rows if r["variant"] == "auto"} <= {"grouped", "mixture", "bmm"}
+    (summary,) = report["summary"]
+    assert summary["auto_over_best_worst"] > 0 and summary["auto"]["geomean"] > 0
+    printed = capsys.readouterr().out
+    assert "fwd+bwd" in printed and "tiny.dw3x3" in printed
+
+
+def test_bench_layers_rejects_a_selection_that_matches_nothing():
+    with pytest.raises(SystemExit, match="no configuration selected"):
+        bench_layers.main(["--quick", "--only", "no-such-shape"])
+
+
+def test_bench_model_quick_reports_throughput_and_memory_ratios(tmp_path, capsys):
+    out = tmp_path / "model.json"
+    result = bench_model.main(["--quick", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["converted_layers"] > 0
+    assert result["params"]["converted"] > result["params"]["static"]
+    assert result["throughput_ratio"] > 0 and result["peak_ratio"] > 0
+    assert all(v > 0 for v in result["images_per_s"].values())
+    assert "converted/static" in capsys.readouterr().out
