@@ -106,6 +106,9 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_file(weights, str(folder / "weights.safetensors"))
     torch.save(seeded(mobilenet_tiny()), folder / "mobile.pt")
     torch.save(user_archs.WSNet().eval(), folder / "wsnet.pt")
+    fixed_head = nn.Sequential(nn.Conv2d(3, 2, 3, stride=4, padding=1), nn.MaxPool2d(8), nn.Flatten(),
+                               nn.Linear(2 * 7 * 7, 3))
+    torch.save(fixed_head.eval(), folder / "fixed_head.pt")
     return folder
 
 
@@ -246,7 +249,10 @@ def test_dry_run_converts_and_checks_in_memory_only(work: Path) -> None:
 def test_check_input_shape_is_inferred_from_the_first_conv(work: Path) -> None:
     result = succeeded(run_cli("mobile.pt", "--trust-pickle", "--layers", "features.2", "--dry-run", "--json", cwd=work))
     check = json.loads(result.stdout)["check"]
-    assert check["input_shape"] == [2, 3, 224, 224] and check["passed"]
+    assert check["input_shape"] == [1, 3, 64, 64] and check["passed"]
+    # A head that needs 7x7 features (VGG-style flatten + Linear) fails at 64x64 and is checked at 224x224.
+    result = succeeded(run_cli("fixed_head.pt", "--trust-pickle", "--layers", "0", "--dry-run", "--json", cwd=work))
+    assert json.loads(result.stdout)["check"]["input_shape"] == [1, 3, 224, 224]
 
 
 def test_seed_sets_the_expert_perturbations(work: Path) -> None:

@@ -31,7 +31,7 @@ from rich.console import Console
 from .. import __version__
 from ..condconv2d import CondConv2d
 from ..surgery import ConversionReport, SelectorError, convert, save_converted
-from .check import DEFAULT_TOLERANCE, CheckResult, compare, float32_outputs, infer_input_shape, random_input
+from .check import DEFAULT_TOLERANCE, CheckResult, compare, float32_outputs, inferred_input_shapes, reference_run
 from .errors import CommandError
 from .listing import conv_rows, conv_table, mark_selection
 from .loading import LoadedModel, import_object, load_model, one_line
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list", action="store_true", help="list every Conv2d (and what --layers selects); convert nothing")
     parser.add_argument("--dry-run", action="store_true", help="convert and check in memory, write nothing")
     parser.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
-                        help="input of the check (default: 2, the first conv's in_channels, 224, 224)")
+                        help="input of the check (default: 1, the first conv's in_channels, 64, 64; then 224, 224 if that fails)")
     parser.add_argument("--no-check", action="store_true", help="skip comparing original and converted outputs")
     parser.add_argument("--tolerance", type=_positive_float, default=DEFAULT_TOLERANCE,
                         help=f"largest relative output difference the check accepts (default: {DEFAULT_TOLERANCE:g})")
@@ -116,16 +116,13 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
 
     check_input = None
     if not args.no_check:
-        shape = args.input_shape or infer_input_shape(model)
-        if shape is None:
-            raise CommandError("cannot infer the check's input shape (the model has no Conv2d); pass --input-shape or --no-check")
-        check_input = random_input(shape, args.seed)
         with err.status("Running the original model"):
-            reference = float32_outputs(model, check_input)
+            check_input, reference = reference_run(model, _check_shapes(args, model), args.seed)
     # A model converted before needs a spec of all its CondConv2d layers, not only of this run's.
     spec_of_model = any(isinstance(m, CondConv2d) for m in model.modules())
     with err.status("Converting"):
-        report = _convert(model, args, allow_classes)
+        sample_size = tuple(check_input.shape[1:]) if check_input is not None else _sample_size(args, model)
+        report = _convert(model, args, allow_classes, sample_size)
     check = None
     if check_input is not None:
         with err.status("Running the converted model"):
@@ -145,7 +142,9 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0
 
 
-def _convert(model: nn.Module, args: argparse.Namespace, allow_classes: tuple[type, ...]) -> ConversionReport:
+def _convert(
+    model: nn.Module, args: argparse.Namespace, allow_classes: tuple[type, ...], sample_size: Optional[tuple[int, ...]]
+) -> ConversionReport:
     """Convert in place; an empty result is an error that says why each match was left alone."""
     with warnings.catch_warnings():  # skipped layers are reported from report.skipped, one line each
         warnings.simplefilter("ignore")
@@ -159,7 +158,7 @@ def _convert(model: nn.Module, args: argparse.Namespace, allow_classes: tuple[ty
             exclude=args.exclude,
             seed=args.seed,
             allow_classes=allow_classes,
-            input_size=_sample_size(args, model),
+            input_size=sample_size,
         )
     if not report.converted:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in report.skipped[:3])
@@ -170,16 +169,20 @@ def _convert(model: nn.Module, args: argparse.Namespace, allow_classes: tuple[ty
     return report
 
 
+def _check_shapes(args: argparse.Namespace, model: nn.Module) -> list[tuple[int, ...]]:
+    return [args.input_shape] if args.input_shape else inferred_input_shapes(model)
+
+
 def _sample_size(args: argparse.Namespace, model: nn.Module) -> Optional[tuple[int, ...]]:
-    """(C, H, W) of one sample, for the report's MAC counts: the check's input shape without the batch."""
-    shape = args.input_shape or infer_input_shape(model)
-    return tuple(shape[1:]) if shape is not None else None
+    """(C, H, W) of one sample for the report's MAC counts when no check ran: the first shape it would try."""
+    shapes = _check_shapes(args, model)
+    return tuple(shapes[0][1:]) if shapes else None
 
 
 def _list(args: argparse.Namespace, loaded: LoadedModel, allow_classes: tuple[type, ...], out: Console) -> int:
     rows = conv_rows(loaded.model)
     if args.layers is not None:  # resolve the selection the one way conversion resolves it: by converting
-        report = _convert(loaded.model, args, allow_classes)
+        report = _convert(loaded.model, args, allow_classes, _sample_size(args, loaded.model))
         mark_selection(
             rows,
             {record.name for record in report.converted},
