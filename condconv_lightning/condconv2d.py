@@ -247,24 +247,27 @@ class CondConv2d(nn.Module):
         if init not in ("upcycle", "fresh"):
             raise ValueError(f"init must be 'upcycle' or 'fresh', got {init!r}")
         weight = conv.weight
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
+        options = dict(
             stride=conv.stride,
             padding=conv.padding,
             dilation=conv.dilation,
             groups=conv.groups,
             bias=conv.bias is not None,
             padding_mode=conv.padding_mode,
-            device=weight.device,
             dtype=weight.dtype,
             num_experts=num_experts,
             routing=routing,
             temperature=temperature,
             strategy=strategy,
         )
-        if init == "upcycle":
+        if init == "fresh":
+            layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, device=weight.device, **options)
+        else:
+            # Built on the meta device: upcycling overwrites every parameter, so the
+            # random from-scratch init (K x the conv's weights) would be wasted work.
+            layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, device="meta", **options)
+            layer = layer.to_empty(device=weight.device)
+            layer.temperature.fill_(float(temperature))
             layer.upcycle_(conv.weight, conv.bias, perturbation=perturbation, generator=generator)
         layer.weight.requires_grad_(weight.requires_grad)
         layer.router.requires_grad_(weight.requires_grad)
@@ -283,7 +286,7 @@ class CondConv2d(nn.Module):
     ) -> "CondConv2d":
         """Seed experts and router in place so the layer computes ``conv2d(x, weight, bias)`` exactly.
 
-        See :meth:`from_conv` for the construction. Computed in float64, then cast.
+        See :meth:`from_conv` for the construction. Computed in float32 on the CPU, then copied.
         """
         expected = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         if tuple(weight.shape) != expected:
@@ -297,11 +300,16 @@ class CondConv2d(nn.Module):
         self.router.bias.zero_()
         initial_routing = 0.5 if self.routing == "sigmoid" else 1.0 / k
         scale = 1.0 / (k * initial_routing)
-        w = weight.detach().to(device="cpu", dtype=torch.float64).reshape(1, -1)
-        spread = float(w.std()) if w.numel() > 1 and float(w.std()) > 0 else 1.0 / math.sqrt(self.fan_in)
-        noise = torch.randn(k, w.shape[1], dtype=torch.float64, generator=generator)
-        offsets = perturbation * spread * (noise - noise.mean(dim=0, keepdim=True))
-        self.weight.copy_((w + offsets) * scale)
+        # float32 is enough: the offsets sum to zero up to float32 rounding, the same
+        # rounding the experts get when stored; drawing K x P float64 numbers was the
+        # main cost of converting large models.
+        w = weight.detach().to(device="cpu", dtype=torch.float32).reshape(1, -1)
+        spread = float(w.std()) if w.numel() > 1 else 0.0
+        if not spread > 0:
+            spread = 1.0 / math.sqrt(self.fan_in)
+        noise = torch.randn(k, w.shape[1], generator=generator)
+        offsets = noise.sub_(noise.mean(dim=0, keepdim=True)).mul_(perturbation * spread)
+        self.weight.copy_(offsets.add_(w).mul_(scale))
         if bias is not None:
-            self.bias.copy_(bias.detach().to(device="cpu", dtype=torch.float64).expand(k, -1) * scale)
+            self.bias.copy_(bias.detach().to(device="cpu", dtype=torch.float32).expand(k, -1) * scale)
         return self
