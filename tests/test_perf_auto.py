@@ -64,9 +64,10 @@ def test_budget_counts_the_autocast_dtype():
 def routed_layer(k, groups, strategy, experts=3, channels=8, bias=True):
     torch.manual_seed(0)
     layer = CondConv2d(channels, channels, k, padding=k // 2, groups=groups, bias=bias, num_experts=experts, strategy=strategy)
-    with torch.no_grad():
+    with torch.no_grad():  # routing and bias that differ between samples and experts
         layer.router.weight.normal_()
-        layer.bias.normal_() if bias else None
+        if bias:
+            layer.bias.normal_()
     return layer
 
 

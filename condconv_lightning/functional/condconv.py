@@ -121,7 +121,8 @@ def _mixture(x: Tensor, weight: Tensor, bias: Optional[Tensor], r: Tensor, strid
         out = torch.bmm(y.permute(0, 2, 3, 1).reshape(batch, -1, num_experts), mix[:, :, None])
         out = out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
     else:  # y's memory is [B, groups, K, per_group, H, W]
-        out = torch.matmul(mix[:, None, None, :], y.view(batch, groups, num_experts, -1)).view(y.shape[0], out_channels, out_h, out_w)
+        out = torch.matmul(mix[:, None, None, :], y.reshape(batch, groups, num_experts, -1))
+        out = out.view(batch, out_channels, out_h, out_w)
     mixed_bias = _mixed_bias(r, bias, out)
     return out if mixed_bias is None else out + mixed_bias
 
@@ -138,10 +139,11 @@ def _bmm(x: Tensor, weight: Tensor, bias: Optional[Tensor], r: Tensor, stride, p
             x = x[:, :, ::sh, ::sw]
         kernels = kernels.view(batch, out_channels, in_per_group)
         if _channels_last(x):  # [B, HW, Cin] @ [B, Cin, Cout] reads and writes NHWC in place
-            out = torch.bmm(x.permute(0, 2, 3, 1).reshape(batch, out_h * out_w, in_per_group), kernels.transpose(1, 2))
-            out = out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
+            rows = x.permute(0, 2, 3, 1).reshape(batch, out_h * out_w, in_per_group)
+            out = torch.bmm(rows, kernels.transpose(1, 2)).view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
         else:
-            out = torch.bmm(kernels, x.reshape(batch, in_per_group, out_h * out_w)).view(batch, out_channels, out_h, out_w)
+            out = torch.bmm(kernels, x.reshape(batch, in_per_group, out_h * out_w))
+            out = out.view(batch, out_channels, out_h, out_w)
     else:
         kernels = kernels.view(batch, groups, out_channels // groups, in_per_group * kh * kw)
         cols = F.unfold(x, (kh, kw), (dh, dw), (ph, pw), (sh, sw)).view(batch, groups, in_per_group * kh * kw, -1)
