@@ -42,6 +42,11 @@ def meta_call(cin, cout, k, groups, size, batch, channels_last, experts=4):
     return x, weight, (1, 1), (k // 2, k // 2), (1, 1), groups
 
 
+def test_large_pointwise_kernels_use_mixture_only_for_few_experts():
+    assert choose_strategy(*meta_call(2048, 512, 1, 1, 7, 32, False, experts=4)) == "mixture"
+    assert choose_strategy(*meta_call(2048, 512, 1, 1, 7, 32, False, experts=8)) == "bmm"
+
+
 @pytest.mark.parametrize("case", RULES, ids=[c[0] for c in RULES])
 def test_auto_rules(case):
     *shape, expected = case[1:]

@@ -12,8 +12,8 @@ S output positions, B samples, K experts):
   the K*P mixing; nothing is faster.
 - 1x1 dense convs: ``bmm``, a batched matrix product that reads NCHW and NHWC
   without a copy (on CPU often faster than oneDNN's own 1x1 conv), unless the
-  per-sample kernels are much larger than the activations (ResNet-50 layer4):
-  then ``mixture``.
+  per-sample kernels are much larger than the activations (ResNet-50 layer4) and
+  K <= 4: then ``mixture``.
 - depthwise and other grouped convs: ``grouped`` (``mixture`` multiplies the tiny
   depthwise conv by K, ``bmm`` goes through a k^2-times ``unfold``).
 - other k x k convs: ``grouped`` while the per-sample kernels are not much larger
@@ -46,7 +46,11 @@ _POINTWISE_KERNEL_RATIO = 4.0
 """``bmm`` beats ``mixture`` on dense 1x1 convs while a sample's kernel has at most this many
 times as many elements as its input (measured on 2 CPU cores, quiet, repeats 3: ResNet-50
 layer1..layer3 1x1 at 0.06x-1.3x bmm wins; layer4 1x1 at 10x mixture ran 3.9-4.0x the
-static conv against bmm's 5.1-8.0x in fp32 and bf16 at B = 32 and 128)."""
+static conv against bmm's 5.1-8.0x in fp32 and bf16 at B = 32 and 128, with K = 4)."""
+
+_POINTWISE_MIXTURE_MAX_EXPERTS = 4
+"""``mixture`` costs K static convs: at K = 8 the same layer4 1x1 ran 8.3-9.4x under it in
+bf16 against bmm's 3.9-4.8x (fp32: a tie, 6.4x against 6.6x), so larger K stays on bmm."""
 
 
 def is_exporting() -> bool:
@@ -83,7 +87,8 @@ def choose_strategy(
     if batch == 1 or groups > 1:
         return "grouped"
     if pointwise:
-        return "bmm" if weight[0].numel() <= _POINTWISE_KERNEL_RATIO * x[0].numel() else "mixture"
+        large_kernel = weight[0].numel() > _POINTWISE_KERNEL_RATIO * x[0].numel()
+        return "mixture" if large_kernel and weight.shape[0] <= _POINTWISE_MIXTURE_MAX_EXPERTS else "bmm"
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and in_channels > 1
     small_kernel = weight[0].numel() <= _SMALL_KERNEL_RATIO * x[0].numel()
     return "grouped" if small_kernel and not channels_last else "mixture"
