@@ -152,7 +152,7 @@ def _torch_load(path: Path, file_format: FileFormat, trust_pickle: bool) -> obje
         allowed = _weights_only_globals()
         foreign = [g for g in pickled_globals(path, file_format) if g not in allowed]
         if not foreign:  # weights-only loading failed on the data itself, not on a global
-            raise CommandError(f"cannot read {path} ({one_line(error)}); it is truncated or corrupted") from None
+            raise _unreadable(path, error) from None
         if not trust_pickle:
             more = f" (and {len(foreign) - 1} more globals)" if len(foreign) > 1 else ""
             raise CommandError(
@@ -160,7 +160,7 @@ def _torch_load(path: Path, file_format: FileFormat, trust_pickle: bool) -> obje
                 "from the file; nothing was loaded. If you trust its source, pass --trust-pickle"
             ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-        raise CommandError(f"cannot read {path} ({one_line(error)}); it is truncated or corrupted") from None
+        raise _unreadable(path, error) from None
     make_cwd_importable()
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -170,7 +170,12 @@ def _torch_load(path: Path, file_format: FileFormat, trust_pickle: bool) -> obje
             "package is installed, or pass its state dict with --arch"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
-        raise CommandError(f"cannot read {path} ({one_line(error)}); it is truncated or corrupted") from None
+        raise _unreadable(path, error) from None
+
+
+def _unreadable(path: object, error: BaseException) -> CommandError:
+    """The one message for a file whose bytes torch cannot parse."""
+    return CommandError(f"cannot read {path} ({one_line(error)}); it is truncated or corrupted")
 
 
 def _weights_only_globals() -> set[str]:
