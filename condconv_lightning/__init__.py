@@ -7,7 +7,6 @@ Lightning.
 """
 
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from .condconv2d import CondConv2d
@@ -21,11 +20,7 @@ from .surgery import (
     revert,
     save_converted,
 )
-
-try:
-    __version__ = version("condconv-lightning")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
+from .version import __version__
 
 _LAZY = {
     "RoutingEntropy": "condconv_lightning.metrics",

@@ -1,20 +1,30 @@
 """Safe file I/O shared by persistence helpers and the command line.
 
-- Writes are atomic: a temporary file in the target folder, then ``os.replace``, so an
-  error or an interrupt never leaves a partial file behind.
-- Loading is weights-only: ``torch.load(weights_only=True)`` (the default since torch
-  2.6, because unpickling runs arbitrary code) or safetensors. Prefixes added by
-  wrappers (``module.`` from DataParallel/DDP, ``_orig_mod.`` from ``torch.compile``)
-  are stripped.
+- Writes are atomic: a temporary file in the target folder, then one atomic step puts
+  it in place, so an error, an interrupt or ``SIGTERM`` never leaves a partial file.
+  Without ``overwrite`` that step is a hard link (``link(2)`` fails if the name
+  exists), so of two concurrent writers exactly one wins and the other gets
+  :class:`FileExistsError`; an existing name (a dangling symlink too) is never
+  replaced or followed. Temporary files are named ``.<name>.<pid>.<random>.condconv-tmp``;
+  a later write to the same path removes those whose process is gone (a ``SIGKILL``).
+- ``torch.save`` output is byte-identical for identical objects (:func:`torch_save`).
+- Loading is weights-only through one function (:func:`load_weights_only`), which
+  also refuses compressed zip records (``torch.save`` never compresses, so a deflated
+  record that inflates far beyond its size is a zip bomb); trusted pickles load
+  through :func:`load_trusted_pickle` only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import tempfile
+import re
+import secrets
+import warnings
+import zipfile
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Union
+from typing import IO, Iterator, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
@@ -22,37 +32,149 @@ from torch import Tensor
 PathLike = Union[str, os.PathLike]
 WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
 SAFETENSORS_SUFFIXES: tuple[str, ...] = (".safetensors",)
+TEMP_SUFFIX = ".condconv-tmp"
+MAX_INFLATION_RATIO = 20
+"""A compressed zip record may inflate to at most this many times its stored size (beyond 1 MiB)."""
+
+
+class UnsafeFileError(ValueError):
+    """A file that is refused before anything in it is read (a zip bomb)."""
 
 
 @contextlib.contextmanager
 def atomic_write(path: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary path in ``path``'s folder; on success rename it to ``path``.
+    """Yield a temporary path in ``path``'s folder; on success move it to ``path`` in one atomic step.
 
     Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is False.
-        PermissionError: the folder is not writable.
+        FileExistsError: ``path`` exists (or another writer created it meanwhile) and
+            ``overwrite`` is False.
+        FileNotFoundError, PermissionError: the folder is missing or not writable.
     """
     target = Path(path)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass overwrite=True (CLI: --force) to replace it")
+    _refuse_existing(target, overwrite)
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise FileNotFoundError(f"output folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK):
         raise PermissionError(f"output folder {folder} is not writable; choose another output path")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    # mkstemp creates 0600; give the file the mode an ordinary open() would (0666 & ~umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    _remove_stale_temporaries(target)
+    tmp = folder / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     try:
         yield tmp
-        os.replace(tmp, target)
-    except BaseException:
+        # writers (safetensors among them) may create the file with their own mode: give it open()'s
+        os.chmod(tmp, 0o666 & ~_umask())
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            _link_exclusively(tmp, target)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
+
+
+def _refuse_existing(target: Path, overwrite: bool) -> None:
+    if not overwrite and os.path.lexists(target):
+        raise FileExistsError(f"{target} already exists; pass overwrite=True (CLI: --force) to replace it")
+
+
+def _link_exclusively(tmp: Path, target: Path) -> None:
+    """Give ``tmp``'s file the name ``target`` unless that name exists, atomically."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise FileExistsError(
+            f"{target} already exists (another writer created it); pass overwrite=True (CLI: --force) to replace it"
+        ) from None
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+            raise
+        # a filesystem without hard links: reserve the name exclusively, then move onto it
+        try:
+            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            raise FileExistsError(f"{target} already exists; pass overwrite=True (CLI: --force) to replace it") from None
+        os.replace(tmp, target)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Delete temporary files of earlier writes to ``target`` whose writing process no longer exists."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.[0-9a-f]+{re.escape(TEMP_SUFFIX)}$")
+    removed = []
+    folder = target.parent if str(target.parent) else Path(".")
+    for entry in folder.iterdir():
+        match = pattern.match(entry.name)
+        if match and not _process_exists(int(match.group(1))):
+            entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+    if removed:
+        warnings.warn(f"removed {len(removed)} temporary file(s) left by an interrupted write: {', '.join(removed)}")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def torch_save(obj: object, path: Path) -> None:
+    """``torch.save`` through a file object, so the archive's record names (and the bytes) do not depend on ``path``."""
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+
+
+def load_weights_only(path: Union[PathLike, IO[bytes]], map_location: Union[str, torch.device] = "cpu") -> object:
+    """``torch.load(weights_only=True)``: tensors, containers and plain values; never runs code from the file.
+
+    Raises:
+        UnsafeFileError: a zip record would inflate far beyond its stored size (a zip bomb).
+        pickle.UnpicklingError: the file holds other Python objects (see :func:`load_trusted_pickle`).
+    """
+    check_not_zip_bomb(path)
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_trusted_pickle(path: Union[PathLike, IO[bytes]], map_location: Union[str, torch.device] = "cpu") -> object:
+    """``torch.load(weights_only=False)``: unpickling runs code from the file; only for files the caller trusts."""
+    check_not_zip_bomb(path)
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def check_not_zip_bomb(path: Union[PathLike, IO[bytes]]) -> None:
+    """Refuse a zip archive with a compressed record that inflates more than :data:`MAX_INFLATION_RATIO`-fold.
+
+    A file object is left at the position it had.
+    """
+    position = path.tell() if hasattr(path, "tell") else None
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                _check_records(path, archive.infolist())
+    finally:
+        if position is not None:
+            path.seek(position)  # type: ignore[union-attr]
+
+
+def _check_records(path: object, records: list[zipfile.ZipInfo]) -> None:
+    for info in records:
+        if (
+            info.compress_type != zipfile.ZIP_STORED
+            and info.file_size > 2**20
+            and info.file_size > MAX_INFLATION_RATIO * max(info.compress_size, 1)
+        ):
+            raise UnsafeFileError(
+                f"{path}: record {info.filename} inflates from {info.compress_size} to {info.file_size} bytes; "
+                "torch.save never compresses, so this looks like a zip bomb; save the model again with torch.save"
+            )
 
 
 def strip_wrapper_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -90,7 +212,7 @@ def save_state_dict(
 
             save_file(_unshare(tensors), str(tmp), metadata=dict(metadata) if metadata else None)
         else:
-            torch.save(tensors, tmp)
+            torch_save(tensors, tmp)
     return target
 
 
@@ -105,7 +227,7 @@ def load_state_dict(path: PathLike, map_location: Union[str, torch.device] = "cp
 
         loaded: object = load_file(str(source), device=str(map_location))
     else:
-        loaded = torch.load(source, map_location=map_location, weights_only=True)
+        loaded = load_weights_only(source, map_location)
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping) or not all(isinstance(v, Tensor) for v in loaded.values()):

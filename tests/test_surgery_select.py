@@ -99,14 +99,14 @@ REJECTION_CASES = [
     ("layer3", {"num_experts": 0}, ValueError, r"^num_experts must be a positive integer, got 0$"),
     ("layer3", {"routing": "relu"}, ValueError, r"^routing must be one of \('sigmoid', 'softmax'\), got 'relu'$"),
     ("layer3", {"strategy": "fast"}, ValueError, r"^strategy must be one of"),
-    ("layer3", {"temperature": 0}, ValueError, r"^temperature must be a positive number, got 0$"),
-    ("layer3", {"init": "copy"}, ValueError, r"^init must be 'upcycle' or 'fresh', got 'copy'$"),
+    ("layer3", {"temperature": 0}, ValueError, r"^temperature must be a positive finite number, got 0$"),
+    ("layer3", {"init": "copy"}, ValueError, r"^init must be one of \('upcycle', 'fresh'\), got 'copy'$"),
     ("layer3", {"perturbation": -1.0}, ValueError, r"^perturbation must be a number >= 0"),
     ("layer3", {"min_channels": -1}, ValueError, r"^min_channels must be an integer >= 0"),
     ("layer3", {"kernel_sizes": 3}, TypeError, r"^kernel_sizes must be a sequence such as \[3\]"),
     ("layer3", {"kernel_sizes": [0]}, ValueError, r"^kernel_sizes must hold positive ints or \(kh, kw\) pairs, got 0$"),
     ("layer3", {"allow_classes": [nn.Linear]}, TypeError, r"^allow_classes must hold nn.Conv2d subclasses"),
-    ("layer3", {"seed": 1.5}, ValueError, r"^seed must be an integer or None, got 1.5$"),
+    ("layer3", {"seed": 1.5}, ValueError, r"^seed must be an integer in \[0, 2\*\*63\) or None, got 1.5$"),
 ]
 
 

@@ -14,9 +14,11 @@ written; ``CONDCONV_DEBUG=1`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -27,8 +29,11 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 from rich.console import Console
+from rich.markup import escape
 
-from .. import __version__
+from ..arguments import check_seed
+from ..io import UnsafeFileError
+from ..version import __version__
 from ..condconv2d import CondConv2d
 from ..surgery import ConversionReport, SelectorError, convert, save_converted
 from .check import DEFAULT_TOLERANCE, CheckResult, compare, float32_outputs, inferred_input_shapes, reference_run
@@ -43,25 +48,46 @@ IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command; returns the exit status (0 done, 1 error, 2 usage error, 130 interrupted)."""
+    """Run the command; returns the exit status (0 done, 1 error, 2 usage error, 130/143 interrupted/terminated)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.layers is None and not args.list:
         parser.error("--layers is required (e.g. --layers layer3,layer4); run with --list to see the layer names")
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
+    args.written = None  # the output path once it exists: every later message must say so
+    previous = signal.signal(signal.SIGTERM, _terminate)  # so atomic_write's cleanup runs on SIGTERM too
     try:
         return _run(args, out, err)
     except KeyboardInterrupt:
-        return _fail(args, "interrupted; nothing was written", 130)
-    except (CommandError, SelectorError) as error:
+        return _fail(args, "interrupted" + _nothing_written(args), 130)
+    except Terminated:
+        return _fail(args, "terminated (SIGTERM)" + _nothing_written(args), 143)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush must not fail again
+        return _fail(args, "standard output was closed before the result was printed" + _nothing_written(args))
+    except (CommandError, SelectorError, UnsafeFileError) as error:
         if os.environ.get(DEBUG_ENV) == "1":
             raise
         return _fail(args, str(error), facts=getattr(error, "facts", None))
     except Exception as error:  # a bug or an unforeseen input: still one line unless debugging
         if os.environ.get(DEBUG_ENV) == "1":
             raise
-        return _fail(args, f"unexpected {one_line(error)}; nothing was written (set {DEBUG_ENV}=1 for the traceback)")
+        return _fail(args, f"unexpected {one_line(error)}{_nothing_written(args)} (set {DEBUG_ENV}=1 for the traceback)")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _nothing_written(args: argparse.Namespace) -> str:
+    return "" if args.written else "; nothing was written"
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is so that ``finally`` blocks (temporary files) run."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-experts", type=_positive_int, default=4, metavar="K", help="experts per layer (default: 4)")
     parser.add_argument("--routing", choices=("sigmoid", "softmax"), default="sigmoid", help="router activation (default: sigmoid)")
     parser.add_argument("--temperature", type=_positive_float, default=1.0, help="router temperature (default: 1.0)")
-    parser.add_argument("--strategy", choices=("auto", "grouped", "mixture", "bmm"), default="auto",
+    parser.add_argument("--strategy", choices=("auto", "grouped", "mixture", "bmm", "fused"), default="auto",
                         help="how CondConv2d layers execute (default: auto)")
     parser.add_argument("--arch", type=_import_path, metavar="MODULE:CALLABLE",
                         help="architecture for a weights file: a model class or factory; a LightningModule class loads a .ckpt itself")
@@ -99,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"largest relative output difference the check accepts (default: {DEFAULT_TOLERANCE:g})")
     parser.add_argument("--force", action="store_true", help="replace an existing output file")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the expert perturbations and of the check's input (default: 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the expert perturbations and of the check's input (default: 0)")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__} (torch {torch.__version__})")
     return parser
 
@@ -108,7 +134,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     started = time.perf_counter()
     output = None if args.list or args.dry_run else _output_path(args.model, args.output, args.force)
     allow_classes = tuple(import_object(target, "--allow-class") for target in args.allow_class)
-    with err.status(f"Loading {args.model} ({_megabytes(args.model)})"):
+    with err.status(f"Loading {escape(str(args.model))} ({_megabytes(args.model)})"):
         loaded = load_model(args.model, arch=args.arch, arch_kwargs=args.arch_kwargs, trust_pickle=args.trust_pickle)
     model = loaded.model
     if args.list:
@@ -136,8 +162,9 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
             facts=_facts(args, loaded, report, check, None),
         )
     if output is not None:
-        with err.status(f"Writing {output}"):
+        with err.status(f"Writing {escape(str(output))}"):
             save_converted(model, output, None if spec_of_model else report.spec, as_module=loaded.full_module, overwrite=args.force)
+        args.written = output
     _print_result(args, loaded, report, check, output, out, time.perf_counter() - started)
     return 0
 
@@ -203,7 +230,7 @@ def _output_path(model: Path, output: Optional[Path], force: bool) -> Path:
         raise CommandError(f"the output {target} is the input; the input is never modified, so choose another -o")
     if target.is_dir():
         raise CommandError(f"the output {target} is a directory; pass a file path with -o")
-    if target.exists() and not force:
+    if os.path.lexists(target) and not force:  # a symlink, dangling or not, is never followed or replaced
         raise CommandError(f"{target} already exists; pass --force to replace it, or choose another -o")
     folder = target.parent
     if not folder.is_dir():
@@ -229,10 +256,10 @@ def _print_result(
         print(json.dumps({**_facts(args, loaded, report, check, output), "seconds": seconds}, indent=2))
         return
     written = output is not None and output.exists()
-    out.print(f"{args.model}: {loaded.holds}, {_millions(loaded.model)} parameters after conversion")
+    out.print(f"{args.model}: {loaded.holds}, {_millions(loaded.model)} parameters after conversion", markup=False)
     out.print(report)
     for record in report.skipped:
-        out.print(f"[yellow]skipped[/] {record.name}: {record.reason}")
+        out.print(f"[yellow]skipped[/] {escape(record.name)}: {escape(record.reason)}")
     if check is not None:
         verdict = "[green]passed[/]" if check.passed else "[red]FAILED[/]"
         out.print(
@@ -241,7 +268,7 @@ def _print_result(
         )
     if written:
         kind = "full module" if loaded.full_module else "weights + conversion spec"
-        out.print(f"wrote {output} ({kind}, {_megabytes(output)}) in {seconds:.1f} s")
+        out.print(f"wrote {output} ({kind}, {_megabytes(output)}) in {seconds:.1f} s", markup=False)
     elif args.dry_run:
         out.print("dry run: nothing written")
 
@@ -274,8 +301,12 @@ def _input_facts(path: Path, loaded: LoadedModel) -> dict[str, Any]:
 
 
 def _fail(args: argparse.Namespace, message: str, status: int = 1, facts: Optional[dict[str, Any]] = None) -> int:
+    """Report a failure in one line that says truthfully whether the output was written."""
+    if args.written:
+        message += f"; {args.written} was written before that"
     if args.json:
-        print(json.dumps({"error": message, "exit_status": status, **(facts or {})}, indent=2))
+        with contextlib.suppress(OSError):
+            print(json.dumps({"error": message, "exit_status": status, **(facts or {})}, indent=2))
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return status
 
@@ -315,6 +346,13 @@ def _positive(kind: type, what: str) -> Callable[[str], Any]:
 
 _positive_int = _positive(int, "integer")
 _positive_float = _positive(float, "number")
+
+
+def _seed(value: str) -> int:
+    try:
+        return check_seed(int(value))  # type: ignore[return-value]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {value!r}") from None
 
 
 def _shape(value: str) -> tuple[int, ...]:

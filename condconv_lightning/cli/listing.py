@@ -6,6 +6,7 @@ from typing import Any, Mapping, Optional
 
 import torch.nn as nn
 from rich.table import Table
+from rich.text import Text
 
 from ..condconv2d import CondConv2d
 
@@ -40,16 +41,16 @@ def mark_selection(rows: list[dict[str, Any]], selected: set[str], skipped: Mapp
 def conv_table(rows: list[dict[str, Any]], title: Optional[str] = None) -> Table:
     """The rows as a rich table; the ``selected`` column appears once a selection was marked."""
     marked = bool(rows) and "selected" in rows[0]
-    table = Table(title=title, title_justify="left")
+    table = Table(title=Text(title) if title is not None else None, title_justify="left")
     for header, justify in [("name", "left"), ("type", "left"), ("in -> out", "right"), ("kernel", "right"),
                             ("stride", "right"), ("groups", "right"), ("params", "right")]:
         table.add_column(header, justify=justify, no_wrap=header == "name")
     if marked:
         table.add_column("--layers", justify="left")
     for row in rows:
-        cells = [
-            row["name"],
-            row["type"],
+        cells: list[Any] = [  # names and notes are text from the model, never rich markup
+            Text(row["name"]),
+            Text(row["type"]),
             f"{row['in_channels']} -> {row['out_channels']}",
             "x".join(map(str, row["kernel_size"])),
             "x".join(map(str, row["stride"])),
@@ -57,6 +58,6 @@ def conv_table(rows: list[dict[str, Any]], title: Optional[str] = None) -> Table
             f"{row['parameters']:,}",
         ]
         if marked:
-            cells.append("[bold green]selected[/]" if row["selected"] else (f"[yellow]{row['note']}[/]" if row["note"] else ""))
+            cells.append(Text("selected", "bold green") if row["selected"] else Text(row["note"] or "", "yellow"))
         table.add_row(*cells)
     return table

@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..io import SAFETENSORS_SUFFIXES, load_state_dict, strip_wrapper_prefixes
+from ..checkpoints import HPARAMS_KEY, UntrustedCheckpointError, plain_hparams
+from ..io import SAFETENSORS_SUFFIXES, UnsafeFileError, load_state_dict, load_trusted_pickle, load_weights_only, strip_wrapper_prefixes
 from ..surgery import load_converted, read_spec
 from ..surgery.persist import FILE_FORMAT as CONVERTED_FILE_FORMAT
 from .errors import CommandError
@@ -98,6 +99,11 @@ def load_model(
             raise CommandError(f"the converted weights in {path} do not load into --arch {arch}: {one_line(error)}") from None
         return LoadedModel(model, False, f"converted weights + spec ({len(state)} tensors)", file_format)
     if checkpoint and _is_lightning_module_class(builder):
+        if not trust_pickle:
+            try:
+                plain_hparams(content.get(HPARAMS_KEY, {}), path, "--trust-pickle")  # type: ignore[union-attr]
+            except UntrustedCheckpointError as error:
+                raise CommandError(str(error)) from None
         model = _load_lightning_checkpoint(builder, path, arch, arch_kwargs or {}, trust_pickle)
     else:
         model = _build(builder, arch, arch_kwargs or {})
@@ -147,7 +153,7 @@ def _torch_load(path: Path, file_format: FileFormat, trust_pickle: bool) -> obje
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols it reads fine
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return load_weights_only(path)
     except pickle.UnpicklingError as error:
         allowed = _weights_only_globals()
         foreign = [g for g in pickled_globals(path, file_format) if g not in allowed]
@@ -159,11 +165,13 @@ def _torch_load(path: Path, file_format: FileFormat, trust_pickle: bool) -> obje
                 f"{path} holds pickled Python objects: loading it imports {foreign[0]}{more} and can run code "
                 "from the file; nothing was loaded. If you trust its source, pass --trust-pickle"
             ) from None
+    except UnsafeFileError as error:
+        raise CommandError(str(error)) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise _unreadable(path, error) from None
     make_cwd_importable()
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_trusted_pickle(path)
     except (ImportError, AttributeError) as error:
         raise CommandError(
             f"unpickling {path} needs code that does not import here ({one_line(error)}); run where the model's "
@@ -235,7 +243,11 @@ def _load_lightning_checkpoint(
 ) -> nn.Module:
     try:
         # strict=False: key mismatches are reported by _load_weights in one line.
-        return cls.load_from_checkpoint(path, map_location="cpu", weights_only=not trust_pickle, strict=False, **arch_kwargs)
+        # untrusted: __init__ gets the checkpoint's plain values, not LightningCLI's instantiator
+        untrusted = {} if trust_pickle else {"_instantiator": None}
+        return cls.load_from_checkpoint(
+            path, map_location="cpu", weights_only=not trust_pickle, strict=False, **untrusted, **arch_kwargs
+        )
     except Exception as error:
         raise CommandError(f"--arch {arch}: {cls.__name__}.load_from_checkpoint({path}) failed: {one_line(error)}") from None
 

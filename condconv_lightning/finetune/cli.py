@@ -15,12 +15,14 @@ Example::
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ..callbacks import CondConvConversion, RoutingEntropyMonitor
+from ..checkpoints import UntrustedCheckpointError, plain_hparams, read_hparams
 from .data import SyntheticImageDataModule
 from .module import ImageClassifier
 
@@ -28,9 +30,20 @@ __all__ = ["main"]
 
 
 class FinetuneCLI(LightningCLI):
-    """LightningCLI with defaults for data (any LightningDataModule is accepted) and for the Trainer's callbacks."""
+    """LightningCLI with defaults for data (any LightningDataModule is accepted) and for the Trainer's callbacks.
+
+    ``--ckpt_path`` checkpoints are untrusted: their hyperparameters become the model's
+    defaults only as plain values (entries that name classes are refused unless
+    ``--trust_checkpoint true``), and never set ``weights`` or ``trust_pickle``.
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--trust_checkpoint",
+            type=bool,
+            default=False,
+            help="let a --ckpt_path checkpoint's hyperparameters name classes to import and build (trusted files only)",
+        )
         parser.set_defaults(
             {
                 "data": {"class_path": _class_path(SyntheticImageDataModule)},
@@ -40,6 +53,23 @@ class FinetuneCLI(LightningCLI):
                 ],
             }
         )
+
+
+    def _parse_ckpt_path(self) -> None:
+        """Use an untrusted checkpoint's hyperparameters as model defaults, as plain values only."""
+        subcommand = self.config.get("subcommand")
+        settings = self.config.get(subcommand) if subcommand else None
+        ckpt_path = settings.get("ckpt_path") if settings else None
+        if not ckpt_path or not Path(ckpt_path).is_file() or settings.get("trust_checkpoint"):
+            super()._parse_ckpt_path()
+            return
+        try:
+            hparams = plain_hparams(read_hparams(ckpt_path), ckpt_path, "--trust_checkpoint true")
+        except (UntrustedCheckpointError, OSError, RuntimeError) as error:
+            self.parser.error(str(error))
+        hparams = {key: value for key, value in hparams.items() if key not in ("weights", "trust_pickle")}
+        if hparams:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
 
 def _class_path(cls: type) -> str:

@@ -10,7 +10,7 @@ own: a fresh router on top of upcycled experts usually wants a different step si
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import IO, Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -19,9 +19,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..checkpoints import plain_hparams, read_hparams
 from ..condconv2d import CondConv2d
 from ..models import resnet_tiny
-from ..surgery import ConversionSpec, load_converted
+from ..surgery import ConversionSpec, apply_spec, describe, load_converted
+from ..surgery.persist import check_against_weights
 
 __all__ = ["ImageClassifier", "parameter_groups"]
 
@@ -76,7 +78,9 @@ class ImageClassifier(pl.LightningModule):
             are applied to ``model``; a whole pickled module replaces it and needs
             ``trust_pickle``).
         trust_pickle: allow ``weights`` to be a pickled module (unpickling runs code: only
-            for files you trust).
+            for files you trust). Neither ``weights`` nor ``trust_pickle`` is saved with
+            the hyperparameters: a checkpoint holds the weights and the conversion spec
+            itself, and a trust decision comes from the caller, never from a file.
         num_classes: number of classes (for accuracy and the default network).
         optimizer: builds the optimizer from the parameter groups (YAML:
             ``class_path: torch.optim.SGD`` with ``init_args``).
@@ -125,7 +129,7 @@ class ImageClassifier(pl.LightningModule):
                 raise ValueError(f"{name} must be positive or None (use the optimizer's), got {lr!r}")
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
-        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "weights", "trust_pickle"])
         if weights is not None:
             model = load_converted(weights, model, trust_pickle=trust_pickle)
         self.model = model if model is not None else resnet_tiny(num_classes=num_classes)
@@ -163,12 +167,46 @@ class ImageClassifier(pl.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": self.scheduler_interval}}
 
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: Union[str, Path, IO[bytes]],
+        map_location: Any = None,
+        hparams_file: Optional[Union[str, Path]] = None,
+        strict: Optional[bool] = None,
+        weights_only: Optional[bool] = None,
+        *,
+        trust_checkpoint: bool = False,
+        **kwargs: Any,
+    ) -> "ImageClassifier":
+        """Lightning's ``load_from_checkpoint``, treating the checkpoint as untrusted unless told otherwise.
+
+        The checkpoint's hyperparameters reach ``__init__`` as plain values only: entries
+        that name code (``class_path``, an instantiator other than LightningCLI's) are
+        refused, and ``weights``/``trust_pickle`` come only from the caller's ``kwargs``.
+
+        Args:
+            trust_checkpoint: let the checkpoint's hyperparameters name classes to build
+                (as Lightning does by default). ``weights_only=False`` implies it.
+
+        Raises:
+            UntrustedCheckpointError: the hyperparameters name code and ``trust_checkpoint`` is False.
+        """
+        if not (trust_checkpoint or weights_only is False):
+            plain_hparams(read_hparams(checkpoint_path), checkpoint_path, "trust_checkpoint=True")
+            kwargs = {"_instantiator": None, "weights": None, "trust_pickle": False, **kwargs}
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        spec = ConversionSpec.from_model(self.model)
+        spec = describe(self.model)
         if spec.layers:
             checkpoint[CONVERSION_KEY] = spec.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning calls this before load_state_dict; already converted layers are left alone.
         if CONVERSION_KEY in checkpoint:
-            ConversionSpec.from_dict(checkpoint[CONVERSION_KEY]).apply(self.model)
+            spec = ConversionSpec.from_dict(checkpoint[CONVERSION_KEY])
+            weights = {name[len("model.") :]: tensor for name, tensor in checkpoint.get("state_dict", {}).items()
+                       if name.startswith("model.")}
+            check_against_weights(spec, weights, "checkpoint")
+            apply_spec(self.model, spec, upcycle=False)

@@ -10,9 +10,10 @@ it was.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 import zlib
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -20,19 +21,18 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ..condconv2d import CondConv2d, ExpertInit
-from ..functional.condconv import Strategy, check_strategy
-from ..functional.routing import Routing, check_routing
+from ..condconv2d import CondConv2d
+from .config import ConversionConfig
 from .replace import carry_hooks, replace_modules
 from .report import ConversionReport, ConvertedLayer, SkippedLayer, probe_shapes
 from .select import (
     Candidate,
-    KernelSize,
     SelectorError,
     Selectors,
     as_selector_list,
+    candidates,
+    closest_names,
     filter_reason,
-    kernel_filter,
     resolve,
     strip_wrapper_prefix,
 )
@@ -44,43 +44,28 @@ Plan = list[tuple[Candidate, LayerOptions]]
 def convert(
     model: nn.Module,
     layers: Selectors,
+    config: Optional[ConversionConfig] = None,
     *,
-    num_experts: int = 4,
-    routing: Routing = "sigmoid",
-    temperature: float = 1.0,
-    strategy: Strategy = "auto",
     exclude: Optional[Selectors] = None,
-    init: ExpertInit = "upcycle",
-    perturbation: float = 0.05,
-    seed: Optional[int] = None,
-    kernel_sizes: Optional[Sequence[KernelSize]] = None,
-    min_channels: int = 0,
-    include_depthwise: bool = True,
     allow_classes: Sequence[type] = (),
     input_size: Optional[Sequence[int]] = None,
+    **options: Any,
 ) -> ConversionReport:
     """Replace the ``nn.Conv2d`` layers that ``layers`` selects by CondConv2d, in place.
 
     Args:
-        model: any ``nn.Module`` (a LightningModule, a DDP/compile wrapper too).
+        model: any ``nn.Module`` (a LightningModule, a ``torch.compile`` or DataParallel
+            wrapper too; not a DistributedDataParallel one: convert before wrapping).
         layers: one selector or several: exact dotted names (a conv, or a module whose
             convs are all taken), globs (``"layer3.*.conv2"``) or ``"re:"`` regexes.
-        num_experts, routing, temperature, strategy: as for :class:`CondConv2d`.
+        config: the conversion's options (:class:`ConversionConfig`); default options if None.
         exclude: selectors of convs to leave alone, in the same forms.
-        init: ``"upcycle"`` (the model's outputs are preserved exactly; see
-            :meth:`CondConv2d.from_conv`) or ``"fresh"`` (train from scratch, as in the paper).
-        perturbation: size of the symmetry-breaking expert offsets, relative to the
-            kernel's standard deviation.
-        seed: makes the offsets reproducible; each layer draws from a generator seeded
-            by ``seed`` and its name, so a layer's experts do not depend on which other
-            layers are converted. None uses torch's global generator.
-        kernel_sizes: keep only convs with these kernel sizes (ints mean square kernels).
-        min_channels: keep only convs with at least this many input and output channels.
-        include_depthwise: whether depthwise convs (``groups == in_channels``) are kept.
         allow_classes: ``nn.Conv2d`` subclasses to convert although they are not plain
             ``nn.Conv2d``: only for subclasses whose forward is an ordinary convolution.
         input_size: ``(C, H, W)`` of one input sample; when given, one eval-mode
             forward on zeros measures every layer's shapes for the report's MAC counts.
+        **options: fields of :class:`ConversionConfig` (``num_experts=8, seed=0``), on
+            top of ``config``.
 
     Returns:
         A :class:`ConversionReport`; its ``spec`` repeats the conversion on a fresh model.
@@ -88,8 +73,9 @@ def convert(
     Raises:
         SelectorError: a selector (or exclude) matches no convolution; the message
             names the closest existing names.
-        TypeError: the model or a selected module is TorchScript.
-        ValueError: a selected conv is lazy and not yet initialized, or an option is invalid.
+        TypeError: the model or a selected module is TorchScript, or an unknown option.
+        ValueError: a selected conv is lazy and not yet initialized, an option is
+            invalid, or the model is wrapped in DistributedDataParallel.
 
     Convs that are ``nn.Conv2d`` subclasses (not in ``allow_classes``) or carry a
     weight_norm/spectral_norm hook are skipped with a warning; layers that already are
@@ -100,13 +86,15 @@ def convert(
         >>> report = convert(model, ["layer3", "layer4"], num_experts=4, input_size=(3, 32, 32))
         >>> print(report.totals["layers"])
     """
-    _refuse_torchscript(model)
-    options = _check_options(num_experts, routing, temperature, strategy, init, perturbation, seed, min_channels, allow_classes)
+    _refuse_unconvertible_model(model)
+    config = with_options(config, options)
+    for cls in allow_classes:
+        if not (isinstance(cls, type) and issubclass(cls, nn.Conv2d)):
+            raise TypeError(f"allow_classes must hold nn.Conv2d subclasses, got {cls!r}")
     selectors = as_selector_list(layers, "layers")
     if not selectors:
         raise SelectorError("layers is empty; name at least one layer, e.g. 'layer4' or '*' for every Conv2d")
     excludes = as_selector_list(exclude, "exclude")
-    kernels = kernel_filter(kernel_sizes)
     chosen = resolve(model, selectors, "layers")
     excluded = resolve(model, excludes, "exclude") if excludes else {}
     allowed = tuple(allow_classes)
@@ -123,10 +111,13 @@ def convert(
             skipped.append(SkippedLayer(candidate.name, "excluded by exclude"))
         elif (reason := _refusal(module, allowed)) is not None:
             refused.append(SkippedLayer(candidate.name, reason))
-        elif (reason := filter_reason(module, kernels, min_channels, include_depthwise)) is not None:
+        elif (reason := filter_reason(module, config)) is not None:
             skipped.append(SkippedLayer(candidate.name, reason))
         else:
-            plan.append((candidate, LayerOptions(num_experts, routing, float(temperature), strategy, class_path(type(module)))))
+            layer_options = LayerOptions(
+                config.num_experts, config.routing, config.temperature, config.strategy, class_path(type(module))
+            )
+            plan.append((candidate, layer_options))
     if refused:
         warnings.warn(
             "convert left these convs alone: " + "; ".join(f"{s.name} ({s.reason})" for s in refused), stacklevel=2
@@ -135,16 +126,38 @@ def convert(
         layers={candidate.name: layer_options for candidate, layer_options in plan},
         selectors=selectors,
         exclude=excludes,
-        options={**options, "kernel_sizes": [list(k) for k in sorted(kernels)] if kernels else None,
-                 "include_depthwise": include_depthwise, "allow_classes": [class_path(c) for c in allowed]},
+        config=config,
+        allow_classes=[class_path(c) for c in allowed],
     )
-    converted = _convert_planned(model, plan, init, perturbation, seed, input_size)
+    converted = _convert_planned(model, plan, config, input_size)
     return ConversionReport(converted, refused + skipped, already, spec, _size(input_size))
 
 
-def convert_recorded(model: nn.Module, spec: ConversionSpec, *, input_size: Optional[Sequence[int]] = None) -> ConversionReport:
-    """Convert exactly the layers ``spec`` names with their recorded options (``ConversionSpec.apply``)."""
-    _refuse_torchscript(model)
+def with_options(config: Optional[ConversionConfig], options: dict[str, Any]) -> ConversionConfig:
+    """``config`` (default: the defaults) with ``options`` (its field names) replaced; validated."""
+    unknown = sorted(set(options) - set(ConversionConfig.field_names()))
+    if unknown:
+        raise TypeError(
+            f"unknown conversion option {unknown[0]!r}; options are the fields of ConversionConfig: "
+            f"{', '.join(ConversionConfig.field_names())}"
+        )
+    return dataclasses.replace(config or ConversionConfig(), **options)
+
+
+def apply_spec(
+    model: nn.Module, spec: ConversionSpec, *, input_size: Optional[Sequence[int]] = None, upcycle: bool = True
+) -> ConversionReport:
+    """Convert exactly the layers ``spec`` names, with their recorded options, in ``model`` (a fresh instance).
+
+    Expert initialization repeats the recorded ``init``/``perturbation``/``seed``, so with
+    a seed and the same original weights the result is identical. ``upcycle=False``
+    skips the upcycling draws, for callers that load converted weights next.
+
+    Raises:
+        SelectorError: a recorded layer name is not a convolution in ``model``.
+        TypeError: a recorded layer has another class in ``model`` than when it was converted.
+    """
+    _refuse_unconvertible_model(model)
     plan: Plan = []
     already: list[str] = []
     for name, layer_options in spec.layers.items():
@@ -161,26 +174,34 @@ def convert_recorded(model: nn.Module, spec: ConversionSpec, *, input_size: Opti
         if (reason := _refusal(module, (type(module),))) is not None:
             raise ValueError(f"spec layer {name!r} cannot be converted: it {reason}")
         plan.append((candidate, layer_options))
-    options = spec.options
-    converted = _convert_planned(
-        model, plan, options.get("init", "upcycle"), options.get("perturbation", 0.05), options.get("seed"), input_size
-    )
-    applied = ConversionSpec(dict(spec.layers), list(spec.selectors), list(spec.exclude), dict(options))
-    return ConversionReport(converted, [], already, applied, _size(input_size))
+    config = spec.config if upcycle else dataclasses.replace(spec.config, init="fresh")
+    converted = _convert_planned(model, plan, config, input_size)
+    return ConversionReport(converted, [], already, dataclasses.replace(spec), _size(input_size))
+
+
+def describe(model: nn.Module) -> ConversionSpec:
+    """A spec of every CondConv2d already in ``model`` (what :func:`save_converted` writes by default)."""
+    layers: dict[str, LayerOptions] = {}
+    for candidate in candidates(model):
+        module = candidate.module
+        if isinstance(module, CondConv2d):
+            layers[candidate.name] = LayerOptions(
+                module.num_experts, module.routing, float(module.temperature), module.strategy
+            )
+    return ConversionSpec(layers=layers, selectors=list(layers))
 
 
 def _convert_planned(
-    model: nn.Module,
-    plan: Plan,
-    init: str,
-    perturbation: float,
-    seed: Optional[int],
-    input_size: Optional[Sequence[int]],
+    model: nn.Module, plan: Plan, config: ConversionConfig, input_size: Optional[Sequence[int]]
 ) -> list[ConvertedLayer]:
-    """The one mechanism both entry points share: measure, build with ``from_conv``, replace."""
+    """The one mechanism both entry points share: measure, build with ``from_conv``, replace.
+
+    With ``input_size``, the model is probed before (shapes; a failure changes nothing)
+    and after the replacement (the strategy each CondConv2d ran in that forward).
+    """
     shapes = probe_shapes(model, [c.module for c, _ in plan], input_size) if input_size is not None and plan else {}
     replacements: dict[int, nn.Module] = {}
-    records: list[ConvertedLayer] = []
+    built: list[tuple[Candidate, nn.Module, CondConv2d]] = []
     for candidate, options in plan:
         conv = candidate.module
         layer = CondConv2d.from_conv(
@@ -189,24 +210,32 @@ def _convert_planned(
             routing=options.routing,
             temperature=options.temperature,
             strategy=options.strategy,
-            init=init,
-            perturbation=perturbation,
-            generator=_layer_generator(seed, candidate.name),
+            init=config.init,
+            perturbation=config.perturbation,
+            generator=_layer_generator(config.seed, candidate.name),
         )
         carry_hooks(conv, layer)
         replacements[id(conv)] = layer
-        records.append(ConvertedLayer.measure(candidate.name, candidate.aliases, conv, layer, shapes.get(id(conv))))
+        built.append((candidate, conv, layer))
     replace_modules(model, replacements)
-    return records
+    ran = probe_shapes(model, [layer for *_, layer in built], input_size) if shapes else {}
+    return [
+        ConvertedLayer.measure(c.name, c.aliases, conv, layer, shapes.get(id(conv)), ran.get(id(layer)))
+        for c, conv, layer in built
+    ]
 
 
 def _recorded_conv(model: nn.Module, name: str) -> Candidate:
-    """The conv a spec names (wrapper prefixes on either side resolve, as for selectors)."""
+    """The conv a spec names, looked up exactly (wrapper prefixes on either side resolve); never a pattern."""
     wanted = strip_wrapper_prefix(name)
-    for candidate in resolve(model, [name], "spec layer").values():
+    found = candidates(model)
+    for candidate in found:
         if wanted in {strip_wrapper_prefix(alias) for alias in candidate.aliases}:
             return candidate
-    raise SelectorError(f"spec layer {name!r} is not a convolution in this model; apply the spec to the architecture it was made from")
+    raise SelectorError(
+        f"spec layer {name!r} is not a convolution in this model (closest: {closest_names(name, [c.name for c in found])}); "
+        "apply the spec to the architecture it was made from"
+    )
 
 
 def _layer_generator(seed: Optional[int], name: str) -> Optional[torch.Generator]:
@@ -238,53 +267,20 @@ def _refusal(module: nn.Module, allowed: tuple[type, ...]) -> Optional[str]:
     return None
 
 
-def _refuse_torchscript(model: nn.Module) -> None:
+def _refuse_unconvertible_model(model: nn.Module) -> None:
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError(
             "cannot convert a TorchScript module: its compiled code would not see new layers; convert the eager "
             "nn.Module, then torch.jit.script the result"
         )
-
-
-def _check_options(
-    num_experts: int,
-    routing: str,
-    temperature: float,
-    strategy: str,
-    init: str,
-    perturbation: float,
-    seed: Optional[int],
-    min_channels: int,
-    allow_classes: Sequence[type],
-) -> dict:
-    """Validate every option before any layer changes; returns them as the spec records them."""
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be a positive integer, got {num_experts!r}")
-    check_routing(routing)
-    check_strategy(strategy)
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-    if init not in ("upcycle", "fresh"):
-        raise ValueError(f"init must be 'upcycle' or 'fresh', got {init!r}")
-    if not isinstance(perturbation, (int, float)) or not perturbation >= 0:
-        raise ValueError(f"perturbation must be a number >= 0, got {perturbation!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed must be an integer or None, got {seed!r}")
-    if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 0:
-        raise ValueError(f"min_channels must be an integer >= 0, got {min_channels!r}")
-    for cls in allow_classes:
-        if not (isinstance(cls, type) and issubclass(cls, nn.Conv2d)):
-            raise TypeError(f"allow_classes must hold nn.Conv2d subclasses, got {cls!r}")
-    return {
-        "num_experts": num_experts,
-        "routing": routing,
-        "temperature": float(temperature),
-        "strategy": strategy,
-        "init": init,
-        "perturbation": float(perturbation),
-        "seed": seed,
-        "min_channels": min_channels,
-    }
+    for name, module in model.named_modules():
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            where = f" at {name!r}" if name else ""
+            raise ValueError(
+                f"the model{where} is wrapped in DistributedDataParallel, which registered its parameters and "
+                "gradient hooks when it was built, so converted layers would not be synchronized; convert the inner "
+                "model (ddp.module) first, then wrap it in DDP"
+            )
 
 
 def _size(input_size: Optional[Sequence[int]]) -> Optional[tuple[int, ...]]:

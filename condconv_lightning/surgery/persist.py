@@ -16,14 +16,26 @@ which runs code from the file, so :func:`load_converted` does it only with
 from __future__ import annotations
 
 import pickle
-from dataclasses import replace
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from ..io import SAFETENSORS_SUFFIXES, PathLike, atomic_write, load_state_dict, save_state_dict, strip_wrapper_prefixes
+from ..io import (
+    SAFETENSORS_SUFFIXES,
+    PathLike,
+    atomic_write,
+    load_state_dict,
+    load_trusted_pickle,
+    load_weights_only,
+    save_state_dict,
+    strip_wrapper_prefixes,
+    torch_save,
+)
+from .convert import apply_spec, describe
+from .replace import modules_by_name, restore_modules
+from .select import strip_wrapper_prefix
 from .spec import ConversionSpec
 
 FILE_FORMAT = "condconv_lightning.converted/1"
@@ -44,7 +56,7 @@ def save_converted(
         model: the converted model.
         path: target file; ``.safetensors`` needs the safetensors package.
         spec: the conversion's spec (``report.spec``); by default one describing every
-            CondConv2d in ``model`` (:meth:`ConversionSpec.from_model`).
+            CondConv2d in ``model`` (:func:`~condconv_lightning.surgery.describe`).
         as_module: write the full pickled module instead of weights + spec.
         overwrite: replace an existing file.
 
@@ -57,16 +69,16 @@ def save_converted(
         if target.suffix in SAFETENSORS_SUFFIXES:
             raise ValueError(f"{target}: a full module cannot be stored as safetensors; use a .pt path or as_module=False")
         with atomic_write(target, overwrite=overwrite) as tmp:
-            torch.save(model, tmp)
+            torch_save(model, tmp)
         return target
-    spec = spec if spec is not None else ConversionSpec.from_model(model)
+    spec = spec if spec is not None else describe(model)
     _check_covers(spec, model)
     text = spec.to_json(indent=None)
     if target.suffix in SAFETENSORS_SUFFIXES:
         return save_state_dict(model.state_dict(), target, overwrite=overwrite, metadata={SPEC_KEY: text})
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_write(target, overwrite=overwrite) as tmp:
-        torch.save({"format": FILE_FORMAT, "spec": text, "state_dict": tensors}, tmp)
+        torch_save({"format": FILE_FORMAT, "spec": text, "state_dict": tensors}, tmp)
     return target
 
 
@@ -96,17 +108,47 @@ def load_converted(
         state = load_state_dict(source, map_location)
     else:
         try:
-            loaded = torch.load(source, map_location=map_location, weights_only=True)
+            loaded = load_weights_only(source, map_location)
         except pickle.UnpicklingError:
             return _load_module(source, map_location, trust_pickle)
         spec = _spec_or_error(source, _torch_spec(loaded))
         state = strip_wrapper_prefixes(loaded["state_dict"])
     if model is None:
         raise ValueError(f"{source} holds weights and a conversion spec; pass a fresh instance of its architecture as model")
-    # the weights replace the experts next, so skip upcycling's random draws
-    replace(spec, options={**spec.options, "init": "fresh"}).apply(model)
-    model.load_state_dict(state, strict=True)
+    return load_into(model, spec, state, source)
+
+
+def load_into(model: nn.Module, spec: ConversionSpec, state: Mapping[str, torch.Tensor], source: object) -> nn.Module:
+    """Apply ``spec`` to ``model`` and load ``state`` strictly; on any failure ``model`` is left as it was.
+
+    The spec's expert counts are checked against the weights before any layer is built,
+    so a spec cannot make the library allocate more than the weights it came with.
+
+    Raises:
+        ValueError: the spec does not match the weights.
+    """
+    check_against_weights(spec, state, source)
+    before = modules_by_name(model)
+    try:
+        apply_spec(model, spec, upcycle=False)  # the weights replace the experts next: skip upcycling's draws
+        model.load_state_dict(state, strict=True)
+    except BaseException:
+        restore_modules(model, before)
+        raise
     return model
+
+
+def check_against_weights(spec: ConversionSpec, state: Mapping[str, torch.Tensor], source: object) -> None:
+    """Each spec layer's ``weight`` must be in ``state`` as ``[num_experts, P]``."""
+    stripped = strip_wrapper_prefixes(state)
+    for name, options in spec.layers.items():
+        weight = stripped.get(f"{strip_wrapper_prefix(name)}.weight")
+        if weight is None or weight.dim() != 2 or weight.shape[0] != options.num_experts:
+            found = "no such tensor" if weight is None else f"a tensor of shape {list(weight.shape)}"
+            raise ValueError(
+                f"{source}: the conversion spec gives layer {name!r} {options.num_experts} experts, but the weights "
+                f"hold {found} for it (expected [{options.num_experts}, P]); the spec and weights do not belong together"
+            )
 
 
 def read_spec(path: PathLike) -> ConversionSpec:
@@ -114,7 +156,7 @@ def read_spec(path: PathLike) -> ConversionSpec:
     source = Path(path)
     if source.suffix in SAFETENSORS_SUFFIXES:
         return _spec_or_error(source, _safetensors_spec(source))
-    return _spec_or_error(source, _torch_spec(torch.load(source, map_location="cpu", weights_only=True)))
+    return _spec_or_error(source, _torch_spec(load_weights_only(source)))
 
 
 def _load_module(source: Path, map_location: Union[str, torch.device], trust_pickle: bool) -> nn.Module:
@@ -123,7 +165,7 @@ def _load_module(source: Path, map_location: Union[str, torch.device], trust_pic
             f"{source} is a full pickled module: loading it runs code from the file; pass trust_pickle=True "
             "only if you trust its origin (or save weights + spec with as_module=False)"
         )
-    module = torch.load(source, map_location=map_location, weights_only=False)
+    module = load_trusted_pickle(source, map_location)
     if not isinstance(module, nn.Module):
         raise ValueError(f"{source} holds a {type(module).__name__}, not an nn.Module")
     return module
@@ -152,7 +194,7 @@ def _spec_or_error(source: Path, text: Optional[str]) -> ConversionSpec:
 
 
 def _check_covers(spec: ConversionSpec, model: nn.Module) -> None:
-    recorded = set(ConversionSpec.from_model(model).layers)
+    recorded = set(describe(model).layers)
     missing = sorted(recorded - set(spec.layers))
     if missing:
         raise ValueError(

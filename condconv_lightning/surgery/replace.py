@@ -36,3 +36,14 @@ def replace_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> Non
         for child_name, child in list(parent._modules.items()):
             if child is not None and id(child) in replacements:
                 setattr(parent, child_name, replacements[id(child)])
+
+
+def modules_by_name(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module of ``model`` by every name it has: a snapshot :func:`restore_modules` returns to."""
+    return dict(model.named_modules(remove_duplicate=False))
+
+
+def restore_modules(model: nn.Module, before: dict[str, nn.Module]) -> None:
+    """Undo replacements made since ``before`` was taken: each name gets its module back."""
+    now = modules_by_name(model)
+    replace_modules(model, {id(module): before[name] for name, module in now.items() if name in before and before[name] is not module})

@@ -13,26 +13,28 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from rich import box
 from rich.table import Table
+from rich.text import Text
 
-if TYPE_CHECKING:
-    from .spec import ConversionSpec
+from .spec import ConversionSpec
 
 HW = tuple[int, int]
 
 
 @dataclass(frozen=True)
 class LayerShapes:
-    """Spatial sizes a conv sees in one forward pass, and how many times it runs (shared convs run more)."""
+    """Spatial sizes a conv sees in one forward pass, how many times it runs (shared convs run more),
+    and for a CondConv2d the strategy it ran (``last_strategy``)."""
 
     input_hw: HW
     output_hw: HW
     calls: int
+    strategy: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -56,12 +58,15 @@ class ConvertedLayer:
     conv_macs: Optional[int]
     routing_macs: Optional[int]
     mixing_macs: int
+    strategy: Optional[str] = None
 
     @classmethod
     def measure(
-        cls, name: str, aliases: Sequence[str], conv: nn.Conv2d, layer: nn.Module, shapes: Optional[LayerShapes]
+        cls, name: str, aliases: Sequence[str], conv: nn.Conv2d, layer: nn.Module, shapes: Optional[LayerShapes],
+        probed: Optional[LayerShapes] = None,
     ) -> "ConvertedLayer":
-        """Count parameters and per-sample MACs of ``conv`` and its replacement ``layer``."""
+        """Count parameters and per-sample MACs of ``conv`` and its replacement ``layer``
+        (``probed``: ``layer`` seen in a forward pass, for the strategy it ran)."""
         k = layer.num_experts
         per_expert = conv.weight.numel()
         calls = shapes.calls if shapes is not None else 1
@@ -89,6 +94,7 @@ class ConvertedLayer:
             conv_macs=conv_macs,
             routing_macs=routing_macs,
             mixing_macs=mixing,
+            strategy=probed.strategy if probed else None,
         )
 
 
@@ -102,7 +108,7 @@ class SkippedLayer:
 
 @dataclass
 class ConversionReport:
-    """The result of :func:`~condconv_lightning.surgery.convert` (or ``ConversionSpec.apply``).
+    """The result of :func:`~condconv_lightning.surgery.convert` (or :func:`~condconv_lightning.surgery.apply_spec`).
 
     ``print`` it with rich for a table; ``to_json()`` for machines.
     """
@@ -110,7 +116,7 @@ class ConversionReport:
     converted: list[ConvertedLayer]
     skipped: list[SkippedLayer]
     already_converted: list[str]
-    spec: "ConversionSpec"
+    spec: ConversionSpec
     input_size: Optional[tuple[int, ...]] = None
     totals: dict[str, Optional[int]] = field(init=False)
 
@@ -145,8 +151,8 @@ class ConversionReport:
             title=f"CondConv conversion: {len(self.converted)} layers",
             caption=self._caption(size),
             show_footer=bool(self.converted),
-            box=box.SIMPLE_HEAD,  # no vertical rules, no edge padding: 80 columns hold typical names
-            pad_edge=False,
+            box=box.SIMPLE_HEAD,  # no vertical rules and one space between columns: 80 columns hold
+            padding=(0, 0),  # ResNet-50's names with every column
         )
         t = self.totals
         footers = ["total", "", "", _int(t["params_before"]), _int(t["params_after"]), _int(t["routing_macs"]), _int(t["mixing_macs"])]
@@ -159,15 +165,19 @@ class ConversionReport:
                 _int(r.params_after),
                 _int(r.routing_macs),
                 _int(r.mixing_macs),
+                r.strategy or "-",
             ]
             for r in self.converted
         ]
-        headers = ["layer", "conv", "K", "params", "after", "routing", "mixing"]
+        headers = ["layer", "conv", "K", "params", "after", "routing", "mixing", "strategy"]
+        footers.append("")
+        if not any(r.strategy for r in self.converted):  # known from the probe forward (input_size) only
+            headers, footers, rows = headers[:-1], footers[:-1], [row[:-1] for row in rows]
         for i, (header, footer) in enumerate(zip(headers, footers)):
             width = max([len(header), len(footer)] + [len(row[i]) for row in rows])
             table.add_column(header, footer=footer, justify="left" if i == 0 else "right", min_width=width, overflow="fold")
         for row in rows:
-            table.add_row(*row)
+            table.add_row(Text(row[0]), *row[1:])  # a layer name is text, never rich markup
         return table
 
     def _caption(self, size: Optional[str]) -> str:
@@ -179,6 +189,8 @@ class ConversionReport:
         extra = self.totals["mixing_macs"] + (self.totals["routing_macs"] or 0)
         if conv:
             parts.append(f"+{100 * extra / conv:.2f}% over the converted convs' own {_int(conv)}")
+        if any(r.strategy for r in self.converted):
+            parts.append("strategy: what each layer ran in that batch-1 inference forward")
         if self.skipped:
             parts.append(f"{len(self.skipped)} skipped")
         if self.already_converted:
@@ -198,7 +210,8 @@ def probe_shapes(model: nn.Module, convs: Sequence[nn.Module], input_size: Seque
     seen: dict[int, list[tuple[HW, HW]]] = {id(m): [] for m in convs}
 
     def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        seen[id(module)].append((tuple(args[0].shape[-2:]), tuple(output.shape[-2:])))
+        strategy = getattr(module, "last_strategy", None)
+        seen[id(module)].append((tuple(args[0].shape[-2:]), tuple(output.shape[-2:]), strategy))
 
     first = next(model.parameters(), None)
     factory = {"device": first.device, "dtype": first.dtype} if first is not None else {}
@@ -219,7 +232,7 @@ def probe_shapes(model: nn.Module, convs: Sequence[nn.Module], input_size: Seque
         for module, training in modes:
             module.training = training
     return {
-        key: LayerShapes(calls[0][0], calls[0][1], len(calls))  # type: ignore[arg-type]
+        key: LayerShapes(calls[0][0], calls[0][1], len(calls), calls[0][2])  # type: ignore[arg-type]
         for key, calls in seen.items()
         if calls
     }

@@ -29,9 +29,9 @@ import torch.nn as nn
 
 from ..condconv2d import CondConv2d
 from ..io import WRAPPER_PREFIXES
+from .config import ConversionConfig
 
 Selectors = Union[str, Sequence[str]]
-KernelSize = Union[int, tuple[int, int]]
 REGEX_PREFIX = "re:"
 GLOB_CHARS = frozenset("*?[")
 
@@ -56,7 +56,7 @@ def is_conv(module: nn.Module) -> bool:
 
 def list_convs(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every ``nn.Conv2d`` (subclasses included) and CondConv2d in ``model``, once each, in module order."""
-    return [(c.name, c.module) for c in _candidates(model)]
+    return [(c.name, c.module) for c in candidates(model)]
 
 
 def as_selector_list(selectors: Selectors | None, argument: str) -> list[str]:
@@ -79,7 +79,7 @@ def resolve(model: nn.Module, selectors: Sequence[str], argument: str = "layers"
         SelectorError: a selector matches no convolution, is an unknown name, or is a bad regex.
         TypeError: a selector reaches into a TorchScript module, which cannot be changed.
     """
-    candidates = _candidates(model)
+    found = candidates(model)
     names = _module_names(model)
     selected: set[int] = set()
     for selector in selectors:
@@ -87,45 +87,25 @@ def resolve(model: nn.Module, selectors: Sequence[str], argument: str = "layers"
         if not matched:
             raise SelectorError(_no_match_message(selector, names, argument))
         _refuse_torchscript(model, selector, matched)
-        hits = {id(c.module) for c in candidates if any(_within(alias, m) for alias in c.aliases for m in matched)}
+        hits = {id(c.module) for c in found if any(_within(alias, m) for alias in c.aliases for m in matched)}
         if not hits:
-            found = ", ".join(f"{m} ({type(model.get_submodule(m)).__name__})" for m in sorted(matched)[:3])
+            modules = ", ".join(f"{m} ({type(model.get_submodule(m)).__name__})" for m in sorted(matched)[:3])
             raise SelectorError(
-                f"{argument} selector {selector!r} matches no Conv2d: it matches {found} with no Conv2d beneath; "
-                f"closest conv names: {_closest(selector, [c.name for c in candidates])}"
+                f"{argument} selector {selector!r} matches no Conv2d: it matches {modules} with no Conv2d beneath; "
+                f"closest conv names: {closest_names(selector, [c.name for c in found])}"
             )
         selected |= hits
-    return {id(c.module): c for c in candidates if id(c.module) in selected}
+    return {id(c.module): c for c in found if id(c.module) in selected}
 
 
-def kernel_filter(kernel_sizes: Sequence[KernelSize] | None) -> set[tuple[int, int]] | None:
-    """Normalize ``kernel_sizes`` (ints mean square kernels) to a set of pairs."""
-    if kernel_sizes is None:
-        return None
-    if isinstance(kernel_sizes, (int, str)):
-        raise TypeError(f"kernel_sizes must be a sequence such as [3] or [(1, 3)], got {kernel_sizes!r}")
-    pairs: set[tuple[int, int]] = set()
-    for size in kernel_sizes:
-        pair = (size, size) if isinstance(size, int) else tuple(size)
-        if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
-            raise ValueError(f"kernel_sizes must hold positive ints or (kh, kw) pairs, got {size!r}")
-        pairs.add(pair)  # type: ignore[arg-type]
-    return pairs
-
-
-def filter_reason(
-    conv: nn.Conv2d,
-    kernel_sizes: set[tuple[int, int]] | None,
-    min_channels: int,
-    include_depthwise: bool,
-) -> str | None:
-    """Why the shape filters leave ``conv`` alone, or None if they keep it."""
+def filter_reason(conv: nn.Conv2d, config: ConversionConfig) -> str | None:
+    """Why the shape filters of ``config`` leave ``conv`` alone, or None if they keep it."""
     kernel = tuple(conv.kernel_size)
-    if kernel_sizes is not None and kernel not in kernel_sizes:
-        return f"kernel size {kernel} is not in kernel_sizes {sorted(kernel_sizes)}"
-    if min(conv.in_channels, conv.out_channels) < min_channels:
-        return f"{conv.in_channels} -> {conv.out_channels} channels is below min_channels={min_channels}"
-    if not include_depthwise and is_depthwise(conv):
+    if config.kernel_sizes is not None and kernel not in config.kernel_sizes:
+        return f"kernel size {kernel} is not in kernel_sizes {list(config.kernel_sizes)}"
+    if min(conv.in_channels, conv.out_channels) < config.min_channels:
+        return f"{conv.in_channels} -> {conv.out_channels} channels is below min_channels={config.min_channels}"
+    if not config.include_depthwise and is_depthwise(conv):
         return "depthwise (groups == in_channels) and include_depthwise=False"
     return None
 
@@ -135,7 +115,8 @@ def is_depthwise(conv: nn.Module) -> bool:
     return conv.groups > 1 and conv.groups == conv.in_channels
 
 
-def _candidates(model: nn.Module) -> list[Candidate]:
+def candidates(model: nn.Module) -> list[Candidate]:
+    """Every conv of ``model`` once, with all the names it has (a shared conv has several), in module order."""
     aliases: dict[int, list[str]] = {}
     modules: dict[int, nn.Module] = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -209,10 +190,10 @@ def _refuse_torchscript(model: nn.Module, selector: str, matched: list[str]) -> 
 
 
 def _no_match_message(selector: str, names: list[str], argument: str) -> str:
-    return f"{argument} selector {selector!r} matches no module; closest names: {_closest(selector, names)}"
+    return f"{argument} selector {selector!r} matches no module; closest names: {closest_names(selector, names)}"
 
 
-def _closest(selector: str, pool: list[str]) -> str:
+def closest_names(selector: str, pool: list[str]) -> str:
     body = selector[len(REGEX_PREFIX) :] if selector.startswith(REGEX_PREFIX) else selector
     close = difflib.get_close_matches(body, pool, n=3, cutoff=0.0)
     return ", ".join(close) if close else "(none: the model has no such modules)"

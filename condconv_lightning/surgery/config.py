@@ -1,0 +1,120 @@
+"""``ConversionConfig``: every option of a conversion, in one frozen, self-validating dataclass.
+
+The single source of truth for conversion options, as peft's ``LoraConfig`` is for
+adapters: :func:`~condconv_lightning.surgery.convert` takes its fields as keywords,
+the conversion callback and the command line build one, and a
+:class:`~condconv_lightning.surgery.ConversionSpec` stores it as JSON. Reading it back
+from a file validates every field the same way as when a user passes it, before
+anything is allocated, so a file cannot make the library compute with values a
+caller would have been refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from ..arguments import (
+    check_choice,
+    check_non_negative_int,
+    check_non_negative_number,
+    check_num_experts,
+    check_seed,
+    check_temperature,
+)
+from ..condconv2d import ExpertInit
+from ..functional.condconv import STRATEGIES, Strategy
+from ..functional.routing import ROUTINGS, Routing
+
+KernelSize = Union[int, Sequence[int]]
+INITS: tuple[str, ...] = ("upcycle", "fresh")
+
+
+@dataclass(frozen=True)
+class ConversionConfig:
+    """How selected convolutions become CondConv2d layers.
+
+    Args:
+        num_experts: K, the number of expert kernels per layer.
+        routing: ``"sigmoid"`` (CondConv) or ``"softmax"`` (DynamicConv) routing.
+        temperature: divides the router's logits.
+        strategy: how the layers execute (see :mod:`condconv_lightning.functional`).
+        init: ``"upcycle"`` (the model's outputs are preserved exactly; see
+            :meth:`CondConv2d.from_conv`) or ``"fresh"`` (train from scratch, as in the paper).
+        perturbation: size of the zero-sum symmetry-breaking expert offsets of
+            upcycling, relative to the kernel's standard deviation.
+        seed: makes the offsets reproducible; each layer draws from a generator seeded by
+            ``seed`` and its name. None uses torch's global generator.
+        kernel_sizes: convert only convs with these kernel sizes (ints mean square kernels).
+        min_channels: convert only convs with at least this many input and output channels.
+        include_depthwise: whether depthwise convs (``groups == in_channels``) are converted.
+
+    Raises:
+        ValueError: a field has a value out of range (or of the wrong type).
+        TypeError: ``kernel_sizes`` is not a sequence.
+    """
+
+    num_experts: int = 4
+    routing: Routing = "sigmoid"
+    temperature: float = 1.0
+    strategy: Strategy = "auto"
+    init: ExpertInit = "upcycle"
+    perturbation: float = 0.05
+    seed: Optional[int] = None
+    kernel_sizes: Optional[tuple[tuple[int, int], ...]] = None
+    min_channels: int = 0
+    include_depthwise: bool = True
+
+    def __post_init__(self) -> None:
+        normalized = {
+            "num_experts": check_num_experts(self.num_experts),
+            "routing": check_choice("routing", self.routing, ROUTINGS),
+            "temperature": check_temperature(self.temperature),
+            "strategy": check_choice("strategy", self.strategy, STRATEGIES),
+            "init": check_choice("init", self.init, INITS),
+            "perturbation": check_non_negative_number("perturbation", self.perturbation),
+            "seed": check_seed(self.seed),
+            "kernel_sizes": kernel_pairs(self.kernel_sizes),
+            "min_channels": check_non_negative_int("min_channels", self.min_channels),
+        }
+        if not isinstance(self.include_depthwise, bool):
+            raise ValueError(f"include_depthwise must be True or False, got {self.include_depthwise!r}")
+        for name, value in normalized.items():
+            object.__setattr__(self, name, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-native fields (kernel sizes as lists)."""
+        data = dataclasses.asdict(self)
+        if self.kernel_sizes is not None:
+            data["kernel_sizes"] = [list(pair) for pair in self.kernel_sizes]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ConversionConfig":
+        """Build from :meth:`to_dict`'s output; missing fields take their defaults, unknown ones are refused."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"conversion options must be a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown conversion option(s) {', '.join(map(repr, unknown[:3]))}; known: {cls.field_names()}")
+        return cls(**data)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def kernel_pairs(kernel_sizes: object) -> Optional[tuple[tuple[int, int], ...]]:
+    """``kernel_sizes`` as a sorted tuple of ``(kh, kw)`` pairs (ints mean square kernels), or None."""
+    if kernel_sizes is None:
+        return None
+    if isinstance(kernel_sizes, (int, str)) or not isinstance(kernel_sizes, Sequence):
+        raise TypeError(f"kernel_sizes must be a sequence such as [3] or [(1, 3)], got {kernel_sizes!r}")
+    pairs: set[tuple[int, int]] = set()
+    for size in kernel_sizes:
+        pair = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, Sequence) else ()
+        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+            raise ValueError(f"kernel_sizes must hold positive ints or (kh, kw) pairs, got {size!r}")
+        pairs.add(pair)  # type: ignore[arg-type]
+    return tuple(sorted(pairs))
