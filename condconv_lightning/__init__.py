@@ -10,11 +10,15 @@ from importlib import import_module
 from typing import Any
 
 from .condconv2d import CondConv2d
+from .functional.entropy import routing_entropy
 from .surgery import (
+    ConversionConfig,
     ConversionReport,
     ConversionSpec,
     SelectorError,
+    apply_spec,
     convert,
+    describe,
     list_convs,
     load_converted,
     revert,
@@ -24,12 +28,11 @@ from .version import __version__
 
 _LAZY = {
     "RoutingEntropy": "condconv_lightning.metrics",
-    "routing_entropy": "condconv_lightning.metrics",
     "RoutingEntropyMonitor": "condconv_lightning.callbacks",
     "CondConvConversion": "condconv_lightning.callbacks",
     "RoutingTemperatureScheduler": "condconv_lightning.callbacks",
     "ImageClassifier": "condconv_lightning.finetune",
-    "SyntheticImageDataModule": "condconv_lightning.finetune",
+    "SyntheticImageDataModule": "condconv_lightning.demos",
 }
 
 
@@ -48,6 +51,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "CondConv2d",
     "CondConvConversion",
+    "ConversionConfig",
     "ConversionReport",
     "ConversionSpec",
     "ImageClassifier",
@@ -57,7 +61,9 @@ __all__ = [
     "SelectorError",
     "SyntheticImageDataModule",
     "__version__",
+    "apply_spec",
     "convert",
+    "describe",
     "list_convs",
     "load_converted",
     "revert",

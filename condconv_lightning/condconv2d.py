@@ -23,7 +23,10 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from .functional.condconv import PADDING_MODES, IntPair, Padding, Strategy, check_strategy, condconv2d, pair
+from .arguments import check_num_experts, check_temperature
+from .functional.condconv import (
+    PADDING_MODES, IntPair, Padding, Strategy, check_strategy, condconv2d, condconv2d_with_strategy, pair
+)
 from .functional.routing import Routing, check_routing, route
 
 # torch.fx records the functional call as one node instead of tracing its shape logic,
@@ -31,6 +34,17 @@ from .functional.routing import Routing, check_routing, route
 torch.fx.wrap("condconv2d")
 
 RoutingHook = Callable[["CondConv2d", Tensor], None]
+CONV_SETTINGS: tuple[str, ...] = (
+    "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"
+)
+
+
+def conv_settings(conv: nn.Module) -> dict[str, object]:
+    """The ``nn.Conv2d`` constructor arguments of ``conv`` (an ``nn.Conv2d`` or a CondConv2d), ``bias`` as a bool.
+
+    Both layers name their settings alike, so this one mapping converts in either direction.
+    """
+    return {**{name: getattr(conv, name) for name in CONV_SETTINGS}, "bias": conv.bias is not None}
 ExpertInit = Literal["upcycle", "fresh"]
 
 
@@ -46,8 +60,11 @@ class CondConv2d(nn.Module):
         temperature: divides the router's logits; stored as the buffer
             ``temperature`` (change it with :meth:`set_temperature`).
         strategy: how the convolution is executed: ``'auto'``, ``'grouped'``,
-            ``'mixture'`` or ``'bmm'`` (see :mod:`condconv_lightning.functional`).
+            ``'mixture'``, ``'bmm'`` or ``'fused'`` (Triton, CUDA only; see
+            :mod:`condconv_lightning.functional`).
             All compute the same function; assign ``layer.strategy`` to change it.
+            ``layer.last_strategy`` is the strategy its last forward ran (what ``auto``
+            chose), or None before the first forward and in a ``torch.fx`` traced copy.
 
     Observing routing: :meth:`register_routing_hook` registers ``hook(layer, r)``,
     called during every forward with the detached routing weights ``r`` of shape
@@ -87,12 +104,10 @@ class CondConv2d(nn.Module):
             raise ValueError(
                 f"in_channels ({in_channels}) and out_channels ({out_channels}) must both be divisible by groups ({groups})"
             )
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be a positive integer, got {num_experts!r}")
+        check_num_experts(num_experts)
+        check_temperature(temperature)
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature!r}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = pair(kernel_size, "kernel_size")
@@ -113,6 +128,7 @@ class CondConv2d(nn.Module):
         self.num_experts = num_experts
         self.routing = check_routing(routing)
         self.strategy = check_strategy(strategy)
+        self.last_strategy: Optional[str] = None
 
         kh, kw = self.kernel_size
         self.weight = nn.Parameter(torch.empty(num_experts, out_channels * (in_channels // groups) * kh * kw, **factory))
@@ -158,10 +174,8 @@ class CondConv2d(nn.Module):
 
     def set_temperature(self, temperature: float) -> None:
         """Set the routing temperature in place (no recompilation under ``torch.compile``)."""
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature!r}")
         with torch.no_grad():
-            self.temperature.fill_(float(temperature))
+            self.temperature.fill_(check_temperature(temperature))
 
     def register_routing_hook(self, hook: RoutingHook) -> RemovableHandle:
         """Call ``hook(layer, routing_weights)`` in every forward; returns a handle with ``remove()``.
@@ -181,18 +195,12 @@ class CondConv2d(nn.Module):
             detached = routing_weights.detach().reshape(-1, self.num_experts)
             for hook in self._routing_hooks.values():
                 hook(self, detached)
-        return condconv2d(
-            x,
-            self.expert_weight(),
-            routing_weights,
-            self.bias,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-            self.padding_mode,
-            self.strategy,
-        )
+        args = (x, self.expert_weight(), routing_weights, self.bias, self.stride, self.padding, self.dilation,
+                self.groups, self.padding_mode, self.strategy)
+        if torch.fx._symbolic_trace._is_fx_tracing_flag:  # one condconv2d node in the graph, see torch.fx.wrap above
+            return condconv2d(*args)
+        output, self.last_strategy = condconv2d_with_strategy(*args)
+        return output
 
     def __getstate__(self) -> dict:
         # Used by pickling and by copy.deepcopy: routing hooks belong to their observers.
@@ -248,24 +256,15 @@ class CondConv2d(nn.Module):
             raise ValueError(f"init must be 'upcycle' or 'fresh', got {init!r}")
         weight = conv.weight
         options = dict(
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            dtype=weight.dtype,
-            num_experts=num_experts,
-            routing=routing,
-            temperature=temperature,
-            strategy=strategy,
+            conv_settings(conv), dtype=weight.dtype, num_experts=num_experts, routing=routing,
+            temperature=temperature, strategy=strategy,
         )
         if init == "fresh":
-            layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, device=weight.device, **options)
+            layer = cls(device=weight.device, **options)
         else:
             # Built on the meta device: upcycling overwrites every parameter, so the
             # random from-scratch init (K x the conv's weights) would be wasted work.
-            layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, device="meta", **options)
+            layer = cls(device="meta", **options)
             layer = layer.to_empty(device=weight.device)
             layer.temperature.fill_(float(temperature))
             layer.upcycle_(conv.weight, conv.bias, perturbation=perturbation, generator=generator)

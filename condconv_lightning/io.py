@@ -11,7 +11,8 @@
 - Loading is weights-only through one function (:func:`load_weights_only`), which
   also refuses compressed zip records (``torch.save`` never compresses, so a deflated
   record that inflates far beyond its size is a zip bomb); trusted pickles load
-  through :func:`load_trusted_pickle` only.
+  through :func:`load_trusted_pickle` only. Wrapper prefixes of state dict keys
+  (``module.``, ``_orig_mod.``) are stripped (:mod:`condconv_lightning.wrappers`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import errno
 import os
 import re
 import secrets
+import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -29,8 +31,9 @@ from typing import IO, Iterator, Mapping, Optional, Union
 import torch
 from torch import Tensor
 
+from .wrappers import strip_keys
+
 PathLike = Union[str, os.PathLike]
-WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
 SAFETENSORS_SUFFIXES: tuple[str, ...] = (".safetensors",)
 TEMP_SUFFIX = ".condconv-tmp"
 MAX_INFLATION_RATIO = 20
@@ -50,13 +53,8 @@ def atomic_write(path: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
             ``overwrite`` is False.
         FileNotFoundError, PermissionError: the folder is missing or not writable.
     """
-    target = Path(path)
-    _refuse_existing(target, overwrite)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"output folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK):
-        raise PermissionError(f"output folder {folder} is not writable; choose another output path")
+    target = check_writable(path, overwrite=overwrite)
+    folder = target.parent
     _remove_stale_temporaries(target)
     tmp = folder / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
@@ -72,9 +70,28 @@ def atomic_write(path: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def _refuse_existing(target: Path, overwrite: bool) -> None:
+def check_writable(path: PathLike, *, overwrite: bool = False) -> Path:
+    """``path`` if a file can be written there now: the checks :func:`atomic_write` makes first.
+
+    Raises:
+        IsADirectoryError: ``path`` is a folder.
+        FileExistsError: ``path`` exists (a symlink too, dangling or not) and ``overwrite`` is False.
+        FileNotFoundError, PermissionError: the folder is missing or not writable.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"{target} is a directory; pass a file path")
     if not overwrite and os.path.lexists(target):
         raise FileExistsError(f"{target} already exists; pass overwrite=True (CLI: --force) to replace it")
+    folder = target.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"output folder {folder} does not exist; create it first")
+    try:  # a real probe: access(2) answers yes for root on file systems that refuse writes (sysfs)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise PermissionError(error.errno, f"output folder {folder} is not writable ({error.strerror})") from None
+    return target
 
 
 def _link_exclusively(tmp: Path, target: Path) -> None:
@@ -177,20 +194,6 @@ def _check_records(path: object, records: list[zipfile.ZipInfo]) -> None:
             )
 
 
-def strip_wrapper_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Remove leading ``module.`` / ``_orig_mod.`` (repeatedly, in any order) from every key."""
-    stripped: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix) :], True
-        stripped[key] = value
-    return stripped
-
-
 def save_state_dict(
     state_dict: Mapping[str, Tensor],
     path: PathLike,
@@ -232,7 +235,7 @@ def load_state_dict(path: PathLike, map_location: Union[str, torch.device] = "cp
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping) or not all(isinstance(v, Tensor) for v in loaded.values()):
         raise ValueError(f"{source} does not hold a state dict (a mapping of names to tensors)")
-    return strip_wrapper_prefixes(loaded)
+    return strip_keys(loaded)
 
 
 def _unshare(tensors: dict[str, Tensor]) -> dict[str, Tensor]:

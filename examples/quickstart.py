@@ -8,7 +8,7 @@
    which CondConv's per-image kernels can help, Yang et al. 2019, arXiv:1904.04971) and
    saves its state dict as ``original.pt``;
 2. converts it by running the real ``condconv-convert original.pt --layers layer3,layer4
-   --arch condconv_lightning.models:resnet_tiny`` command (weights + conversion spec out,
+   --arch condconv_lightning.demos:resnet_tiny`` command (weights + conversion spec out,
    no pickled code in either file);
 3. fine-tunes the converted model with Lightning (``ImageClassifier`` +
    ``RoutingEntropyMonitor`` + ``CSVLogger``) and, as the control, the unconverted model
@@ -49,14 +49,15 @@ from torch import Tensor, nn
 from condconv_lightning import __version__
 from condconv_lightning.callbacks import RoutingEntropyMonitor
 from condconv_lightning.condconv2d import CondConv2d
-from condconv_lightning.finetune import ImageClassifier, SyntheticImageDataModule, make_context_gratings
+from condconv_lightning.demos import SyntheticImageDataModule, make_context_gratings
+from condconv_lightning.finetune import ImageClassifier
 from condconv_lightning.io import atomic_write, save_state_dict
-from condconv_lightning.models import resnet_tiny
+from condconv_lightning.demos import resnet_tiny
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-ARCH = "condconv_lightning.models:resnet_tiny"
+ARCH = "condconv_lightning.demos:resnet_tiny"
 LAYERS = "layer3,layer4"
 CONTEXTS = ("warm", "cool")  # make_context_gratings: context 0 = warm cast (red grating counts), 1 = cool (blue)
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from condconv_lightning import CondConv2d, __version__
-from condconv_lightning.models import mobilenet_tiny, resnet_tiny
+from condconv_lightning.demos import mobilenet_tiny, resnet_tiny
 
 SMALL_INPUT = "2,3,32,32"
 TOLERANCE = 1e-5
@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from condconv_lightning.models import resnet_tiny
+from condconv_lightning.demos import resnet_tiny
 
 
 def tiny(num_classes: int = 10) -> nn.Module:
@@ -64,7 +64,7 @@ class WSNet(nn.Module):
 USER_LIGHTNING = '''
 import lightning.pytorch as pl
 
-from condconv_lightning.models import resnet_tiny
+from condconv_lightning.demos import resnet_tiny
 
 
 class TinyClassifier(pl.LightningModule):
@@ -318,7 +318,7 @@ ERROR_CASES = [
     ("empty file", ["empty.pt", "--layers", "layer3"], 1, ["empty"]),
     ("truncated file", ["truncated.pt", "--trust-pickle", "--layers", "layer3"], 1, ["truncated"]),
     ("not a PyTorch file", ["notes.txt", "--layers", "layer3"], 1, ["not a PyTorch file"]),
-    ("full module without --trust-pickle", ["full.pt", "--layers", "layer3"], 1, ["--trust-pickle", "condconv_lightning.models.ResNet"]),
+    ("full module without --trust-pickle", ["full.pt", "--layers", "layer3"], 1, ["--trust-pickle", "condconv_lightning.demos.models.ResNet"]),
     ("pickle payload without --trust-pickle", ["payload.pt", "--layers", "layer3"], 1, ["--trust-pickle", "io.open", "nothing was loaded"]),
     ("TorchScript", ["scripted.pt", "--layers", "0"], 1, ["TorchScript", "state_dict", "--arch"]),
     ("torch.export", ["exported.pt2", "--layers", "0"], 1, ["torch.export", "--arch"]),
@@ -409,7 +409,7 @@ def test_pickle_payload_does_not_run_without_trust(tmp_path: Path) -> None:
 def test_debug_environment_shows_the_traceback(tmp_path: Path) -> None:
     (tmp_path / "empty.pt").write_bytes(b"")
     result = run_cli("empty.pt", "--layers", "layer3", cwd=tmp_path, debug=True)
-    assert result.returncode == 1 and "Traceback" in result.stderr and "CommandError" in result.stderr
+    assert result.returncode == 1 and "Traceback" in result.stderr and "ModelFileError" in result.stderr
 
 
 def test_interrupted_write_leaves_no_file(work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:

@@ -27,7 +27,7 @@ from condconv_lightning import CondConv2d
 from condconv_lightning.checkpoints import UntrustedCheckpointError, code_references
 from condconv_lightning.finetune import ImageClassifier
 from condconv_lightning.io import UnsafeFileError, atomic_write, load_weights_only
-from condconv_lightning.models import resnet_tiny
+from condconv_lightning.demos import resnet_tiny
 from condconv_lightning.surgery import ConversionSpec, convert, load_converted, save_converted
 
 ARCH = "condconv_lightning.finetune.module:ImageClassifier"
@@ -369,4 +369,4 @@ def test_out_of_range_seed_is_a_usage_error(tmp_path: Path, seed: str, capsys) -
 
     with pytest.raises(SystemExit) as info:
         main(["model.pt", "--layers", "x", "--seed", seed])
-    assert info.value.code == 2 and "expected an integer in [0, 2**63)" in capsys.readouterr().err
+    assert info.value.code == 2 and "seed must be an integer in [0, 2**63)" in capsys.readouterr().err

@@ -6,7 +6,8 @@ import stat
 import pytest
 import torch
 
-from condconv_lightning.io import atomic_write, load_state_dict, save_state_dict, strip_wrapper_prefixes
+from condconv_lightning.io import atomic_write, load_state_dict, save_state_dict
+from condconv_lightning.wrappers import strip_keys
 
 
 def test_atomic_write_renames_on_success_with_umask_permissions(tmp_path):
@@ -59,4 +60,4 @@ def test_lightning_checkpoint_yields_its_state_dict_and_non_state_dicts_are_refu
     torch.save([1, 2, 3], tmp_path / "b.pt")
     with pytest.raises(ValueError, match="does not hold a state dict"):
         load_state_dict(tmp_path / "b.pt")
-    assert strip_wrapper_prefixes({"_orig_mod.module.x": 1}) == {"x": 1}
+    assert strip_keys({"_orig_mod.module.x": 1}) == {"x": 1}

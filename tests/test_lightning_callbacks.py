@@ -15,7 +15,8 @@ from torch import nn
 
 from condconv_lightning import CondConv2d
 from condconv_lightning.callbacks import CondConvConversion, RoutingEntropyMonitor, RoutingTemperatureScheduler
-from condconv_lightning.finetune import ImageClassifier, SyntheticImageDataModule
+from condconv_lightning.demos import SyntheticImageDataModule
+from condconv_lightning.finetune import ImageClassifier
 from test_lightning_metrics import assert_matches, reference
 
 
@@ -173,7 +174,7 @@ def conversion_trainer(tmp_path: Path, conversion, **kwargs) -> Trainer:
 
 
 def test_conversion_in_setup_gives_the_optimizer_the_new_parameters(tmp_path: Path) -> None:
-    from condconv_lightning.models import resnet_tiny
+    from condconv_lightning.demos import resnet_tiny
 
     module = ImageClassifier(resnet_tiny(num_classes=4))
     conversion = CondConvConversion(["layer4"], submodule="model", num_experts=2, seed=0, verbose=False)

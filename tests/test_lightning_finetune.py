@@ -11,8 +11,9 @@ from lightning.pytorch import Trainer
 from torch import nn
 
 from condconv_lightning import CondConv2d
-from condconv_lightning.finetune import ImageClassifier, SyntheticImageDataModule, make_context_gratings, parameter_groups
-from condconv_lightning.models import resnet_tiny
+from condconv_lightning.demos import SyntheticImageDataModule, make_context_gratings
+from condconv_lightning.finetune import ImageClassifier, parameter_groups
+from condconv_lightning.demos import resnet_tiny
 
 
 def test_gratings_are_seeded_and_the_colour_cast_tells_which_grating_counts() -> None:
@@ -120,7 +121,7 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 
 
 def test_cli_defaults_convert_the_builtin_model_and_checkpoint_it(tmp_path: Path) -> None:
-    from condconv_lightning.finetune.cli import main
+    from condconv_lightning.cli.finetune import main
 
     main(["fit", "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}", *SMALL_DATA, *QUIET])
     (version,) = (tmp_path / "lightning_logs").iterdir()
@@ -160,7 +161,7 @@ def test_module_loads_a_file_written_by_save_converted(tmp_path: Path) -> None:
 
 
 def test_cli_runs_the_single_device_example_config(tmp_path: Path) -> None:
-    from condconv_lightning.finetune.cli import main
+    from condconv_lightning.cli.finetune import main
 
     config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "single_device.yaml"
     main(["fit", f"--config={config}", "--trainer.max_steps=1", "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}", *SMALL_DATA, *QUIET])

@@ -188,3 +188,33 @@ def test_autocast_keeps_bf16_in_the_matrix_products(strategy, k, groups):
     seen = [(f, dtypes) for f, _, dtypes in log.ops if f in products]
     assert seen and all(set(dtypes) == {torch.bfloat16} for _, dtypes in seen), seen
     assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("strategy", ["auto", "grouped", "mixture", "bmm"])
+@pytest.mark.parametrize("k,groups", [(1, 1), (3, 1), (3, 4)], ids=["1x1", "3x3", "grouped"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_empty_batch_gives_empty_output_and_zero_gradients(strategy, k, groups, channels_last):
+    x = torch.randn(0, 8, 6, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    weight = torch.randn(3, 8, 8 // groups, k, k, requires_grad=True)
+    bias = torch.randn(3, 8, requires_grad=True)
+    r = torch.rand(0, 3, requires_grad=True)
+    y = condconv2d(x, weight, r, bias, stride=2, padding=k // 2, groups=groups, strategy=strategy)
+    expected = torch.nn.functional.conv2d(x, weight[0], bias[0], 2, k // 2, 1, groups)
+    assert y.shape == expected.shape == (0, 8, 3, 3)
+    y.sum().backward()
+    for tensor in (x, weight, bias, r):
+        assert tensor.grad is not None and tensor.grad.shape == tensor.shape and not tensor.grad.any()
+
+
+@pytest.mark.parametrize("strategy", ["auto", "grouped", "mixture", "bmm"])
+def test_empty_batch_through_the_layer_and_its_router(strategy):
+    layer = routed_layer(3, 1, strategy)
+    seen = []
+    layer.register_routing_hook(lambda _, r: seen.append(r.shape))
+    y = layer(torch.randn(0, 8, 6, 6, requires_grad=True))
+    assert y.shape == (0, 8, 6, 6) and seen == [(0, 3)]
+    y.sum().backward()
+    assert not layer.weight.grad.any() and not layer.router.weight.grad.any()

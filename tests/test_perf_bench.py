@@ -31,11 +31,32 @@ def test_bench_layers_quick_reports_every_variant_against_static(tmp_path, capsy
         for key in ("train_ratio", "infer_ratio", "peak_ratio"):
             assert math.isfinite(row[key]) and row[key] > 0, (row["shape"], row["variant"], key)
         assert row["static_peak_bytes"] > 0
-    assert {r["auto_picks"] for r in rows if r["variant"] == "auto"} <= {"grouped", "mixture", "bmm"}
+    for variant in bench_layers.AUTO_VARIANTS:
+        picks = {(r["auto_picks"], r["auto_picks_infer"]) for r in rows if r["variant"] == variant}
+        assert picks and all({train, infer} <= set(bench_layers.FIXED_STRATEGIES) for train, infer in picks)
     (summary,) = report["summary"]
-    assert summary["auto_over_best_worst"] > 0 and summary["auto"]["geomean"] > 0
+    assert (summary["batch"], summary["experts"]) == (2, 4)
+    for variant in bench_layers.AUTO_VARIANTS:
+        assert summary[variant]["geomean"] > 0 and summary[f"{variant}_over_best"]["worst"] > 0
+        assert set(summary[f"{variant}_over_best"]["misses"]) <= shapes
     printed = capsys.readouterr().out
-    assert "fwd+bwd" in printed and "tiny.dw3x3" in printed
+    assert "fwd+bwd" in printed and "tiny.dw3x3" in printed and "auto-rules/best" in printed
+
+
+def test_bench_layers_suite_is_every_distinct_conv_of_three_architectures():
+    shapes = bench_layers.suite()
+    models = [s.name.split(".")[0] for s in shapes]
+    keys = [(s.in_channels, s.out_channels, s.kernel_size, s.stride, s.groups, s.size, m) for s, m in zip(shapes, models)]
+    assert len(keys) == len(set(keys))
+    assert set(models) == {"r50", "mbv2", "effb0"}
+    assert models.count("r50") == 23  # the stem and 5 or 6 distinct convs per stage
+    assert any(s.kernel_size == 5 and s.groups == s.in_channels == 1152 and s.size == 7 for s in shapes)  # effb0 stage6
+
+
+@pytest.mark.parametrize("flag,variants", [("--tuned", {"auto"}), ("--rules", {"auto-rules"})])
+def test_bench_layers_can_measure_one_auto_variant(flag, variants):
+    args = bench_layers.parse_args(["--quick", flag])
+    assert {v for v in args.variants if v.startswith("auto")} == variants
 
 
 def test_bench_layers_rejects_a_selection_that_matches_nothing():

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from condconv_lightning.condconv2d import CondConv2d
-from condconv_lightning.models import resnet_tiny
+from condconv_lightning.demos import resnet_tiny
 from condconv_lightning.surgery import load_converted
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
+from conftest import CUDA_PARAM
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -63,11 +64,7 @@ CHANNELS_LAST_CASES = ["k1", "k3", "k1-stride2", "stride2", "depthwise", "groups
 BF16_CASES = ["k1", "k3", "k3x5", "stride2", "dilation2", "depthwise", "no-bias", "circular", "softmax", "K8"]
 
 
-def cuda_param():
-    return pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
-
-
-DEVICES = ["cpu", cuda_param()]
+DEVICES = ["cpu", CUDA_PARAM]
 
 
 @pytest.fixture(autouse=True)

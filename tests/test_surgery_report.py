@@ -9,6 +9,7 @@ import torch
 from rich.console import Console
 from zoo import zoo_model
 
+from condconv_lightning.functional import STRATEGIES
 from condconv_lightning.surgery import convert
 
 # PlainCNN at input 3x12x12, shapes worked out by hand from its definition:
@@ -99,8 +100,23 @@ def test_rich_table_shows_every_layer_and_the_totals_in_80_columns() -> None:
     # layer3.0.conv1: 32->64 3x3 stride 2, K=4; 4*18432 + 4*32 + 32*4 + 4 = 73,860 parameters after
     assert rows["layer3.0.conv1"][:5] == ["32->64", "3x3/2", "4", "18.4k", "73.9k"]
     # layer3.0.downsample.0: 1x1, 32*64 = 2,048 -> 4*2048 + 32*4 + 4 = 8,324; layer3 sees layer2's 8x8 output
-    assert rows["layer3.0.downsample.0"] == ["32->64", "1x1/2", "4", "2,048", "8,324", f"{32 * 8 * 8 + 32 * 4:,}", "8,192"]
+    *counts, strategy = rows["layer3.0.downsample.0"]
+    assert counts == ["32->64", "1x1/2", "4", "2,048", "8,324", f"{32 * 8 * 8 + 32 * 4:,}", "8,192"]
+    assert strategy == report.converted[1].strategy and strategy in STRATEGIES
     assert rows["total"] == ["20.5k", "82.2k", f"{2 * (32 * 8 * 8 + 32 * 4):,}", "81.9k"]  # 18,432 + 2,048; 73,860 + 8,324; 73,728 + 8,192
     text = " ".join(" ".join(lines).split())  # the caption wraps at the table's width
     assert "CondConv conversion: 2 layers" in text
     assert "1 skipped" in text and "3 already CondConv2d" in text and "extra MACs per sample at input 3x16x16" in text
+
+
+def test_the_probe_forward_records_each_layers_strategy_and_only_it_shows_the_column() -> None:
+    model = zoo_model("resnet")
+    probed = convert(model, "layer2", input_size=(3, 16, 16))
+    assert all(r.strategy == model.get_submodule(r.name).last_strategy in STRATEGIES for r in probed.converted)
+    assert all(r["strategy"] == c.strategy for r, c in zip(probed.to_dict()["converted"], probed.converted))
+    unprobed = convert(zoo_model("resnet"), "layer2")
+    assert all(r.strategy is None for r in unprobed.converted)
+    for report, shown in ((probed, True), (unprobed, False)):
+        console = Console(record=True, width=80)
+        console.print(report)
+        assert ("strategy" in console.export_text()) == shown

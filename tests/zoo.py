@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from condconv_lightning.models import mobilenet_tiny, resnet_tiny
+from condconv_lightning.demos import mobilenet_tiny, resnet_tiny
 
 
 class PlainCNN(nn.Module):

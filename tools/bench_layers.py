@@ -1,25 +1,31 @@
 """Time CondConv2d under each strategy against ``nn.Conv2d`` of the same shape, side by side.
 
-Issue 6 asks for a layer benchmark whose numbers are ratios measured in one run: for
-every suite shape, batch, K, dtype and device, the static conv and CondConv2d under
-``grouped``, ``mixture``, ``bmm`` and ``auto`` (and timm's CondConv2d when timm is
-importable) run interleaved, so that caches, clocks and other load hit them alike.
-Reported per variant (the fastest of ``--repeats`` interleaved runs, since other
-processes on a shared machine only ever add time): forward+backward time (training step of the layer: input and
-weights require grad) and forward-only time (``torch.no_grad``, the inference case
-CondConv was designed for), each over the static conv's, and the peak memory the
-forward+backward allocates above what existed before, over the static conv's.
+For every suite shape, batch, K, dtype and device, the static conv and CondConv2d under
+``grouped``, ``mixture``, ``bmm``, tuned ``auto`` (the default: each problem timed once,
+see ``condconv_lightning.functional.autotune``) and rules-only ``auto`` (tuning off)
+(and timm's CondConv2d when timm is importable) run interleaved, so that caches, clocks
+and other load hit them alike. Reported per variant (the fastest of ``--repeats``
+interleaved runs, since other processes on a shared machine only ever add time):
+forward+backward time (training step of the layer: input and weights require grad)
+and forward-only time (``torch.no_grad``, the inference case CondConv was designed
+for), each over the static conv's, and the peak memory the forward+backward allocates
+above what existed before, over the static conv's. ``auto`` tunes in the warm-up run,
+which is not timed; the strategy it chose is shown next to its ratio.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the allocation
 events of ``torch.profiler`` (``profile_memory=True``) summed in time order. bf16
 runs under ``torch.autocast`` with a bf16 input, as mixed-precision training does.
 
-The default suite is ResNet-50 (layer1..layer4: the 3x3 and the first 1x1 of a
-block, 224x224 input) and EfficientNet-B0 (a depthwise 3x3 and a pointwise 1x1);
-``--quick`` is a CI-sized run of two small shapes.
+The suite is every distinct conv of ResNet-50, MobileNetV2 and EfficientNet-B0 at
+224x224 (``bench_suite.py``), grouped by model and stage; ``--only`` keeps the shapes
+whose name contains a given text (``--only r50.layer4 effb0.stage6``); ``--quick`` is
+a CI-sized run of two tiny shapes. The summary gives, per (device, dtype, B, K), each
+variant's geometric mean and worst ratio over the static conv, and tuned and
+rules-only ``auto`` against the fastest fixed strategy of each shape.
 
     python tools/bench_layers.py                       # full suite, every device present
-    python tools/bench_layers.py --batch 32 --experts 4 --dtype fp32 --json out.json
+    python tools/bench_layers.py --batch 32 --experts 4 --dtype fp32 --only r50 --json out.json
+    python tools/bench_layers.py --rules               # rules-only auto against the fixed strategies
     python tools/bench_layers.py --quick
 """
 
@@ -43,44 +49,18 @@ import torch.nn as nn
 from rich.console import Console
 from rich.table import Table
 
+from bench_suite import QUICK_SUITE, Shape, suite
 from condconv_lightning import CondConv2d
-from condconv_lightning.functional.auto import choose_strategy
+from condconv_lightning.functional import tuning
 from condconv_lightning.io import atomic_write
 
-STRATEGY_VARIANTS = ("grouped", "mixture", "bmm", "auto")
+FIXED_STRATEGIES = ("grouped", "mixture", "bmm")
+AUTO_VARIANTS = {"auto": True, "auto-rules": False}
+"""The two ``auto`` variants and whether each tunes."""
+STRATEGY_VARIANTS = (*FIXED_STRATEGIES, *AUTO_VARIANTS)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class Shape:
-    """One convolution of a real network: what nn.Conv2d takes, plus its input size."""
-
-    name: str
-    in_channels: int
-    out_channels: int
-    kernel_size: int
-    stride: int
-    groups: int
-    size: int
-
-    @property
-    def padding(self) -> int:
-        return self.kernel_size // 2
-
-
-SUITE = (
-    Shape("r50.layer1.3x3", 64, 64, 3, 1, 1, 56),
-    Shape("r50.layer1.1x1", 256, 64, 1, 1, 1, 56),
-    Shape("r50.layer2.3x3", 128, 128, 3, 1, 1, 28),
-    Shape("r50.layer2.1x1", 512, 128, 1, 1, 1, 28),
-    Shape("r50.layer3.3x3", 256, 256, 3, 1, 1, 14),
-    Shape("r50.layer3.1x1", 1024, 256, 1, 1, 1, 14),
-    Shape("r50.layer4.3x3", 512, 512, 3, 1, 1, 7),
-    Shape("r50.layer4.1x1", 2048, 512, 1, 1, 1, 7),
-    Shape("effb0.dw3x3", 144, 144, 3, 1, 144, 56),
-    Shape("effb0.pw1x1", 240, 40, 1, 1, 1, 28),
-)
-QUICK_SUITE = (Shape("tiny.3x3", 16, 16, 3, 1, 1, 8), Shape("tiny.dw3x3", 16, 16, 3, 1, 16, 8))
+MISS = 1.10
+"""A shape where ``auto`` takes more than this times the fastest fixed strategy is listed as a miss."""
 
 
 @dataclass
@@ -95,6 +75,7 @@ class Result:
     infer_ms: float
     peak_bytes: int
     auto_picks: str = ""
+    auto_picks_infer: str = ""
 
 
 def synchronize(device: torch.device) -> None:
@@ -160,13 +141,14 @@ def timm_condconv(shape: Shape, experts: int, device: torch.device) -> Optional[
     return Routed().to(device)
 
 
-def variants(shape: Shape, experts: int, device: torch.device) -> dict[str, nn.Module]:
+def variants(shape: Shape, experts: int, device: torch.device, names: tuple[str, ...]) -> dict[str, nn.Module]:
     static = nn.Conv2d(
         shape.in_channels, shape.out_channels, shape.kernel_size, shape.stride, shape.padding, groups=shape.groups
     )
     modules: dict[str, nn.Module] = {"static": static.to(device)}
-    for strategy in STRATEGY_VARIANTS:
-        modules[strategy] = CondConv2d.from_conv(static, experts, strategy=strategy, init="fresh").to(device)
+    for name in names:
+        strategy = "auto" if name in AUTO_VARIANTS else name
+        modules[name] = CondConv2d.from_conv(static, experts, strategy=strategy, init="fresh").to(device)
     comparator = timm_condconv(shape, experts, device)
     if comparator is not None:
         modules["timm"] = comparator
@@ -174,71 +156,74 @@ def variants(shape: Shape, experts: int, device: torch.device) -> dict[str, nn.M
 
 
 def measure(
-    shape: Shape, batch: int, experts: int, dtype_name: str, device: torch.device, repeats: int, channels_last: bool
+    shape: Shape, batch: int, experts: int, dtype_name: str, device: torch.device, repeats: int, channels_last: bool,
+    names: tuple[str, ...],
 ) -> list[Result]:
     dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
-    modules = variants(shape, experts, device)
+    modules = variants(shape, experts, device, names)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for module in modules.values():
         module.to(memory_format=memory_format)
     x = torch.randn(batch, shape.in_channels, shape.size, shape.size, device=device, dtype=dtype)
     x = x.contiguous(memory_format=memory_format).requires_grad_(True)
-    autocast = (
-        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    )
 
-    def train_step(module: nn.Module) -> Callable[[], None]:
+    def context(name: str) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(tuning(AUTO_VARIANTS.get(name, True)))
+        if dtype != torch.float32:
+            stack.enter_context(torch.autocast(device.type, dtype=dtype))
+        return stack
+
+    def train_step(name: str) -> Callable[[], None]:
         def step() -> None:
-            with autocast:
-                y = module(x)
+            with context(name):
+                y = modules[name](x)
             y.backward(torch.ones_like(y))
 
         return step
 
-    def infer_step(module: nn.Module) -> Callable[[], None]:
+    def infer_step(name: str) -> Callable[[], None]:
         def step() -> None:
-            with torch.no_grad(), autocast:
-                module(x)
+            with torch.no_grad(), context(name):
+                modules[name](x)
 
         return step
 
     train: dict[str, list[float]] = {name: [] for name in modules}
     infer: dict[str, list[float]] = {name: [] for name in modules}
-    for name, module in modules.items():  # warm-up (and cudnn/oneDNN primitive creation)
-        train_step(module)()
-        infer_step(module)()
+    picks: dict[str, tuple[str, str]] = {}
+    for name in modules:  # warm-up (primitive creation, and tuning for auto)
+        train_step(name)()
+        picked = getattr(modules[name], "last_strategy", "") if name in AUTO_VARIANTS else ""
+        infer_step(name)()
+        picks[name] = (picked, getattr(modules[name], "last_strategy", "") if name in AUTO_VARIANTS else "")
     for _ in range(repeats):
-        for name, module in modules.items():
-            train[name].append(timed_ms(train_step(module), device))
-            infer[name].append(timed_ms(infer_step(module), device))
+        for name in modules:
+            train[name].append(timed_ms(train_step(name), device))
+            infer[name].append(timed_ms(infer_step(name), device))
     peaks = {}
     for name, module in modules.items():  # gradients start unallocated, so each peak counts them once
         module.zero_grad(set_to_none=True)
         x.grad = None
-        peaks[name] = peak_bytes(train_step(module), device)
-    with autocast:
-        cast = x.to(torch.get_autocast_dtype(device.type)) if dtype != torch.float32 else x
-        picks = choose_strategy(
-            cast, modules["auto"].expert_weight(), (shape.stride,) * 2, (shape.padding,) * 2, (1, 1), shape.groups
-        )
+        peaks[name] = peak_bytes(train_step(name), device)
     return [
         Result(
             device=str(device), dtype=dtype_name, shape=shape.name, batch=batch, experts=experts, variant=name,
             train_ms=min(train[name]), infer_ms=min(infer[name]), peak_bytes=peaks[name],
-            auto_picks=picks if name == "auto" else "",
+            auto_picks=picks[name][0], auto_picks_infer=picks[name][1],
         )
         for name in modules
     ]
 
 
 def configurations(args: argparse.Namespace) -> Iterator[tuple[Shape, int, int, str, torch.device]]:
-    suite = QUICK_SUITE if args.quick else SUITE
+    shapes = QUICK_SUITE if args.quick else suite()
     for device in args.devices:
         for dtype_name in args.dtype:
             for batch in args.batch:
                 for experts in args.experts:
-                    for shape in suite:
+                    for shape in shapes:
                         if args.only and not any(part in shape.name for part in args.only):
                             continue
                         yield shape, batch, experts, dtype_name, torch.device(device)
@@ -271,51 +256,72 @@ def geomean(values: list[float]) -> float:
 
 
 def summary(rows: list[dict]) -> list[dict]:
-    """Per (device, dtype, batch): geomean/worst train ratio of each variant; auto's gap to the per-shape best."""
+    """Per (device, dtype, B, K): geomean/worst fwd+bwd ratio of each variant, and each auto against the
+    fastest fixed strategy of every shape (geomean, worst, and the shapes more than 10% slower)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["device"], row["dtype"], row["batch"]), []).append(row)
+        groups.setdefault((row["device"], row["dtype"], row["batch"], row["experts"]), []).append(row)
     out = []
-    for (device, dtype, batch), members in sorted(groups.items()):
-        entry: dict = {"device": device, "dtype": dtype, "batch": batch}
+    for (device, dtype, batch, experts), members in sorted(groups.items()):
+        entry: dict = {"device": device, "dtype": dtype, "batch": batch, "experts": experts}
         for variant in sorted({m["variant"] for m in members}):
             ratios_ = [m["train_ratio"] for m in members if m["variant"] == variant]
             entry[variant] = {"geomean": geomean(ratios_), "worst": max(ratios_)}
-        best: dict[tuple, float] = {}
+        best: dict[str, float] = {}
         for m in members:
-            if m["variant"] in STRATEGY_VARIANTS[:-1]:
-                key = (m["shape"], m["experts"])
-                best[key] = min(best.get(key, math.inf), m["train_ms"])
-        gaps = [m["train_ms"] / best[(m["shape"], m["experts"])] for m in members if m["variant"] == "auto"]
-        entry["auto_over_best_worst"] = max(gaps)
-        entry["best_per_shape_geomean"] = geomean(
-            [best[(m["shape"], m["experts"])] / m["static_train_ms"] for m in members if m["variant"] == "auto"]
-        )
+            if m["variant"] in FIXED_STRATEGIES:
+                best[m["shape"]] = min(best.get(m["shape"], math.inf), m["train_ms"])
+        static = {m["shape"]: m["static_train_ms"] for m in members}
+        entry["best_per_shape_geomean"] = geomean([best[shape] / static[shape] for shape in best])
+        for variant in AUTO_VARIANTS:
+            gaps = {m["shape"]: m["train_ms"] / best[m["shape"]] for m in members if m["variant"] == variant}
+            if gaps and best:
+                entry[f"{variant}_over_best"] = {
+                    "geomean": geomean(list(gaps.values())), "worst": max(gaps.values()),
+                    "misses": sorted(shape for shape, gap in gaps.items() if gap > MISS),
+                }
         out.append(entry)
     return out
 
 
 def render(rows: list[dict], summaries: list[dict], console: Console) -> None:
-    table = Table(title="CondConv2d / nn.Conv2d (same shape, same run): fwd+bwd, fwd-only, peak memory")
-    for column in ("device", "dtype", "shape", "B", "K", "static ms", "variant", "fwd+bwd", "fwd", "peak"):
-        table.add_column(column, justify="right" if column not in ("device", "dtype", "shape", "variant") else "left")
+    """One row per configuration, in sections by model and stage; then the summary per (dtype, B, K)."""
+    names = [v for v in (*STRATEGY_VARIANTS, "timm") if any(r["variant"] == v for r in rows)]
+    table = Table(title="CondConv2d fwd+bwd time / nn.Conv2d's (same shape, same run); auto: (strategy chosen)")
+    for column in ("device", "dtype", "shape", "B", "K", "static ms", *names, "auto fwd", "auto peak"):
+        table.add_column(column, justify="left" if column in ("device", "dtype", "shape") else "right")
+    configs: dict[tuple, dict[str, dict]] = {}
     for row in rows:
-        variant = row["variant"] + (f" ({row['auto_picks']})" if row["auto_picks"] else "")
-        table.add_row(
-            row["device"], row["dtype"], row["shape"], str(row["batch"]), str(row["experts"]),
-            f"{row['static_train_ms']:.2f}", variant, f"{row['train_ratio']:.2f}x", f"{row['infer_ratio']:.2f}x",
-            f"{row['peak_ratio']:.1f}x",
-        )
+        configs.setdefault((row["device"], row["dtype"], row["shape"], row["batch"], row["experts"]), {})[
+            row["variant"]] = row
+    group = None
+    for (device, dtype, shape, batch, experts), by_variant in configs.items():
+        if group is not None and shape.split(" ")[0] != group:
+            table.add_section()
+        group = shape.split(" ")[0]
+        first = next(iter(by_variant.values()))
+        cells = []
+        for name in names:
+            row = by_variant.get(name)
+            pick = f" ({row['auto_picks']})" if row and row["auto_picks"] else ""
+            cells.append(f"{row['train_ratio']:.2f}x{pick}" if row else "-")
+        auto = by_variant.get("auto") or by_variant.get("auto-rules") or first
+        table.add_row(device, dtype, shape, str(batch), str(experts), f"{first['static_train_ms']:.2f}", *cells,
+                      f"{auto['infer_ratio']:.2f}x", f"{auto['peak_ratio']:.1f}x")
     console.print(table)
-    overview = Table(title="fwd+bwd over static conv: geomean / worst across shapes and K")
-    variant_names = sorted({v for s in summaries for v in s if isinstance(s[v], dict)})
-    for column in ("device", "dtype", "B", *variant_names, "best/shape", "auto/best worst"):
+    overview = Table(title="fwd+bwd over static conv, geomean / worst across shapes; auto over the fastest fixed "
+                           "strategy per shape, geomean / worst (shapes > 10% slower)")
+    variant_names = [v for v in names if any(v in s for s in summaries)]
+    autos = [v for v in AUTO_VARIANTS if any(f"{v}_over_best" in s for s in summaries)]
+    for column in ("device", "dtype", "B", "K", *variant_names, "best/shape", *(f"{v}/best" for v in autos)):
         overview.add_column(column)
     for s in summaries:
         overview.add_row(
-            s["device"], s["dtype"], str(s["batch"]),
+            s["device"], s["dtype"], str(s["batch"]), str(s["experts"]),
             *(f"{s[v]['geomean']:.2f} / {s[v]['worst']:.2f}" if v in s else "-" for v in variant_names),
-            f"{s['best_per_shape_geomean']:.2f}", f"{s['auto_over_best_worst']:.2f}",
+            f"{s['best_per_shape_geomean']:.2f}",
+            *(f"{s[f'{v}_over_best']['geomean']:.2f} / {s[f'{v}_over_best']['worst']:.2f} "
+              f"({len(s[f'{v}_over_best']['misses'])})" for v in autos),
         )
     console.print(overview)
 
@@ -337,19 +343,24 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     default_devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     parser.add_argument("--devices", nargs="+", default=default_devices, help="devices to measure (default: all present)")
-    parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="default: fp32 bf16 (--quick: fp32)")
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 32, 128])
     parser.add_argument("--experts", nargs="+", type=int, default=[4, 8])
     parser.add_argument("--only", nargs="+", default=[], help="keep suite shapes whose name contains one of these")
     parser.add_argument("--repeats", type=int, default=3, help="timed iterations per variant (the fastest is reported)")
     parser.add_argument("--channels-last", action="store_true", help="input and modules in channels_last")
-    parser.add_argument("--quick", action="store_true", help="CI-sized run: two tiny shapes, B=2, K=4, fp32, 1 repeat")
+    parser.add_argument("--tuned", action="store_true", help="of the two auto variants, measure tuned auto only")
+    parser.add_argument("--rules", action="store_true", help="of the two auto variants, measure rules-only auto only")
+    parser.add_argument("--quick", action="store_true", help="CI-sized run: two tiny shapes, B=2, K=4, 1 repeat")
     parser.add_argument("--json", type=Path, help="also write every measurement and the summary to this JSON file")
     args = parser.parse_args(argv)
+    args.dtype = args.dtype or (["fp32"] if args.quick else ["fp32", "bf16"])
     if args.quick:
-        args.dtype, args.batch, args.experts, args.repeats = ["fp32"], [2], [4], 1
+        args.batch, args.experts, args.repeats = [2], [4], 1
     if min(args.batch) < 1 or min(args.experts) < 1 or args.repeats < 1:
         parser.error("--batch, --experts and --repeats must be positive")
+    autos = [name for name, flag in (("auto", args.tuned), ("auto-rules", args.rules)) if flag] or list(AUTO_VARIANTS)
+    args.variants = (*FIXED_STRATEGIES, *autos)  # neither flag, or both: tuned and rules-only side by side
     return args
 
 
@@ -359,13 +370,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
     results: list[Result] = []
     for shape, batch, experts, dtype_name, device in configurations(args):
         console.log(f"{device} {dtype_name} {shape.name} B={batch} K={experts}")
-        results.extend(measure(shape, batch, experts, dtype_name, device, args.repeats, args.channels_last))
+        results.extend(
+            measure(shape, batch, experts, dtype_name, device, args.repeats, args.channels_last, args.variants)
+        )
+        report = write_report(results, args)  # after every configuration: a run cut short keeps what it measured
     if not results:
         sys.exit("no configuration selected: check --only against the suite's shape names")
+    render(report["rows"], report["summary"], console)
+    return report
+
+
+def write_report(results: list[Result], args: argparse.Namespace) -> dict:
     rows = ratios(results)
-    summaries = summary(rows)
-    render(rows, summaries, console)
-    report = {"machine": machine(), "channels_last": args.channels_last, "rows": rows, "summary": summaries}
+    report = {"machine": machine(), "channels_last": args.channels_last, "rows": rows, "summary": summary(rows)}
     if args.json:
         with atomic_write(args.json, overwrite=True) as tmp:
             Path(tmp).write_text(json.dumps(report, indent=1))

@@ -1,13 +1,15 @@
 """Training-step throughput and peak memory of a model before and after CondConv conversion, in one run.
 
-Issue 6 asks what conversion costs end to end: a ResNet-50-like network
+What conversion costs end to end: a ResNet-50-like network
 (``condconv_lightning.models.resnet50_like``) trains as is and with ``layer3`` and
 ``layer4`` converted by ``condconv_lightning.surgery.convert`` (K=4 experts,
 ``auto`` strategy). Steps of the two models alternate in one process, so both see
 the same caches and the same other load. A step is forward, cross-entropy,
 backward and an SGD update. Reported: images/s of each (from the fastest step of
-``--steps``) and the converted/static ratio, and the peak memory one step
-allocates above the model's own, with the same measures as ``bench_layers.py``.
+``--steps``) and the converted/static ratio, the peak memory one step allocates
+above the model's own, with the same measures as ``bench_layers.py``, and the time
+of the first (warm-up) step, which includes ``auto``'s tuning of each new problem
+(``CONDCONV_TUNE=0`` turns tuning off for comparison).
 
     python tools/bench_model.py                          # ResNet-50-like, 224x224, B=16
     python tools/bench_model.py --batch 32 --dtype bf16 --json model.json
@@ -31,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench_layers import DTYPES, machine, peak_bytes, timed_ms
+from condconv_lightning.functional import is_tuning_enabled, tuning_cache
 from condconv_lightning.io import atomic_write
 from condconv_lightning.models import resnet50_like, resnet_tiny
 from condconv_lightning.surgery import convert
@@ -86,8 +89,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, 10, (args.batch,), device=device)
     steps = {name: training_step(model, x, labels, dtype) for name, model in (("static", static), ("converted", converted))}
-    for step in steps.values():  # warm-up: primitives, optimizer state
-        step()
+    tuned_before = len(tuning_cache())
+    # warm-up: primitives, optimizer state, and auto's tuning (each new problem is timed once)
+    first_ms = {name: timed_ms(step, device) for name, step in steps.items()}
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.steps):
         for name, step in steps.items():
@@ -111,7 +115,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "step_ms": {name: min(t) for name, t in times.items()},
         "images_per_s": {name: args.batch * 1e3 / min(t) for name, t in times.items()},
         "peak_bytes": peaks,
+        "first_step_ms": first_ms,
+        "tuning": is_tuning_enabled(),
+        "tuned_problems": len(tuning_cache()) - tuned_before,
     }
+    # what the first step cost beyond a steady one, less the static model's own warm-up: auto's tuning
+    warm_up_ms = {name: first_ms[name] - result["step_ms"][name] for name in steps}
+    result["tuning_overhead_s"] = (warm_up_ms["converted"] - max(warm_up_ms["static"], 0)) / 1e3
     result["throughput_ratio"] = result["images_per_s"]["converted"] / result["images_per_s"]["static"]
     result["peak_ratio"] = peaks["converted"] / max(peaks["static"], 1)
 
@@ -123,6 +133,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         table.add_row(name, f"{result['params'][name] / 1e6:.1f}M", f"{result['step_ms'][name]:.1f}",
                       f"{result['images_per_s'][name]:.1f}", f"{peaks[name] / 2**20:.0f}")
     table.add_row("converted/static", "", "", f"{result['throughput_ratio']:.2f}x", f"{result['peak_ratio']:.2f}x")
+    table.caption = (f"first step of the converted model: {first_ms['converted'] / 1e3:.1f} s, about "
+                     f"{result['tuning_overhead_s']:.1f} s of it tuning {result['tuned_problems']} problems")
+    if not result["tuning"]:
+        table.caption = "tuning off (rules-only auto)"
     Console(width=None if sys.stdout.isatty() else 120).print(table)
     if args.json:
         with atomic_write(args.json, overwrite=True) as tmp:

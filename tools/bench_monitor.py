@@ -28,7 +28,8 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from condconv_lightning.callbacks import CondConvConversion, RoutingEntropyMonitor
-from condconv_lightning.finetune import ImageClassifier, SyntheticImageDataModule
+from condconv_lightning.demos import SyntheticImageDataModule
+from condconv_lightning.finetune import ImageClassifier
 
 
 class StepTimer(Callback):

@@ -35,7 +35,7 @@ class RoutingEntropyMonitor(Callback):
     ``<prefix>/<layer>/entropy``, ``<prefix>/<layer>/usage_entropy`` and
     ``<prefix>/<layer>/expert_<k>``, and over all layers ``<prefix>/entropy`` and
     ``<prefix>/usage_entropy`` (means of the layers' values). Validation values use the
-    prefix ``val_<prefix>``. Definitions: :func:`condconv_lightning.metrics.routing_entropy`.
+    prefix ``val_<prefix>``. Definitions: :func:`condconv_lightning.functional.routing_entropy`.
 
     The routing weights are those the forward already computed, received through
     :meth:`CondConv2d.register_routing_hook` (no second forward) and accumulated on the

@@ -3,8 +3,8 @@
     condconv-convert model.pt --layers layer3,layer4 [-o OUT] [--num-experts K] ...
 
 The file is read without running its code unless ``--trust-pickle`` says it may
-(:mod:`.loading`), converted in memory with :func:`condconv_lightning.surgery.convert`,
-checked against the original on a random input (:mod:`.check`), and only then written,
+(:mod:`condconv_lightning.loading`), converted in memory with :func:`condconv_lightning.surgery.convert`,
+checked against the original on a random input (:mod:`condconv_lightning.loading.check`), and only then written,
 atomically, with the same kind as the input: a full module for a full module, weights
 plus the conversion spec for weights (:func:`condconv_lightning.surgery.save_converted`).
 Every failure is one line on stderr and exit status 1 (usage errors: 2), with nothing
@@ -20,7 +20,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -31,15 +30,15 @@ import torch.nn as nn
 from rich.console import Console
 from rich.markup import escape
 
-from ..arguments import check_seed
-from ..io import UnsafeFileError
+from ..io import UnsafeFileError, check_writable
+from ..loading import LoadedModel, ModelFileError, import_object, load_model, one_line
+from ..loading.check import DEFAULT_TOLERANCE, CheckResult, compare, float32_outputs, inferred_input_shapes, reference_run
 from ..version import __version__
 from ..condconv2d import CondConv2d
 from ..surgery import ConversionReport, SelectorError, convert, save_converted
-from .check import DEFAULT_TOLERANCE, CheckResult, compare, float32_outputs, inferred_input_shapes, reference_run
 from .errors import CommandError
+from .options import add_config_arguments, config_from_args
 from .listing import conv_rows, conv_table, mark_selection
-from .loading import LoadedModel, import_object, load_model, one_line
 
 PROG = "condconv-convert"
 DEBUG_ENV = "CONDCONV_DEBUG"
@@ -66,7 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush must not fail again
         return _fail(args, "standard output was closed before the result was printed" + _nothing_written(args))
-    except (CommandError, SelectorError, UnsafeFileError) as error:
+    except (CommandError, ModelFileError, SelectorError, UnsafeFileError) as error:
         if os.environ.get(DEBUG_ENV) == "1":
             raise
         return _fail(args, str(error), facts=getattr(error, "facts", None))
@@ -104,11 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "globs or regexes, as condconv_lightning.surgery.convert takes them")
     parser.add_argument("--exclude", type=_selectors, metavar="SELECTORS", help="comma-separated selectors to leave alone")
     parser.add_argument("-o", "--output", type=Path, metavar="OUT", help=f"output file (default: MODEL's stem + {OUTPUT_SUFFIX}, beside it)")
-    parser.add_argument("--num-experts", type=_positive_int, default=4, metavar="K", help="experts per layer (default: 4)")
-    parser.add_argument("--routing", choices=("sigmoid", "softmax"), default="sigmoid", help="router activation (default: sigmoid)")
-    parser.add_argument("--temperature", type=_positive_float, default=1.0, help="router temperature (default: 1.0)")
-    parser.add_argument("--strategy", choices=("auto", "grouped", "mixture", "bmm", "fused"), default="auto",
-                        help="how CondConv2d layers execute (default: auto)")
     parser.add_argument("--arch", type=_import_path, metavar="MODULE:CALLABLE",
                         help="architecture for a weights file: a model class or factory; a LightningModule class loads a .ckpt itself")
     parser.add_argument("--arch-kwargs", type=_json_object, default={}, metavar="JSON", help="keyword arguments for --arch, a JSON object")
@@ -125,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"largest relative output difference the check accepts (default: {DEFAULT_TOLERANCE:g})")
     parser.add_argument("--force", action="store_true", help="replace an existing output file")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
-    parser.add_argument("--seed", type=_seed, default=0, help="seed of the expert perturbations and of the check's input (default: 0)")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__} (torch {torch.__version__})")
+    # the seed also draws the check's input, so the command is reproducible by default
+    add_config_arguments(parser, defaults={"seed": 0})
     return parser
 
 
@@ -177,13 +172,9 @@ def _convert(
         warnings.simplefilter("ignore")
         report = convert(
             model,
-        args.layers,
-            num_experts=args.num_experts,
-            routing=args.routing,
-            temperature=args.temperature,
-            strategy=args.strategy,
+            args.layers,
+            config_from_args(args),
             exclude=args.exclude,
-            seed=args.seed,
             allow_classes=allow_classes,
             input_size=sample_size,
         )
@@ -228,19 +219,16 @@ def _output_path(model: Path, output: Optional[Path], force: bool) -> Path:
     target = output if output is not None else model.with_name(model.stem + OUTPUT_SUFFIX)
     if target.exists() and model.exists() and target.resolve() == model.resolve():
         raise CommandError(f"the output {target} is the input; the input is never modified, so choose another -o")
-    if target.is_dir():
-        raise CommandError(f"the output {target} is a directory; pass a file path with -o")
-    if os.path.lexists(target) and not force:  # a symlink, dangling or not, is never followed or replaced
-        raise CommandError(f"{target} already exists; pass --force to replace it, or choose another -o")
-    folder = target.parent
-    if not folder.is_dir():
-        raise CommandError(f"the output folder {folder} does not exist; create it or choose another -o")
     try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise CommandError(f"cannot write to the output folder {folder} ({error.strerror}); choose another -o") from None
-    return target
+        return check_writable(target, overwrite=force)
+    except IsADirectoryError:
+        raise CommandError(f"the output {target} is a directory; pass a file path with -o") from None
+    except FileExistsError:  # a symlink, dangling or not, is never followed or replaced
+        raise CommandError(f"{target} already exists; pass --force to replace it, or choose another -o") from None
+    except FileNotFoundError:
+        raise CommandError(f"the output folder {target.parent} does not exist; create it or choose another -o") from None
+    except PermissionError as error:
+        raise CommandError(f"cannot write to the output folder {target.parent} ({os.strerror(error.errno)}); choose another -o") from None
 
 
 def _print_result(
@@ -329,30 +317,14 @@ def _selectors(value: str) -> list[str]:
     return selectors
 
 
-def _positive(kind: type, what: str) -> Callable[[str], Any]:
-    """An argparse ``type`` that parses ``kind`` and accepts only values > 0."""
-
-    def parse(value: str) -> Any:
-        try:
-            number = kind(value)
-        except ValueError:
-            number = None
-        if number is None or not number > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {what}, got {value!r}")
-        return number
-
-    return parse
-
-
-_positive_int = _positive(int, "integer")
-_positive_float = _positive(float, "number")
-
-
-def _seed(value: str) -> int:
+def _positive_float(value: str) -> float:
     try:
-        return check_seed(int(value))  # type: ignore[return-value]
+        number = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {value!r}") from None
+        number = float("nan")
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return number
 
 
 def _shape(value: str) -> tuple[int, ...]:

@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..checkpoints import plain_hparams, read_hparams
 from ..condconv2d import CondConv2d
-from ..models import resnet_tiny
+from ..demos.models import resnet_tiny
 from ..surgery import ConversionSpec, apply_spec, describe, load_converted
 from ..surgery.persist import check_against_weights
 
@@ -71,7 +71,7 @@ class ImageClassifier(pl.LightningModule):
 
     Args:
         model: the network (images ``[B, C, H, W]`` -> logits ``[B, num_classes]``).
-            None builds :func:`condconv_lightning.models.resnet_tiny` for ``num_classes``
+            None builds :func:`condconv_lightning.demos.resnet_tiny` for ``num_classes``
             (unless ``weights`` is a whole-module file).
         weights: a file written by ``condconv-convert`` / ``save_converted``, loaded with
             :func:`condconv_lightning.surgery.load_converted` (weights and conversion spec
@@ -104,7 +104,7 @@ class ImageClassifier(pl.LightningModule):
 
     Example::
 
-        >>> from condconv_lightning.models import resnet_tiny
+        >>> from condconv_lightning.demos import resnet_tiny
         >>> module = ImageClassifier(resnet_tiny(num_classes=4), num_classes=4, router_lr=1e-2)
     """
 

@@ -1,7 +1,34 @@
-"""Functional forms: the router, the conditionally parameterized convolution, the rules of ``auto``."""
+"""Functional forms: the router, the conditionally parameterized convolution, routing entropy, strategy choice."""
 
 from .auto import choose_strategy
-from .condconv import PADDING_MODES, STRATEGIES, condconv2d, explicit_padding
+from .condconv import PADDING_MODES, STRATEGIES, condconv2d, condconv2d_with_strategy, explicit_padding
+from .entropy import routing_entropy
 from .routing import ROUTINGS, route
+from .autotune import (
+    clear_tuning_cache,
+    is_tuning_enabled,
+    load_tuning_cache,
+    save_tuning_cache,
+    set_tuning,
+    tuning,
+    tuning_cache,
+)
 
-__all__ = ["PADDING_MODES", "ROUTINGS", "STRATEGIES", "choose_strategy", "condconv2d", "explicit_padding", "route"]
+__all__ = [
+    "PADDING_MODES",
+    "ROUTINGS",
+    "STRATEGIES",
+    "choose_strategy",
+    "clear_tuning_cache",
+    "condconv2d",
+    "condconv2d_with_strategy",
+    "explicit_padding",
+    "is_tuning_enabled",
+    "load_tuning_cache",
+    "route",
+    "routing_entropy",
+    "save_tuning_cache",
+    "set_tuning",
+    "tuning",
+    "tuning_cache",
+]

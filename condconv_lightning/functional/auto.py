@@ -1,9 +1,14 @@
-"""Rules by which the ``auto`` strategy picks how to execute a CondConv call.
+"""Rules by which the ``auto`` strategy picks how to execute a CondConv call without timing it.
+
+With tuning on (the default), ``auto`` times the strategies once per problem instead
+(:mod:`.autotune`); these rules then decide where nothing can be timed (tracing,
+export, a new problem under ``torch.compile``), order the candidates, and decide
+everything with tuning off (``set_tuning(False)``, ``CONDCONV_TUNE=0``).
 
 The rules were chosen by measurement (``tools/bench_layers.py``, results and machine in
 the README's performance section) over ResNet-50 and EfficientNet-B0 convolutions,
-guided by the cost model of ``../shared/DESIGN.md`` section 2 (P weights per expert,
-S output positions, B samples, K experts):
+guided by a cost model in P weights per expert, S output positions, B samples and K
+experts (the static conv costs B*P*S multiply-adds; mixing the kernels adds B*K*P):
 
 - exporting or tracing (``torch.export``, ONNX, ``torch.jit.trace``): ``grouped``
   would bake B into the graph's ``groups``, so 1x1 dense convs use ``bmm`` and
@@ -26,6 +31,9 @@ training, their gradient). A call whose kernels would exceed
 :data:`KERNEL_BUDGET_BYTES` runs in batch chunks that each fit it, recomputing each
 chunk in the backward (see ``condconv.py``), so no call holds more than the budget of
 per-sample kernels; ``mixture`` holds none.
+
+``fused`` (Triton kernels that mix the experts on-chip, :mod:`.fused`) is opt-in: no rule
+picks it until it has been measured on a GPU against the strategies above.
 """
 
 from __future__ import annotations
@@ -81,14 +89,15 @@ def choose_strategy(
     """Name of the strategy ``auto`` uses for this call (input already padded if needed)."""
     batch, in_channels = x.shape[:2]
     kh, kw = weight.shape[-2:]
+    sample, kernel = x.shape[1:].numel(), weight.shape[1:].numel()  # per sample, per expert
     pointwise = (kh, kw) == (1, 1) and groups == 1
     if is_exporting():
         return "bmm" if pointwise else "mixture"
     if batch == 1 or groups > 1:
         return "grouped"
     if pointwise:
-        large_kernel = weight[0].numel() > _POINTWISE_KERNEL_RATIO * x[0].numel()
+        large_kernel = kernel > _POINTWISE_KERNEL_RATIO * sample
         return "mixture" if large_kernel and weight.shape[0] <= _POINTWISE_MIXTURE_MAX_EXPERTS else "bmm"
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and in_channels > 1
-    small_kernel = weight[0].numel() <= _SMALL_KERNEL_RATIO * x[0].numel()
+    small_kernel = kernel <= _SMALL_KERNEL_RATIO * sample
     return "grouped" if small_kernel and not channels_last else "mixture"

@@ -2,7 +2,7 @@
 
 CondConv (Yang et al., NeurIPS 2019, arXiv:1904.04971) convolves sample ``b`` with
 the kernel ``sum_k r[b, k] * W_k``. Every strategy below computes exactly that; they
-differ only in how the work is laid out (``../shared/DESIGN.md`` section 2):
+differ only in how the work is laid out:
 
 - ``grouped``: the batch folded into conv groups (the formulation of the original
   note and of timm): one conv with ``groups * B`` groups over per-sample kernels.
@@ -10,7 +10,11 @@ differ only in how the work is laid out (``../shared/DESIGN.md`` section 2):
   K outputs mixed by the routing weights. K times the conv FLOPs, no per-sample kernels.
 - ``bmm``: per-sample kernels as batched matrix products; 1x1 kernels multiply the
   input directly, larger kernels go through ``unfold``.
-- ``auto``: picks one of the above per call (see :mod:`.auto`).
+- ``fused``: Triton implicit-GEMM kernels that mix the expert tiles on-chip, so no
+  per-sample kernel is ever stored (:mod:`.fused`); CUDA only (or the Triton
+  interpreter), opt-in: ``auto`` never picks it, and export runs ``auto`` instead.
+- ``auto``: picks one of the above per call: the fastest, timed once per problem
+  (:mod:`.autotune`), or by the rules of :mod:`.auto` when tuning is off or tracing.
 
 ``grouped`` and ``bmm`` hold B per-sample kernels; beyond ``auto.KERNEL_BUDGET_BYTES``
 of them a call runs in batch chunks (:func:`_in_budget_chunks`).
@@ -31,10 +35,12 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from . import auto
-from .auto import choose_strategy, is_exporting, per_sample_kernel_bytes
+from .auto import is_exporting, per_sample_kernel_bytes
+from .autotune import tuned_strategy
+from .fused import fused
 
-Strategy = Literal["auto", "grouped", "mixture", "bmm"]
-STRATEGIES: tuple[str, ...] = ("auto", "grouped", "mixture", "bmm")
+Strategy = Literal["auto", "grouped", "mixture", "bmm", "fused"]
+STRATEGIES: tuple[str, ...] = ("auto", "grouped", "mixture", "bmm", "fused")
 PADDING_MODES: tuple[str, ...] = ("zeros", "reflect", "replicate", "circular")
 _PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
@@ -118,10 +124,11 @@ def _mixture(x: Tensor, weight: Tensor, bias: Optional[Tensor], r: Tensor, strid
     batch, _, out_h, out_w = y.shape
     mix = r.to(y.dtype)
     if nhwc:  # y's memory is [B, H, W, groups, per_group, K]
-        out = torch.bmm(y.permute(0, 2, 3, 1).reshape(batch, -1, num_experts), mix[:, :, None])
+        rows = y.permute(0, 2, 3, 1).reshape(batch, out_h * out_w * out_channels, num_experts)
+        out = torch.bmm(rows, mix[:, :, None])
         out = out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
     else:  # y's memory is [B, groups, K, per_group, H, W]
-        out = torch.matmul(mix[:, None, None, :], y.reshape(batch, groups, num_experts, -1))
+        out = torch.matmul(mix[:, None, None, :], y.reshape(batch, groups, num_experts, per_group * out_h * out_w))
         out = out.view(batch, out_channels, out_h, out_w)
     mixed_bias = _mixed_bias(r, bias, out)
     return out if mixed_bias is None else out + mixed_bias
@@ -146,7 +153,8 @@ def _bmm(x: Tensor, weight: Tensor, bias: Optional[Tensor], r: Tensor, stride, p
             out = out.view(batch, out_channels, out_h, out_w)
     else:
         kernels = kernels.view(batch, groups, out_channels // groups, in_per_group * kh * kw)
-        cols = F.unfold(x, (kh, kw), (dh, dw), (ph, pw), (sh, sw)).view(batch, groups, in_per_group * kh * kw, -1)
+        cols = F.unfold(x, (kh, kw), (dh, dw), (ph, pw), (sh, sw))
+        cols = cols.view(batch, groups, in_per_group * kh * kw, out_h * out_w)
         out = torch.matmul(kernels, cols).reshape(batch, out_channels, out_h, out_w)
     mixed_bias = _mixed_bias(r, bias, out)
     return out if mixed_bias is None else out + mixed_bias
@@ -163,8 +171,10 @@ def _in_budget_chunks(
     training too, for one extra kernel mixing and conv forward per chunk. Under export
     the batch is symbolic and the call runs whole.
     """
+    if is_exporting():  # checked first: comparing the symbolic batch with chunk would guard on it
+        return fn(x, weight, bias, r, *conv_args)
     chunk = max(1, auto.KERNEL_BUDGET_BYTES // per_sample_kernel_bytes(x, weight))
-    if x.shape[0] <= chunk or is_exporting():
+    if x.shape[0] <= chunk:
         return fn(x, weight, bias, r, *conv_args)
     records = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, r))
     outputs = [
@@ -175,8 +185,18 @@ def _in_budget_chunks(
     return torch.cat(outputs)
 
 
-_STRATEGY_FNS: dict[str, Callable[..., Tensor]] = {"grouped": _grouped, "mixture": _mixture, "bmm": _bmm}
+_STRATEGY_FNS: dict[str, Callable[..., Tensor]] = {
+    "grouped": _grouped, "mixture": _mixture, "bmm": _bmm, "fused": fused
+}
 _PER_SAMPLE_KERNELS = ("grouped", "bmm")
+
+
+def _run(strategy: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], r: Tensor, *conv_args) -> Tensor:
+    """One call of a named strategy; those holding per-sample kernels stay within the memory budget."""
+    fn = _STRATEGY_FNS[strategy]
+    if strategy in _PER_SAMPLE_KERNELS:
+        return _in_budget_chunks(fn, x, weight, bias, r, *conv_args)
+    return fn(x, weight, bias, r, *conv_args)
 
 
 def condconv2d(
@@ -201,8 +221,8 @@ def condconv2d(
         bias: per-expert bias ``[K, Cout]``, mixed with the same coefficients, or None.
         stride, padding, dilation, groups, padding_mode: as in ``nn.Conv2d``
             (``padding`` also takes ``'same'`` and ``'valid'``).
-        strategy: ``'auto'``, ``'grouped'``, ``'mixture'`` or ``'bmm'``; all compute
-            the same function.
+        strategy: ``'auto'``, ``'grouped'``, ``'mixture'``, ``'bmm'`` or ``'fused'``; all
+            compute the same function.
 
     Returns:
         ``[B, Cout, H_out, W_out]``.
@@ -210,10 +230,32 @@ def condconv2d(
     Raises:
         ValueError: on shapes that do not fit together or unknown options.
     """
+    return condconv2d_with_strategy(
+        x, weight, routing_weights, bias, stride, padding, dilation, groups, padding_mode, strategy
+    )[0]
+
+
+def condconv2d_with_strategy(
+    x: Tensor,
+    weight: Tensor,
+    routing_weights: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: IntPair = 1,
+    padding: Padding = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    strategy: Strategy = "auto",
+) -> tuple[Tensor, str]:
+    """:func:`condconv2d`, also returning the strategy that ran (for ``auto``, the one it chose).
+
+    ``CondConv2d`` records it as ``last_strategy``.
+    """
     if x.dim() == 3 and routing_weights.dim() == 1:  # unbatched input, as nn.Conv2d accepts
-        return condconv2d(
+        output, strategy = condconv2d_with_strategy(
             x[None], weight, routing_weights[None], bias, stride, padding, dilation, groups, padding_mode, strategy
-        )[0]
+        )
+        return output[0], strategy
     check_strategy(strategy)
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
@@ -246,9 +288,13 @@ def condconv2d(
     else:
         conv_padding = (top, left)
 
+    if not is_exporting() and x.shape[0] == 0:  # as nn.Conv2d: an empty output; grouped would need 0 groups
+        strategy = "mixture"
+    conv_args = (stride, conv_padding, dilation, groups)
+    if strategy == "fused" and is_exporting():  # exported graphs must not need Triton
+        strategy = "auto"
     if strategy == "auto":
-        strategy = choose_strategy(x, weight, stride, conv_padding, dilation, groups)
-    fn = _STRATEGY_FNS[strategy]
-    if strategy in _PER_SAMPLE_KERNELS:
-        return _in_budget_chunks(fn, x, weight, bias, routing_weights, stride, conv_padding, dilation, groups)
-    return fn(x, weight, bias, routing_weights, stride, conv_padding, dilation, groups)
+        strategy = tuned_strategy(
+            x, weight, bias, routing_weights, *conv_args, run=lambda name, *tensors: _run(name, *tensors, *conv_args)
+        )
+    return _run(strategy, x, weight, bias, routing_weights, *conv_args), strategy

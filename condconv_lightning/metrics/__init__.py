@@ -1,8 +1,9 @@
-"""Metrics of CondConv routing: functional and torchmetrics forms."""
+"""Metrics of CondConv routing as torchmetrics ``Metric`` classes (the functional forms are in ``functional``).
 
-# The module routing_entropy.py is imported first so that the package attribute
-# ``routing_entropy`` ends up naming the function, not the submodule.
-from .routing_entropy import RoutingEntropy
-from .functional import routing_entropy  # noqa: E402  (order matters, see above)
+``routing_entropy`` is re-exported here too, where it was first published.
+"""
+
+from ..functional.entropy import routing_entropy
+from .entropy import RoutingEntropy
 
 __all__ = ["RoutingEntropy", "routing_entropy"]

@@ -12,7 +12,7 @@ caller would have been refused.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from ..arguments import (
@@ -55,16 +55,18 @@ class ConversionConfig:
         TypeError: ``kernel_sizes`` is not a sequence.
     """
 
-    num_experts: int = 4
-    routing: Routing = "sigmoid"
-    temperature: float = 1.0
-    strategy: Strategy = "auto"
-    init: ExpertInit = "upcycle"
-    perturbation: float = 0.05
-    seed: Optional[int] = None
-    kernel_sizes: Optional[tuple[tuple[int, int], ...]] = None
-    min_channels: int = 0
-    include_depthwise: bool = True
+    num_experts: int = field(default=4, metadata={"help": "experts per layer", "metavar": "K"})
+    routing: Routing = field(default="sigmoid", metadata={"help": "router activation"})
+    temperature: float = field(default=1.0, metadata={"help": "router temperature (divides the logits)"})
+    strategy: Strategy = field(default="auto", metadata={"help": "how CondConv2d layers execute"})
+    init: ExpertInit = field(default="upcycle", metadata={"help": "upcycle (exact) or fresh experts"})
+    perturbation: float = field(default=0.05, metadata={"help": "symmetry-breaking expert offsets, relative to std(W)"})
+    seed: Optional[int] = field(default=None, metadata={"help": "seed of the expert offsets"})
+    kernel_sizes: Optional[tuple[tuple[int, int], ...]] = field(
+        default=None, metadata={"help": "convert only these kernel sizes, e.g. 3 or 1x3"}
+    )
+    min_channels: int = field(default=0, metadata={"help": "convert only convs with this many in and out channels"})
+    include_depthwise: bool = field(default=True, metadata={"help": "also convert depthwise convs"})
 
     def __post_init__(self) -> None:
         normalized = {

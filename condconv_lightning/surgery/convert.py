@@ -22,6 +22,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from ..condconv2d import CondConv2d
+from ..wrappers import strip
 from .config import ConversionConfig
 from .replace import carry_hooks, replace_modules
 from .report import ConversionReport, ConvertedLayer, SkippedLayer, probe_shapes
@@ -34,7 +35,6 @@ from .select import (
     closest_names,
     filter_reason,
     resolve,
-    strip_wrapper_prefix,
 )
 from .spec import ConversionSpec, LayerOptions, class_path
 
@@ -227,10 +227,10 @@ def _convert_planned(
 
 def _recorded_conv(model: nn.Module, name: str) -> Candidate:
     """The conv a spec names, looked up exactly (wrapper prefixes on either side resolve); never a pattern."""
-    wanted = strip_wrapper_prefix(name)
+    wanted = strip(name)
     found = candidates(model)
     for candidate in found:
-        if wanted in {strip_wrapper_prefix(alias) for alias in candidate.aliases}:
+        if wanted in {strip(alias) for alias in candidate.aliases}:
             return candidate
     raise SelectorError(
         f"spec layer {name!r} is not a convolution in this model (closest: {closest_names(name, [c.name for c in found])}); "

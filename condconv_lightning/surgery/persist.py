@@ -30,12 +30,11 @@ from ..io import (
     load_trusted_pickle,
     load_weights_only,
     save_state_dict,
-    strip_wrapper_prefixes,
     torch_save,
 )
 from .convert import apply_spec, describe
 from .replace import modules_by_name, restore_modules
-from .select import strip_wrapper_prefix
+from ..wrappers import strip, strip_keys
 from .spec import ConversionSpec
 
 FILE_FORMAT = "condconv_lightning.converted/1"
@@ -112,7 +111,7 @@ def load_converted(
         except pickle.UnpicklingError:
             return _load_module(source, map_location, trust_pickle)
         spec = _spec_or_error(source, _torch_spec(loaded))
-        state = strip_wrapper_prefixes(loaded["state_dict"])
+        state = strip_keys(loaded["state_dict"])
     if model is None:
         raise ValueError(f"{source} holds weights and a conversion spec; pass a fresh instance of its architecture as model")
     return load_into(model, spec, state, source)
@@ -140,9 +139,9 @@ def load_into(model: nn.Module, spec: ConversionSpec, state: Mapping[str, torch.
 
 def check_against_weights(spec: ConversionSpec, state: Mapping[str, torch.Tensor], source: object) -> None:
     """Each spec layer's ``weight`` must be in ``state`` as ``[num_experts, P]``."""
-    stripped = strip_wrapper_prefixes(state)
+    stripped = strip_keys(state)
     for name, options in spec.layers.items():
-        weight = stripped.get(f"{strip_wrapper_prefix(name)}.weight")
+        weight = stripped.get(f"{strip(name)}.weight")
         if weight is None or weight.dim() != 2 or weight.shape[0] != options.num_experts:
             found = "no such tensor" if weight is None else f"a tensor of shape {list(weight.shape)}"
             raise ValueError(

@@ -21,6 +21,8 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from ..modes import evaluating
+
 from .spec import ConversionSpec
 
 HW = tuple[int, int]
@@ -199,10 +201,7 @@ class ConversionReport:
 
 
 def probe_shapes(model: nn.Module, convs: Sequence[nn.Module], input_size: Sequence[int]) -> dict[int, LayerShapes]:
-    """Run one eval-mode, no-grad forward on zeros of ``(1, *input_size)`` recording each conv's shapes.
-
-    Eval mode keeps BatchNorm running statistics unchanged; every module's mode is
-    restored afterwards.
+    """Run one probing forward (:func:`~condconv_lightning.modes.evaluating`) on zeros of ``(1, *input_size)``.
 
     Raises:
         ValueError: the model's forward fails on that input.
@@ -215,11 +214,9 @@ def probe_shapes(model: nn.Module, convs: Sequence[nn.Module], input_size: Seque
 
     first = next(model.parameters(), None)
     factory = {"device": first.device, "dtype": first.dtype} if first is not None else {}
-    modes = [(m, m.training) for m in model.modules()]
     handles = [m.register_forward_hook(record) for m in {id(m): m for m in convs}.values()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model):
             model(torch.zeros(1, *input_size, **factory))
     except Exception as error:
         raise ValueError(
@@ -229,8 +226,6 @@ def probe_shapes(model: nn.Module, convs: Sequence[nn.Module], input_size: Seque
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes:
-            module.training = training
     return {
         key: LayerShapes(calls[0][0], calls[0][1], len(calls), calls[0][2])  # type: ignore[arg-type]
         for key, calls in seen.items()

@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..condconv2d import CondConv2d
+from ..condconv2d import CondConv2d, conv_settings
+from ..modes import evaluating
 from .replace import carry_hooks, replace_modules
 
 
@@ -51,19 +52,7 @@ def revert(model: nn.Module, inputs: Optional[Tensor] = None) -> nn.Module:
 def _static_conv(layer: CondConv2d, routing: Tensor) -> nn.Conv2d:
     """The ``nn.Conv2d`` whose kernel and bias are ``layer``'s experts mixed by ``routing`` [K]."""
     weight = layer.weight
-    conv = nn.Conv2d(
-        layer.in_channels,
-        layer.out_channels,
-        layer.kernel_size,
-        stride=layer.stride,
-        padding=layer.padding,
-        dilation=layer.dilation,
-        groups=layer.groups,
-        bias=layer.bias is not None,
-        padding_mode=layer.padding_mode,
-        device=weight.device,
-        dtype=weight.dtype,
-    )
+    conv = nn.Conv2d(**conv_settings(layer), device=weight.device, dtype=weight.dtype)
     mix = routing.to(device=weight.device, dtype=torch.float64)
     conv.weight.copy_((mix @ weight.double()).view_as(conv.weight))
     conv.weight.requires_grad_(weight.requires_grad)
@@ -80,17 +69,13 @@ def _mean_routing(model: nn.Module, layers: list[CondConv2d], inputs: Tensor) ->
         sums[id(layer)].append(routing.double().sum(dim=0))
         sums[id(layer)].append(torch.tensor(float(routing.shape[0]), dtype=torch.float64, device=routing.device))
 
-    modes = [(m, m.training) for m in model.modules()]
     handles = [layer.register_routing_hook(record) for layer in layers]
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model):
             model(inputs)
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes:
-            module.training = training
     means: dict[int, Tensor] = {}
     for key, parts in sums.items():
         if parts:

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..condconv2d import CondConv2d
-from ..io import WRAPPER_PREFIXES
+from ..wrappers import WRAPPER_PREFIXES
 from .config import ConversionConfig
 
 Selectors = Union[str, Sequence[str]]
@@ -137,13 +137,6 @@ def _match(selector: str, names: list[str], argument: str) -> list[str]:
         if matched:
             return matched
     return []
-
-
-def strip_wrapper_prefix(name: str) -> str:
-    """``name`` without leading ``module.`` / ``_orig_mod.`` parts."""
-    while name.startswith(WRAPPER_PREFIXES):
-        name = name.split(".", 1)[1]
-    return name
 
 
 def _variants(selector: str, names: list[str]) -> Iterator[str]:

@@ -5,7 +5,7 @@ defaults to ``weights_only=True`` since torch 2.6. Files are opened weights-only
 file that holds pickled Python objects (a full ``torch.save(model)``) is loaded only
 when the caller passes ``trust_pickle=True`` (``--trust-pickle``), and otherwise
 refused with the globals it would import, read from its opcodes without executing
-anything (:func:`~condconv_lightning.cli.formats.pickled_globals`).
+anything (:func:`~condconv_lightning.loading.formats.pickled_globals`).
 
 Weights (a state dict, safetensors, a Lightning ``.ckpt``) need the architecture as an
 import path ``module.path:callable`` (a class or a factory), as ``uvicorn`` and
@@ -31,10 +31,11 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..checkpoints import HPARAMS_KEY, UntrustedCheckpointError, plain_hparams
-from ..io import SAFETENSORS_SUFFIXES, UnsafeFileError, load_state_dict, load_trusted_pickle, load_weights_only, strip_wrapper_prefixes
+from ..io import SAFETENSORS_SUFFIXES, UnsafeFileError, load_state_dict, load_trusted_pickle, load_weights_only
+from ..wrappers import strip_keys, unwrap
 from ..surgery import load_converted, read_spec
 from ..surgery.persist import FILE_FORMAT as CONVERTED_FILE_FORMAT
-from .errors import CommandError
+from .errors import ModelFileError, one_line
 from .formats import FileFormat, detect_format, pickled_globals
 
 MAX_NAMES_SHOWN = 3
@@ -60,17 +61,17 @@ def load_model(
     """Read ``path`` onto the CPU as an nn.Module (see the module docstring for the rules).
 
     Raises:
-        CommandError: the file is unusable, needs ``--trust-pickle`` or ``--arch``, or the
+        ModelFileError: the file is unusable, needs ``--trust-pickle`` or ``--arch``, or the
             architecture does not import or does not match the weights.
     """
     file_format = detect_format(path)
     if file_format is FileFormat.TORCHSCRIPT:
-        raise CommandError(
+        raise ModelFileError(
             f"{path} is a TorchScript archive (torch.jit.save): it holds compiled code, not the Python modules "
             "to convert; pass torch.save(model.state_dict()) with --arch, or a torch.save(model) file"
         )
     if file_format is FileFormat.TORCH_EXPORT:
-        raise CommandError(
+        raise ModelFileError(
             f"{path} is a torch.export archive: its graph has no Conv2d modules to convert; pass "
             "torch.save(model.state_dict()) with --arch, or a torch.save(model) file"
         )
@@ -80,13 +81,13 @@ def load_model(
         content = _torch_load(path, file_format, trust_pickle)
     if isinstance(content, nn.Module):
         if arch is not None:
-            raise CommandError(f"{path} holds a full module ({type(content).__name__}); drop --arch, which is for weights files")
-        model = _unwrap(content)
+            raise ModelFileError(f"{path} holds a full module ({type(content).__name__}); drop --arch, which is for weights files")
+        model = unwrap(content)
         return LoadedModel(model, True, f"full module ({type(model).__name__})", file_format)
     state, checkpoint = _weights_in(content, path)
     holds = f"{'Lightning checkpoint' if checkpoint else 'state dict'} ({len(state)} tensors)"
     if arch is None:
-        raise CommandError(
+        raise ModelFileError(
             f"{path} holds a {holds} but no architecture; pass "
             "--arch module.path:ClassOrFactory (and --arch-kwargs JSON if it takes arguments)"
         )
@@ -96,14 +97,14 @@ def load_model(
         try:
             model = load_converted(path, _build(builder, arch, arch_kwargs or {}))
         except (ValueError, TypeError, RuntimeError, KeyError) as error:
-            raise CommandError(f"the converted weights in {path} do not load into --arch {arch}: {one_line(error)}") from None
+            raise ModelFileError(f"the converted weights in {path} do not load into --arch {arch}: {one_line(error)}") from None
         return LoadedModel(model, False, f"converted weights + spec ({len(state)} tensors)", file_format)
     if checkpoint and _is_lightning_module_class(builder):
         if not trust_pickle:
             try:
                 plain_hparams(content.get(HPARAMS_KEY, {}), path, "--trust-pickle")  # type: ignore[union-attr]
             except UntrustedCheckpointError as error:
-                raise CommandError(str(error)) from None
+                raise ModelFileError(str(error)) from None
         model = _load_lightning_checkpoint(builder, path, arch, arch_kwargs or {}, trust_pickle)
     else:
         model = _build(builder, arch, arch_kwargs or {})
@@ -118,17 +119,17 @@ def import_object(target: str, flag: str) -> Callable[..., Any]:
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as error:
-        raise CommandError(
+        raise ModelFileError(
             f"{flag} {target}: cannot import {module_name!r} ({error}); check the name, or run from the folder that contains it"
         ) from None
     except Exception as error:  # the module's own code failed while importing
-        raise CommandError(f"{flag} {target}: importing {module_name!r} raised {one_line(error)}") from None
+        raise ModelFileError(f"{flag} {target}: importing {module_name!r} raised {one_line(error)}") from None
     for part in attribute.split("."):
         if not hasattr(obj, part):
-            raise CommandError(f"{flag} {target}: {module_name!r} has no attribute {attribute!r}; check the name after ':'")
+            raise ModelFileError(f"{flag} {target}: {module_name!r} has no attribute {attribute!r}; check the name after ':'")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise CommandError(f"{flag} {target} is a {type(obj).__name__}, not a class or function")
+        raise ModelFileError(f"{flag} {target} is a {type(obj).__name__}, not a class or function")
     return obj
 
 
@@ -140,13 +141,6 @@ def make_cwd_importable() -> None:
     """
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())
-
-
-def one_line(error: BaseException) -> str:
-    """``Type: message`` with the message's lines joined, for one-line reports."""
-    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    text = text if len(text) <= 300 else text[:297] + "..."
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _torch_load(path: Path, file_format: FileFormat, trust_pickle: bool) -> object:
@@ -161,19 +155,19 @@ def _torch_load(path: Path, file_format: FileFormat, trust_pickle: bool) -> obje
             raise _unreadable(path, error) from None
         if not trust_pickle:
             more = f" (and {len(foreign) - 1} more globals)" if len(foreign) > 1 else ""
-            raise CommandError(
+            raise ModelFileError(
                 f"{path} holds pickled Python objects: loading it imports {foreign[0]}{more} and can run code "
                 "from the file; nothing was loaded. If you trust its source, pass --trust-pickle"
             ) from None
     except UnsafeFileError as error:
-        raise CommandError(str(error)) from None
+        raise ModelFileError(str(error)) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise _unreadable(path, error) from None
     make_cwd_importable()
     try:
         return load_trusted_pickle(path)
     except (ImportError, AttributeError) as error:
-        raise CommandError(
+        raise ModelFileError(
             f"unpickling {path} needs code that does not import here ({one_line(error)}); run where the model's "
             "package is installed, or pass its state dict with --arch"
         ) from None
@@ -181,9 +175,9 @@ def _torch_load(path: Path, file_format: FileFormat, trust_pickle: bool) -> obje
         raise _unreadable(path, error) from None
 
 
-def _unreadable(path: object, error: BaseException) -> CommandError:
+def _unreadable(path: object, error: BaseException) -> ModelFileError:
     """The one message for a file whose bytes torch cannot parse."""
-    return CommandError(f"cannot read {path} ({one_line(error)}); it is truncated or corrupted")
+    return ModelFileError(f"cannot read {path} ({one_line(error)}); it is truncated or corrupted")
 
 
 def _weights_only_globals() -> set[str]:
@@ -210,24 +204,13 @@ def _is_converted(path: Path, content: object) -> bool:
     return False
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DataParallel/DDP (``.module``) or torch.compile (``._orig_mod``) wrappers."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def _weights_in(content: object, path: Path) -> tuple[dict[str, Tensor], bool]:
     """The state dict in ``content`` and whether it came from a Lightning checkpoint."""
     checkpoint = isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping)
     state = content["state_dict"] if checkpoint else content  # type: ignore[index]
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CommandError(f"{path} holds a {type(content).__name__}, not a model, a state dict or a Lightning checkpoint")
-    return strip_wrapper_prefixes(state), checkpoint
+        raise ModelFileError(f"{path} holds a {type(content).__name__}, not a model, a state dict or a Lightning checkpoint")
+    return strip_keys(state), checkpoint
 
 
 def _is_lightning_module_class(obj: object) -> bool:
@@ -249,18 +232,18 @@ def _load_lightning_checkpoint(
             path, map_location="cpu", weights_only=not trust_pickle, strict=False, **untrusted, **arch_kwargs
         )
     except Exception as error:
-        raise CommandError(f"--arch {arch}: {cls.__name__}.load_from_checkpoint({path}) failed: {one_line(error)}") from None
+        raise ModelFileError(f"--arch {arch}: {cls.__name__}.load_from_checkpoint({path}) failed: {one_line(error)}") from None
 
 
 def _build(builder: Callable[..., Any], arch: str, arch_kwargs: Mapping[str, Any]) -> nn.Module:
     try:
         model = builder(**arch_kwargs)
     except Exception as error:
-        raise CommandError(
+        raise ModelFileError(
             f"--arch {arch} with --arch-kwargs {json.dumps(dict(arch_kwargs))} raised {one_line(error)}"
         ) from None
     if not isinstance(model, nn.Module):
-        raise CommandError(f"--arch {arch} returned a {type(model).__name__}, not an nn.Module; name a model class or a factory")
+        raise ModelFileError(f"--arch {arch} returned a {type(model).__name__}, not an nn.Module; name a model class or a factory")
     return model
 
 
@@ -281,7 +264,7 @@ def _load_weights(model: nn.Module, state: dict[str, Tensor], path: Path, arch: 
         shapes = f"{first}: file {list(state[first].shape)}, model {list(expected[first].shape)}"
         problems.append(f"{len(reshaped)} with another shape ({shapes})")
     if problems:
-        raise CommandError(
+        raise ModelFileError(
             f"the weights in {path} do not match --arch {arch}: {', '.join(problems)}; "
             "pass the architecture (and --arch-kwargs) they were saved from"
         )

@@ -23,7 +23,7 @@ import zipfile
 from pathlib import Path
 from typing import IO, Iterator
 
-from .errors import CommandError
+from .errors import ModelFileError
 
 TORCH_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 ZIP_MAGIC = b"PK\x03\x04"
@@ -48,18 +48,18 @@ class FileFormat(enum.Enum):
 
 
 def detect_format(path: Path) -> FileFormat:
-    """Return the file's format, or raise :class:`CommandError` saying what is wrong with it.
+    """Return the file's format, or raise :class:`ModelFileError` saying what is wrong with it.
 
     Raises:
-        CommandError: missing, a directory, empty, truncated, or not a PyTorch file.
+        ModelFileError: missing, a directory, empty, truncated, or not a PyTorch file.
     """
     if not path.exists():
-        raise CommandError(f"{path}: no such file; check the path")
+        raise ModelFileError(f"{path}: no such file; check the path")
     if path.is_dir():
-        raise CommandError(f"{path} is a directory; pass the model file inside it")
+        raise ModelFileError(f"{path} is a directory; pass the model file inside it")
     size = path.stat().st_size
     if size == 0:
-        raise CommandError(f"{path} is empty (0 bytes); save the model again")
+        raise ModelFileError(f"{path} is empty (0 bytes); save the model again")
     with path.open("rb") as f:
         head = f.read(16)
     if head.startswith(ZIP_MAGIC):
@@ -68,7 +68,7 @@ def detect_format(path: Path) -> FileFormat:
         return _pickle_format(path)
     if _is_safetensors(path, head, size):
         return FileFormat.SAFETENSORS
-    raise CommandError(
+    raise ModelFileError(
         f"{path} is not a PyTorch file (expected a torch.save file, a Lightning .ckpt or a .safetensors file)"
     )
 
@@ -89,19 +89,19 @@ def pickled_globals(path: Path, file_format: FileFormat) -> list[str]:
 
 def _zip_format(path: Path) -> FileFormat:
     if not zipfile.is_zipfile(path):
-        raise CommandError(f"{path} is a truncated or corrupted zip archive; download or save it again")
+        raise ModelFileError(f"{path} is a truncated or corrupted zip archive; download or save it again")
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError) as error:
-        raise CommandError(f"{path} is a corrupted zip archive ({error}); download or save it again") from None
+        raise ModelFileError(f"{path} is a corrupted zip archive ({error}); download or save it again") from None
     if any(_is_record(n, "constants.pkl") for n in names) and any("/code/" in n for n in names):
         return FileFormat.TORCHSCRIPT
     if any(_is_record(n, "archive_format") for n in names):
         return FileFormat.TORCH_EXPORT
     if any(_is_record(n, "data.pkl") for n in names):
         return FileFormat.TORCH_ZIP
-    raise CommandError(f"{path} is a zip archive but not a PyTorch file (it has no data.pkl record)")
+    raise ModelFileError(f"{path} is a zip archive but not a PyTorch file (it has no data.pkl record)")
 
 
 def _is_record(name: str, record: str) -> bool:
@@ -115,9 +115,9 @@ def _pickle_format(path: Path) -> FileFormat:
         try:
             first = [arg for op, arg, _ in pickletools.genops(f) if op.name in ("LONG1", "LONG4", "INT")]
         except (ValueError, EOFError):
-            raise CommandError(f"{path} is a truncated or corrupted pickle; download or save it again") from None
+            raise ModelFileError(f"{path} is a truncated or corrupted pickle; download or save it again") from None
     if first != [TORCH_MAGIC_NUMBER]:
-        raise CommandError(f"{path} is a Python pickle but not a torch.save file; save the model with torch.save")
+        raise ModelFileError(f"{path} is a Python pickle but not a torch.save file; save the model with torch.save")
     return FileFormat.TORCH_LEGACY
 
 
@@ -126,7 +126,7 @@ def _is_safetensors(path: Path, head: bytes, size: int) -> bool:
         return False
     header_size = int.from_bytes(head[:8], "little")
     if 8 + header_size > size:
-        raise CommandError(f"{path} is a truncated safetensors file; download or save it again")
+        raise ModelFileError(f"{path} is a truncated safetensors file; download or save it again")
     with path.open("rb") as f:
         f.seek(8)
         try:
@@ -138,7 +138,7 @@ def _is_safetensors(path: Path, head: bytes, size: int) -> bool:
     except (AttributeError, KeyError, IndexError, TypeError, ValueError):
         return False
     if 8 + header_size + max(ends, default=0) > size:
-        raise CommandError(f"{path} is a truncated safetensors file; download or save it again")
+        raise ModelFileError(f"{path} is a truncated safetensors file; download or save it again")
     return True
 
 

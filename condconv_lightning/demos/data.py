@@ -13,15 +13,17 @@ Generated in memory from a seed: no downloads.
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-__all__ = ["SyntheticImageDataModule", "make_context_gratings"]
+__all__ = ["EpochShuffleSampler", "ResumableDataLoader", "SyntheticImageDataModule", "make_context_gratings"]
 
 # Colour cast per context (R, G, B offsets), visible to a global average pool, and the
 # channel whose grating decides the class in that context.
@@ -68,6 +70,58 @@ def make_context_gratings(
     return images, labels, context, distractor
 
 
+class EpochShuffleSampler(DistributedSampler):
+    """A permutation seeded by ``seed + epoch`` (DistributedSampler's), sharded by rank, that can start mid-epoch.
+
+    The order depends on the epoch only, not on how often the loader was built, so a resumed run sees the order an
+    uninterrupted one would. Being a DistributedSampler, Lightning keeps it under DDP instead of substituting its
+    own; each rank takes every ``num_replicas``-th index, so a step's batches across ranks are a contiguous block of
+    the permutation. ``start`` skips the first indices of this rank's share (samples an interrupted run consumed).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start, None)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over an :class:`EpochShuffleSampler` whose position survives a restart.
+
+    Lightning saves ``state_dict()`` of every training DataLoader that has one with the fit loop's state and, on a
+    mid-epoch resume, passes it to ``load_state_dict()`` before iterating; it calls the sampler's ``set_epoch`` at
+    every epoch start. The state is the epoch and the batches already yielded in it: a resume within that epoch
+    skips them (by index, without loading them), one in a later epoch starts it from the beginning.
+    """
+
+    sampler: EpochShuffleSampler
+
+    def __init__(self, dataset: Dataset, batch_size: int, sampler: EpochShuffleSampler, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size, sampler=sampler, drop_last=True, **kwargs)
+        self._epoch = sampler.epoch
+        self._batches = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._epoch, self._batches = state_dict["epoch"], state_dict["batches"]
+        self.sampler.set_epoch(self._epoch)
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        # A generator: the sampler is read at the first batch, after Lightning's set_epoch, even though Lightning
+        # calls iter() before it on resume (worker processes would draw indices inside iter()).
+        if self.sampler.epoch != self._epoch:
+            self._epoch, self._batches = self.sampler.epoch, 0
+        self.sampler.start = self._batches * self.batch_size
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+        self._batches = 0  # a complete pass: iterating again (without set_epoch) repeats the epoch from its start
+
+
 class SyntheticImageDataModule(pl.LightningDataModule):
     """Context-dependent gratings (:func:`make_context_gratings`) for training and validation.
 
@@ -78,7 +132,9 @@ class SyntheticImageDataModule(pl.LightningDataModule):
         val_size: number of validation images.
         batch_size: per-process batch size.
         noise: standard deviation of the Gaussian pixel noise.
-        seed: seed of the generator; the same seed gives the same data on every process.
+        seed: seed of the generator; the same seed gives the same data on every process. The training order
+            is a permutation seeded by ``seed`` and the epoch (:class:`EpochShuffleSampler`), sharded across DDP
+            processes by this module itself, and resumes where a checkpoint left it (:class:`ResumableDataLoader`).
         num_workers: DataLoader worker processes.
 
     Example::
@@ -127,9 +183,10 @@ class SyntheticImageDataModule(pl.LightningDataModule):
             splits.append(TensorDataset(images, labels))
         self.train_set, self.val_set = splits
 
-    def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, self.batch_size, shuffle=True, generator=generator, num_workers=self.num_workers, drop_last=True)
+    def train_dataloader(self) -> ResumableDataLoader:
+        shards = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        sampler = EpochShuffleSampler(self.train_set, seed=self.seed, **(shards or {}))
+        return ResumableDataLoader(self.train_set, self.batch_size, sampler, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, self.batch_size, num_workers=self.num_workers)

@@ -23,8 +23,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ..callbacks import CondConvConversion, RoutingEntropyMonitor
 from ..checkpoints import UntrustedCheckpointError, plain_hparams, read_hparams
-from .data import SyntheticImageDataModule
-from .module import ImageClassifier
+from ..demos.data import SyntheticImageDataModule
+from ..finetune.module import ImageClassifier
 
 __all__ = ["main"]
 

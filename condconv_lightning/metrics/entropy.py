@@ -1,4 +1,4 @@
-"""``RoutingEntropy``: the torchmetrics ``Metric`` form of :func:`~condconv_lightning.metrics.routing_entropy`.
+"""``RoutingEntropy``: the torchmetrics ``Metric`` form of :func:`~condconv_lightning.functional.routing_entropy`.
 
 The states are sums (``dist_reduce_fx="sum"``): per-sample normalized entropies,
 the sample count and the routing weight per expert. Summing them across batches and
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from .functional import _check_routing_weights, _routing_entropy_compute, _routing_entropy_update
+from ..functional.entropy import _check_routing_weights, _routing_entropy_compute, _routing_entropy_update
 
 __all__ = ["RoutingEntropy"]
 
@@ -24,7 +24,7 @@ class RoutingEntropy(Metric):
     """Accumulates routing weights ``[B, K]`` and computes their routing entropy statistics.
 
     ``compute()`` returns ``{"entropy", "usage_entropy", "expert_mean"}`` as
-    :func:`~condconv_lightning.metrics.routing_entropy` does for all samples seen since
+    :func:`~condconv_lightning.functional.routing_entropy` does for all samples seen since
     the last ``reset()``.
 
     Args:

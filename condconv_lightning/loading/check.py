@@ -1,6 +1,6 @@
 """The conversion check: the converted model must compute what the original computed.
 
-Exact upcycling (``CondConv2d.from_conv``, see DESIGN.md section 1) makes a converted
+Exact upcycling (:meth:`CondConv2d.from_conv`) makes a converted
 model reproduce the original's outputs up to float32 round-off. The command verifies
 that on a random input before it writes anything, so a conversion that would change
 the model (a Conv2d subclass with its own forward converted by force, a broken layer)
@@ -20,8 +20,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..condconv2d import CondConv2d
-from .errors import CommandError
-from .loading import one_line
+from ..modes import evaluating
+from .errors import ModelFileError
+from .errors import one_line
 
 # One sample: freshly upcycled layers route every sample identically (constant router), so
 # a larger batch would cost forward time without testing anything more.
@@ -29,7 +30,7 @@ CHECK_BATCH = 1
 # Tried in order: 64x64 is 12x cheaper than 224x224 and enough for any network that pools
 # globally; 224x224 (ImageNet) serves networks whose head needs a fixed size.
 SPATIAL_SIZES = (64, 224)
-DEFAULT_TOLERANCE = 1e-5  # DESIGN.md's acceptance bar for exact upcycling
+DEFAULT_TOLERANCE = 1e-5  # the acceptance bar of exact upcycling: relative difference in float32
 
 
 @dataclass(frozen=True)
@@ -68,17 +69,16 @@ def reference_run(model: nn.Module, shapes: Sequence[tuple[int, ...]], seed: int
         x = random_input(shape, seed)
         try:
             return x, float32_outputs(model, x)
-        except CommandError:
+        except ModelFileError:
             if index == len(shapes) - 1:
                 raise
-    raise CommandError("cannot infer the check's input shape (the model has no Conv2d); pass --input-shape or --no-check")
+    raise ModelFileError("cannot infer the check's input shape (the model has no Conv2d); pass --input-shape or --no-check")
 
 
 def random_input(shape: Sequence[int], seed: int) -> Tensor:
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
 
 
-@torch.no_grad()
 def float32_outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
     """Every output tensor of ``model(x)`` in float32 eval mode; ``model`` is left as it was.
 
@@ -88,28 +88,24 @@ def float32_outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
     """
     floating = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
     runner = model if all(t.dtype == torch.float32 for t in floating) else copy.deepcopy(model).float()
-    modes = [(module, module.training) for module in runner.modules()]
-    runner.eval()
     try:
-        output = runner(x.to(floating[0].device) if floating else x)
+        with evaluating(runner):
+            output = runner(x.to(floating[0].device) if floating else x)
     except Exception as error:
-        raise CommandError(
+        raise ModelFileError(
             f"the check could not run the model on a random input of shape {_shape(x.shape)} "
             f"({one_line(error)}); pass --input-shape with the shape the model takes, or --no-check"
         ) from None
-    finally:
-        for module, training in modes:
-            module.training = training
     tensors = [t.detach().float().cpu() for t in _tensors(output)]
     if not tensors:
-        raise CommandError("the model's output holds no tensors to compare; pass --no-check")
+        raise ModelFileError("the model's output holds no tensors to compare; pass --no-check")
     return tensors
 
 
 def compare(reference: list[Tensor], converted: list[Tensor], input_shape: Sequence[int], tolerance: float) -> CheckResult:
     """Largest absolute difference over all outputs, and relative to the largest reference magnitude."""
     if [t.shape for t in reference] != [t.shape for t in converted]:
-        raise CommandError("the converted model's outputs have other shapes than the original's; the conversion is broken")
+        raise ModelFileError("the converted model's outputs have other shapes than the original's; the conversion is broken")
     diffs = torch.cat([(r.double() - c.double()).abs().flatten() for r, c in zip(reference, converted)])
     magnitudes = torch.cat([r.double().abs().flatten() for r in reference])
     max_abs = diffs.max().item() if diffs.numel() else 0.0  # NaN if any output is NaN: the check then fails

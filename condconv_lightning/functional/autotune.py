@@ -1,0 +1,292 @@
+"""Measured ``auto``: time the strategies once per problem, then reuse the fastest.
+
+In the manner of ``torch.backends.cudnn.benchmark`` and Triton's autotune: the first
+call with a new problem key (device, compute dtype, memory format, every size of the
+call, K, bias, whether gradients are needed) times each candidate strategy on fresh
+tensors of the call's shapes and caches the fastest; later calls with the same key
+use the cached choice. The rules of :mod:`.auto` remain the fallback: with tuning off
+(which ignores the cache too), and while tracing (``torch.compile``, ``torch.export``,
+ONNX, ``torch.jit.trace``, a dispatch mode such as FakeTensor) and inside activation
+checkpointing, where nothing is timed and a cached choice is used if there is one
+(export and tracing: never, since their batch size may be symbolic).
+
+What is timed: forward+backward when the call needs gradients, forward only
+otherwise; on CUDA between events after a synchronize, on CPU by the wall clock. Each
+candidate runs once to warm up (a candidate ``2 * DROP_FACTOR`` times slower than the
+fastest warm-up is dropped), then up to :data:`TIMED_RUNS` interleaved rounds time the
+candidates still in the race; after each round a candidate whose median is more than
+:data:`DROP_FACTOR` times the best is dropped, and a lone survivor wins at once. The
+fastest median wins; ties go to the rules' choice. The fresh tensors come from a
+private generator, so tuning leaves the global RNG, the module and the caller's
+autograd graph untouched. If the timing copies do not fit in CUDA memory, the rules
+decide that problem.
+
+Candidates: ``grouped``, ``mixture`` and ``bmm``; opt-in strategies (``fused``) are
+never timed. The cost model rules out, without timing, candidates that lose by a wide
+margin, the rules' choice included (the rules know nothing of what timing costs). The
+rules' choice, if left, is timed first; a problem left with one candidate is not timed
+at all (with none, the rules decide):
+
+- ``mixture`` when ``(K - 1) * S`` exceeds :data:`MIXTURE_MAX_EXTRA_POSITIONS` of the
+  device (S = output positions): its K convs then cost far more than per-sample kernels,
+  whose cost relative to the conv falls as 1/S (on CPU, whose arithmetic per byte is
+  lower than a GPU's, sooner: ResNet-50 layer3 at S = 196 already lost to them);
+- ``grouped`` and ``bmm`` when the batch's per-sample kernels exceed
+  ``auto.KERNEL_BUDGET_BYTES`` (the call would run in recomputed chunks);
+- ``grouped`` on dense 1x1 convs: ``bmm`` does the same products as one batched matrix
+  product (and won every ResNet-50 1x1 on CPU);
+- ``bmm`` on other kernels when its ``unfold`` buffer exceeds the budget too.
+
+Each process tunes on its own, every DDP rank included: the strategies compute the
+same function, so ranks that pick differently still train the same model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from . import auto
+from ..io import atomic_write
+
+Runner = Callable[[str, Tensor, Tensor, Optional[Tensor], Tensor], Tensor]
+"""``run(strategy, x, weight, bias, routing_weights)``: one call of a strategy, conv arguments bound."""
+
+CANDIDATES: tuple[str, ...] = ("grouped", "mixture", "bmm")
+TIMED_RUNS = 3
+DROP_FACTOR = 1.5
+MIXTURE_MAX_EXTRA_POSITIONS: dict[str, int] = {"cpu": 512, "cuda": 4096}
+"""``mixture`` is timed while ``(K - 1) * S`` is at most this (other devices: the CUDA value).
+At K = 4: S <= 170 on CPU (ResNet-50 layer4, 7x7), S <= 1365 on CUDA (down to 28x28)."""
+
+_KEY_FIELDS = (
+    ("device", str), ("dtype", str), ("memory_format", str), ("batch", int), ("in_channels", int),
+    ("out_channels", int), ("height", int), ("width", int), ("kernel_size", list), ("stride", list),
+    ("padding", list), ("dilation", list), ("groups", int), ("experts", int), ("bias", bool), ("grad", bool),
+)
+_CACHE_VERSION = 1
+
+_cache: dict[tuple, str] = {}
+_enabled: bool = os.environ.get("CONDCONV_TUNE", "1") != "0"
+
+
+def set_tuning(enabled: bool) -> None:
+    """Turn measured ``auto`` on or off for this process (default: on, or ``CONDCONV_TUNE=0`` for off)."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def is_tuning_enabled() -> bool:
+    """Whether ``auto`` times the strategies on a new problem and uses the cache (otherwise: the rules)."""
+    return _enabled
+
+
+@contextlib.contextmanager
+def tuning(enabled: bool) -> Iterator[None]:
+    """Turn tuning on or off inside a ``with`` block, restoring the previous setting after it."""
+    previous = _enabled
+    set_tuning(enabled)
+    try:
+        yield
+    finally:
+        set_tuning(previous)
+
+
+def clear_tuning_cache() -> None:
+    """Forget every tuned choice (the next call of each problem tunes again)."""
+    _cache.clear()
+
+
+def tuning_cache() -> dict[tuple, str]:
+    """A copy of the cache: problem key (a tuple in the order of the JSON key's fields) -> strategy."""
+    return dict(_cache)
+
+
+def save_tuning_cache(path: Union[str, os.PathLike]) -> None:
+    """Write the tuned choices to a JSON file, atomically (replacing ``path`` if it exists)."""
+    entries = [{"key": dict(zip((name for name, _ in _KEY_FIELDS), _jsonable(key))), "strategy": s}
+               for key, s in _cache.items()]
+    with atomic_write(path, overwrite=True) as tmp:
+        Path(tmp).write_text(json.dumps({"version": _CACHE_VERSION, "entries": entries}, indent=1))
+
+
+def load_tuning_cache(path: Union[str, os.PathLike]) -> int:
+    """Add the choices of a file written by :func:`save_tuning_cache`; returns how many were read.
+
+    The file is validated strictly (known fields, types and strategy names) before
+    anything is added; it is data only, nothing in it is executed.
+
+    Raises:
+        ValueError: the file is not such a cache.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read tuning cache {path}: {error}; save one with save_tuning_cache") from None
+    if not isinstance(data, dict) or set(data) != {"version", "entries"} or data["version"] != _CACHE_VERSION:
+        raise ValueError(f"{path} is not a version-{_CACHE_VERSION} tuning cache; save one with save_tuning_cache")
+    if not isinstance(data["entries"], list):
+        raise ValueError(f"{path}: 'entries' must be a list; save the cache with save_tuning_cache")
+    loaded = dict(_parse_entry(entry, path) for entry in data["entries"])
+    _cache.update(loaded)
+    return len(loaded)
+
+
+def problem_key(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], routing_weights: Tensor,
+    stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int,
+) -> tuple:
+    """Everything a strategy's speed depends on, in the order of the cache's JSON fields."""
+    num_experts, out_channels, _, kh, kw = weight.shape
+    batch, in_channels, height, width = x.shape
+    channels_last = in_channels > 1 and x.is_contiguous(memory_format=torch.channels_last)
+    tensors = (x, weight, bias, routing_weights)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return (
+        str(x.device), str(auto.compute_dtype(x)).removeprefix("torch."),
+        "channels_last" if channels_last else "contiguous", batch, in_channels, out_channels, height, width,
+        (kh, kw), tuple(stride), tuple(padding), tuple(dilation), groups, num_experts, bias is not None, grad,
+    )
+
+
+def tuned_strategy(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], routing_weights: Tensor,
+    stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int, run: Runner,
+) -> str:
+    """The strategy ``auto`` runs for this call: cached, else timed now, else the rules' choice."""
+    rules = auto.choose_strategy(x, weight, stride, padding, dilation, groups)
+    if not _enabled or auto.is_exporting():  # exporting: sizes may be symbolic, so no key and no lookup
+        return rules
+    key = problem_key(x, weight, bias, routing_weights, stride, padding, dilation, groups)
+    cached = _cache.get(key)
+    if cached is not None:
+        return cached
+    if not _can_time(x):
+        return rules
+    order = [rules] + [s for s in CANDIDATES if s != rules]
+    candidates = [s for s in order if _worth_timing(s, x, weight, key)] or [rules]
+    if candidates[1:]:
+        try:
+            candidates = [_fastest(candidates, x, weight, bias, routing_weights, key[-1], run)]
+        except torch.cuda.OutOfMemoryError:  # the timing copies did not fit next to the caller's tensors
+            candidates = [rules]
+    _cache[key] = candidates[0]
+    return candidates[0]
+
+
+def _can_time(x: Tensor) -> bool:
+    """False while tracing, under a dispatch mode (FakeTensor, op logging) or saved-tensor hooks
+    (activation checkpointing would count the timing runs as part of the forward it recomputes)."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or x.device.type == "meta":
+        return False
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _worth_timing(strategy: str, x: Tensor, weight: Tensor, key: tuple) -> bool:
+    """The cost model's wide-margin exclusions (module docstring)."""
+    batch, in_channels, height, width = key[3], key[4], key[6], key[7]
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw), groups = key[8:13]
+    positions = ((height + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((width + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+    if strategy == "mixture":
+        limit = MIXTURE_MAX_EXTRA_POSITIONS.get(x.device.type, MIXTURE_MAX_EXTRA_POSITIONS["cuda"])
+        return (weight.shape[0] - 1) * positions <= limit
+    if batch * auto.per_sample_kernel_bytes(x, weight) > auto.KERNEL_BUDGET_BYTES:
+        return False
+    pointwise = (kh, kw) == (1, 1) and groups == 1
+    if strategy == "grouped":
+        return not pointwise
+    unfold_bytes = batch * in_channels * kh * kw * positions * torch.finfo(auto.compute_dtype(x)).bits // 8
+    return strategy == "bmm" and (pointwise or unfold_bytes <= auto.KERNEL_BUDGET_BYTES)
+
+
+def _fastest(
+    candidates: list[str], x: Tensor, weight: Tensor, bias: Optional[Tensor], routing_weights: Tensor,
+    grad: bool, run: Runner,
+) -> str:
+    """Time each candidate on fresh tensors shaped like the call's; ties go to the earlier candidate."""
+    generator = torch.Generator(device=x.device).manual_seed(0)
+    with torch.no_grad():
+        fresh = [None if t is None else torch.empty_like(t).uniform_(generator=generator)
+                 for t in (x, weight, bias, routing_weights)]
+    if grad:
+        fresh = [None if f is None else f.requires_grad_(t.requires_grad)
+                 for f, t in zip(fresh, (x, weight, bias, routing_weights))]
+
+    def step(strategy: str) -> Callable[[], None]:
+        def call() -> None:
+            with torch.enable_grad() if grad else torch.no_grad():
+                y = run(strategy, *fresh)  # type: ignore[arg-type]
+                if grad:
+                    y.backward(torch.ones_like(y))
+
+        return call
+
+    # The warm-up round includes one-time setup (oneDNN primitives, cuDNN plans, first-touch
+    # memory), so it drops only losers by twice the margin; its times are not kept.
+    warm_up = {strategy: _timed_ms(step(strategy), x.device) for strategy in candidates}
+    alive = [s for s in candidates if warm_up[s] <= 2 * DROP_FACTOR * min(warm_up.values())]
+    times: dict[str, list[float]] = {strategy: [] for strategy in alive}
+    for _ in range(TIMED_RUNS if len(alive) > 1 else 0):  # interleaved rounds; a lone survivor wins
+        for strategy in alive:
+            times[strategy].append(_timed_ms(step(strategy), x.device))
+        best_ms = min(statistics.median(times[s]) for s in alive)
+        alive = [s for s in alive if statistics.median(times[s]) <= DROP_FACTOR * best_ms]
+        if len(alive) == 1:
+            break
+    return min(alive, key=lambda s: statistics.median(times[s]) if times[s] else 0.0)
+
+
+def _timed_ms(call: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    start_s = time.perf_counter()
+    call()
+    return (time.perf_counter() - start_s) * 1e3
+
+
+def _jsonable(key: tuple) -> list:
+    return [list(v) if isinstance(v, tuple) else v for v in key]
+
+
+def _parse_entry(entry: object, path: object) -> tuple[tuple, str]:
+    """One cache entry as (key, strategy), or a one-line ValueError naming what is wrong."""
+    problem = f"{path}: invalid tuning cache entry {entry!r}; delete the file or save it again with save_tuning_cache"
+    if not isinstance(entry, dict) or set(entry) != {"key", "strategy"} or entry["strategy"] not in CANDIDATES:
+        raise ValueError(problem)
+    fields = entry["key"]
+    if not isinstance(fields, dict) or set(fields) != {name for name, _ in _KEY_FIELDS}:
+        raise ValueError(problem)
+    key = []
+    for name, kind in _KEY_FIELDS:
+        value = fields[name]
+        if kind is list:
+            if not (isinstance(value, list) and len(value) == 2 and all(_is_int(v) for v in value)):
+                raise ValueError(problem)
+            value = tuple(value)
+        elif not {bool: isinstance(value, bool), int: _is_int(value), str: isinstance(value, str)}[kind]:
+            raise ValueError(problem)
+        key.append(value)
+    if not isinstance(getattr(torch, key[1], None), torch.dtype):
+        raise ValueError(problem)
+    return tuple(key), entry["strategy"]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -1,0 +1,268 @@
+"""Measured ``auto``: what is timed, when, on what, and what it leaves alone.
+
+Timings are replaced by sleeps or counted, never asserted as speeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+import condconv_lightning.functional.autotune as autotune
+import condconv_lightning.functional.condconv as condconv
+from condconv_lightning import CondConv2d
+from condconv_lightning.functional import (
+    clear_tuning_cache,
+    condconv2d,
+    is_tuning_enabled,
+    load_tuning_cache,
+    save_tuning_cache,
+    set_tuning,
+    tuning,
+    tuning_cache,
+)
+
+
+@pytest.fixture(autouse=True)
+def fresh_tuning():
+    """Every test starts with tuning on and an empty cache, and leaves the process as it found it."""
+    previous = is_tuning_enabled()
+    clear_tuning_cache()
+    set_tuning(True)
+    yield
+    clear_tuning_cache()
+    set_tuning(previous)
+
+
+@pytest.fixture
+def timings(monkeypatch) -> list[float]:
+    """Every timed run (warm-ups included) while tuning."""
+    runs: list[float] = []
+    inner = autotune._timed_ms
+
+    def counted(call, device):
+        runs.append(inner(call, device))
+        return runs[-1]
+
+    monkeypatch.setattr(autotune, "_timed_ms", counted)
+    return runs
+
+
+def slow_down(monkeypatch, strategy: str, seconds: float = 0.05) -> None:
+    inner = condconv._STRATEGY_FNS[strategy]
+    monkeypatch.setitem(condconv._STRATEGY_FNS, strategy, lambda *a: time.sleep(seconds) or inner(*a))
+
+
+def layer3x3(**kwargs) -> CondConv2d:
+    torch.manual_seed(0)
+    layer = CondConv2d(8, 8, 3, padding=1, num_experts=3, **kwargs)
+    with torch.no_grad():
+        layer.router.weight.normal_()
+    return layer
+
+
+def test_first_call_of_a_problem_times_later_calls_reuse(timings):
+    layer = layer3x3()
+    x = torch.randn(4, 8, 6, 6)
+    layer(x)
+    assert timings and len(tuning_cache()) == 1
+    count = len(timings)
+    layer(torch.randn(4, 8, 6, 6))
+    assert len(timings) == count
+    layer(torch.randn(5, 8, 6, 6))  # a new batch size is a new problem
+    assert len(timings) > count and len(tuning_cache()) == 2
+    with torch.no_grad():  # so is inference
+        layer(x)
+    assert len(tuning_cache()) == 3
+    assert [key[-1] for key in tuning_cache()] == [True, True, False]
+
+
+@pytest.mark.parametrize("slow", ["grouped", "bmm"])
+def test_the_fastest_strategy_wins_and_is_recorded(slow, monkeypatch):
+    slow_down(monkeypatch, slow)
+    layer = layer3x3()
+    layer(torch.randn(4, 8, 6, 6))
+    assert layer.last_strategy != slow and layer.last_strategy in ("grouped", "mixture", "bmm")
+    assert list(tuning_cache().values()) == [layer.last_strategy]
+
+
+def test_without_tuning_auto_applies_the_rules(timings):
+    layer = layer3x3()
+    with tuning(False):
+        layer(torch.randn(4, 8, 6, 6))
+        assert not is_tuning_enabled()
+    assert is_tuning_enabled()
+    assert not timings and not tuning_cache() and layer.last_strategy == "grouped"
+
+
+def test_a_forced_strategy_is_never_tuned(timings):
+    layer = layer3x3(strategy="mixture")
+    layer(torch.randn(4, 8, 6, 6))
+    assert not timings and layer.last_strategy == "mixture"
+
+
+def test_tuning_leaves_rng_autograd_and_module_alone():
+    layer = layer3x3()
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    rng = torch.get_rng_state()
+    y = layer(x)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert tuning_cache()  # it did tune
+    assert x.grad is None and all(p.grad is None for p in layer.parameters())
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in state.items())
+    y.sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+
+
+def train(tune: bool, strategies: dict[str, str] | None) -> tuple[dict, torch.Tensor, dict[str, str]]:
+    """A few seeded SGD steps of a small CondConv model with dropout (which draws from the global RNG)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        CondConv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Dropout(0.3), CondConv2d(8, 8, 1), nn.ReLU(),
+        CondConv2d(8, 8, 3, padding=1, groups=8),
+    )
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, CondConv2d)}
+    for name, strategy in (strategies or {}).items():
+        convs[name].strategy = strategy
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with tuning(tune):
+        for _ in range(3):
+            x = torch.randn(6, 3, 8, 8)
+            loss = model(x).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.state_dict(), torch.get_rng_state(), {name: m.last_strategy for name, m in convs.items()}
+
+
+def test_a_seeded_run_is_bit_identical_with_tuning_on_or_off_given_the_same_strategies():
+    tuned_state, tuned_rng, chosen = train(True, None)
+    assert tuning_cache()
+    clear_tuning_cache()
+    rules_state, rules_rng, used = train(False, chosen)
+    assert used == chosen
+    assert torch.equal(tuned_rng, rules_rng)
+    assert all(torch.equal(tuned_state[k], rules_state[k]) for k in tuned_state)
+
+
+def test_torch_compile_times_nothing_uses_the_cache_and_records_the_strategy(timings):
+    torch._dynamo.reset()
+    layer = layer3x3()
+    x = torch.randn(4, 8, 6, 6)
+    key = autotune.problem_key(x, layer.expert_weight(), layer.bias, layer.route(x), (1, 1), (1, 1), (1, 1), 1)
+    autotune._cache[key] = "bmm"  # not what the rules pick (grouped)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+    assert layer.last_strategy == "bmm"
+    layer.last_strategy = None
+    compiled(torch.randn(3, 8, 6, 6))  # a new problem while compiling: the rules, and nothing timed
+    assert layer.last_strategy == "grouped" and not timings
+    assert len(tuning_cache()) == 1
+
+
+def test_export_and_jit_trace_time_nothing(timings):
+    layer = layer3x3().eval()
+    torch.export.export(layer, (torch.randn(4, 8, 6, 6),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.jit.trace(layer, torch.randn(4, 8, 6, 6), check_trace=False)  # the check would run eagerly
+    assert not timings and not tuning_cache()
+
+
+def test_cost_model_leaves_out_clear_losers_and_a_lone_candidate_is_not_timed(timings, monkeypatch):
+    seen: list[list[str]] = []
+    inner = autotune._fastest
+    monkeypatch.setattr(autotune, "_fastest", lambda candidates, *a: seen.append(candidates) or inner(candidates, *a))
+    weight, r = torch.randn(4, 16, 16, 1, 1), torch.rand(2, 4)
+    condconv2d(torch.randn(2, 16, 32, 32), weight, r)  # dense 1x1 at 1024 positions: bmm only
+    assert not seen and not timings and list(tuning_cache().values()) == ["bmm"]
+    condconv2d(torch.randn(2, 16, 7, 7), weight, r)  # 49 positions: mixture is worth a try, grouped is not
+    assert seen == [["bmm", "mixture"]]
+    assert "fused" not in autotune.CANDIDATES
+
+
+def test_cache_round_trips_through_json(tmp_path, timings):
+    layer = layer3x3()
+    layer(torch.randn(4, 8, 6, 6))
+    cache = tuning_cache()
+    path = tmp_path / "tuning.json"
+    save_tuning_cache(path)
+    clear_tuning_cache()
+    assert load_tuning_cache(path) == 1 and tuning_cache() == cache
+    count = len(timings)
+    layer(torch.randn(4, 8, 6, 6))
+    assert len(timings) == count  # loaded choices are used without timing
+
+
+def saved_entry(tmp_path) -> dict:
+    condconv2d(torch.randn(2, 4, 5, 5), torch.randn(2, 4, 4, 3, 3), torch.rand(2, 2))
+    save_tuning_cache(tmp_path / "good.json")
+    clear_tuning_cache()
+    return json.loads((tmp_path / "good.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda d: d["entries"][0].update(strategy="__import__('os').system('true')"),
+        lambda d: d["entries"][0].update(strategy="fused"),
+        lambda d: d["entries"][0]["key"].update(batch="2"),
+        lambda d: d["entries"][0]["key"].update(groups=True),
+        lambda d: d["entries"][0]["key"].update(stride=[1, 1, 1]),
+        lambda d: d["entries"][0]["key"].update(dtype="Tensor"),
+        lambda d: d["entries"][0]["key"].update(extra=1),
+        lambda d: d["entries"][0]["key"].pop("grad"),
+        lambda d: d.update(version=2),
+        lambda d: d.update(entries={}),
+    ],
+    ids=["code", "fused", "str-int", "bool-int", "triple", "not-a-dtype", "extra-field", "missing-field",
+         "version", "entries-not-a-list"],
+)
+def test_loading_rejects_anything_but_a_cache(tmp_path, corrupt):
+    data = saved_entry(tmp_path)
+    corrupt(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="save_tuning_cache") as info:
+        load_tuning_cache(path)
+    assert "\n" not in str(info.value) and not tuning_cache()
+
+
+def test_loading_a_non_json_file_is_one_line(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"^cannot read tuning cache .*; save one with save_tuning_cache$"):
+        load_tuning_cache(path)
+
+
+@pytest.mark.parametrize("value,expected", [("0", False), ("1", True), (None, True)])
+def test_environment_variable_sets_the_default(value, expected):
+    env = {k: v for k, v in os.environ.items() if k != "CONDCONV_TUNE"}
+    if value is not None:
+        env["CONDCONV_TUNE"] = value
+    code = "from condconv_lightning.functional import is_tuning_enabled; print(is_tuning_enabled())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(expected)
+
+
+def test_inside_activation_checkpointing_nothing_is_timed(timings):
+    layer = layer3x3()
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False).sum().backward()
+    assert not timings and x.grad is not None and layer.last_strategy == "grouped"
+
+
+def test_out_of_memory_while_timing_falls_back_to_the_rules(monkeypatch):
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(autotune, "_fastest", out_of_memory)
+    layer = layer3x3()
+    layer(torch.randn(4, 8, 6, 6))
+    assert layer.last_strategy == "grouped" and list(tuning_cache().values()) == ["grouped"]
