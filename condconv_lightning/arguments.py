@@ -10,7 +10,6 @@ same way whether a user typed it or a file said it.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 SEED_LIMIT = 2**63
 """Seeds are integers in ``[0, 2**63)``: what ``torch.Generator.manual_seed`` takes without overflow."""
@@ -28,7 +27,7 @@ def check_temperature(value: object) -> float:
     return float(value)
 
 
-def check_seed(value: object) -> Optional[int]:
+def check_seed(value: object) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:

@@ -13,7 +13,7 @@ does when it reads hyperparameters for ``--ckpt_path``).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import IO, Any, Union
+from typing import IO, Any
 
 from .io import PathLike, load_weights_only
 
@@ -60,7 +60,7 @@ def plain_hparams(hparams: object, source: object, flag: str) -> dict[str, Any]:
     return {key: value for key, value in hparams.items() if key != "_instantiator"}
 
 
-def read_hparams(checkpoint: Union[PathLike, IO[bytes]]) -> object:
+def read_hparams(checkpoint: PathLike | IO[bytes]) -> object:
     """The ``hyper_parameters`` of a checkpoint file, read weights-only (a file object is rewound afterwards)."""
     if hasattr(checkpoint, "read"):
         position = checkpoint.tell()  # type: ignore[union-attr]

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Callable, Literal, Optional, Union
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -25,7 +26,14 @@ from torch.utils.hooks import RemovableHandle
 
 from .arguments import check_num_experts, check_temperature
 from .functional.condconv import (
-    PADDING_MODES, IntPair, Padding, Strategy, check_strategy, condconv2d, condconv2d_with_strategy, pair
+    PADDING_MODES,
+    IntPair,
+    Padding,
+    Strategy,
+    check_strategy,
+    condconv2d,
+    condconv2d_with_strategy,
+    pair,
 )
 from .functional.routing import Routing, check_routing, route
 
@@ -35,7 +43,14 @@ torch.fx.wrap("condconv2d")
 
 RoutingHook = Callable[["CondConv2d", Tensor], None]
 CONV_SETTINGS: tuple[str, ...] = (
-    "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "padding_mode",
 )
 
 
@@ -45,6 +60,8 @@ def conv_settings(conv: nn.Module) -> dict[str, object]:
     Both layers name their settings alike, so this one mapping converts in either direction.
     """
     return {**{name: getattr(conv, name) for name in CONV_SETTINGS}, "bias": conv.bias is not None}
+
+
 ExpertInit = Literal["upcycle", "fresh"]
 
 
@@ -88,8 +105,8 @@ class CondConv2d(nn.Module):
         groups: int = 1,
         bias: bool = True,
         padding_mode: str = "zeros",
-        device: Optional[Union[torch.device, str]] = None,
-        dtype: Optional[torch.dtype] = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         *,
         num_experts: int = 4,
         routing: Routing = "sigmoid",
@@ -102,7 +119,8 @@ class CondConv2d(nn.Module):
             raise ValueError(f"groups must be a positive integer, got {groups!r}")
         if in_channels % groups or out_channels % groups:
             raise ValueError(
-                f"in_channels ({in_channels}) and out_channels ({out_channels}) must both be divisible by groups ({groups})"
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must both be divisible by "
+                f"groups ({groups})"
             )
         check_num_experts(num_experts)
         check_temperature(temperature)
@@ -118,7 +136,7 @@ class CondConv2d(nn.Module):
                 raise ValueError(f"padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
             if padding == "same" and self.stride != (1, 1):
                 raise ValueError("padding='same' is not supported for strided convolutions (as in nn.Conv2d)")
-            self.padding: Union[str, tuple[int, int]] = padding
+            self.padding: str | tuple[int, int] = padding
         else:
             self.padding = pair(padding, "padding")
         self.groups = groups
@@ -128,10 +146,12 @@ class CondConv2d(nn.Module):
         self.num_experts = num_experts
         self.routing = check_routing(routing)
         self.strategy = check_strategy(strategy)
-        self.last_strategy: Optional[str] = None
+        self.last_strategy: str | None = None
 
         kh, kw = self.kernel_size
-        self.weight = nn.Parameter(torch.empty(num_experts, out_channels * (in_channels // groups) * kh * kw, **factory))
+        self.weight = nn.Parameter(
+            torch.empty(num_experts, out_channels * (in_channels // groups) * kh * kw, **factory)
+        )
         if bias:
             self.bias = nn.Parameter(torch.empty(num_experts, out_channels, **factory))
         else:
@@ -164,7 +184,7 @@ class CondConv2d(nn.Module):
         """The experts as ``[K, Cout, Cin/groups, kh, kw]``: a view of ``weight``, not a copy."""
         return self.weight.view(self.num_experts, self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
-    def expert_bias(self) -> Optional[Tensor]:
+    def expert_bias(self) -> Tensor | None:
         """The per-expert biases ``[K, Cout]`` (the parameter itself), or None."""
         return self.bias
 
@@ -195,8 +215,18 @@ class CondConv2d(nn.Module):
             detached = routing_weights.detach().reshape(-1, self.num_experts)
             for hook in self._routing_hooks.values():
                 hook(self, detached)
-        args = (x, self.expert_weight(), routing_weights, self.bias, self.stride, self.padding, self.dilation,
-                self.groups, self.padding_mode, self.strategy)
+        args = (
+            x,
+            self.expert_weight(),
+            routing_weights,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.padding_mode,
+            self.strategy,
+        )
         if torch.fx._symbolic_trace._is_fx_tracing_flag:  # one condconv2d node in the graph, see torch.fx.wrap above
             return condconv2d(*args)
         output, self.last_strategy = condconv2d_with_strategy(*args)
@@ -233,8 +263,8 @@ class CondConv2d(nn.Module):
         strategy: Strategy = "auto",
         init: ExpertInit = "upcycle",
         perturbation: float = 0.05,
-        generator: Optional[torch.Generator] = None,
-    ) -> "CondConv2d":
+        generator: torch.Generator | None = None,
+    ) -> CondConv2d:
         """Build a CondConv2d with ``conv``'s configuration, device, dtype, mode and ``requires_grad``.
 
         ``init='upcycle'`` (exact upcycling) seeds the experts from ``conv`` so the new
@@ -256,8 +286,12 @@ class CondConv2d(nn.Module):
             raise ValueError(f"init must be 'upcycle' or 'fresh', got {init!r}")
         weight = conv.weight
         options = dict(
-            conv_settings(conv), dtype=weight.dtype, num_experts=num_experts, routing=routing,
-            temperature=temperature, strategy=strategy,
+            conv_settings(conv),
+            dtype=weight.dtype,
+            num_experts=num_experts,
+            routing=routing,
+            temperature=temperature,
+            strategy=strategy,
         )
         if init == "fresh":
             layer = cls(device=weight.device, **options)
@@ -278,11 +312,11 @@ class CondConv2d(nn.Module):
     def upcycle_(
         self,
         weight: Tensor,
-        bias: Optional[Tensor] = None,
+        bias: Tensor | None = None,
         *,
         perturbation: float = 0.05,
-        generator: Optional[torch.Generator] = None,
-    ) -> "CondConv2d":
+        generator: torch.Generator | None = None,
+    ) -> CondConv2d:
         """Seed experts and router in place so the layer computes ``conv2d(x, weight, bias)`` exactly.
 
         See :meth:`from_conv` for the construction. Computed in float32 on the CPU, then copied.

@@ -25,15 +25,16 @@ import secrets
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO, Iterator, Mapping, Optional, Union
+from typing import IO
 
 import torch
 from torch import Tensor
 
 from .wrappers import strip_keys
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 SAFETENSORS_SUFFIXES: tuple[str, ...] = (".safetensors",)
 TEMP_SUFFIX = ".condconv-tmp"
 MAX_INFLATION_RATIO = 20
@@ -109,7 +110,9 @@ def _link_exclusively(tmp: Path, target: Path) -> None:
         try:
             os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         except FileExistsError:
-            raise FileExistsError(f"{target} already exists; pass overwrite=True (CLI: --force) to replace it") from None
+            raise FileExistsError(
+                f"{target} already exists; pass overwrite=True (CLI: --force) to replace it"
+            ) from None
         os.replace(tmp, target)
 
 
@@ -130,7 +133,8 @@ def _remove_stale_temporaries(target: Path) -> None:
             entry.unlink(missing_ok=True)
             removed.append(entry.name)
     if removed:
-        warnings.warn(f"removed {len(removed)} temporary file(s) left by an interrupted write: {', '.join(removed)}")
+        names = ", ".join(removed)
+        warnings.warn(f"removed {len(removed)} temporary file(s) left by an interrupted write: {names}", stacklevel=2)
 
 
 def _process_exists(pid: int) -> bool:
@@ -149,7 +153,7 @@ def torch_save(obj: object, path: Path) -> None:
         torch.save(obj, handle)
 
 
-def load_weights_only(path: Union[PathLike, IO[bytes]], map_location: Union[str, torch.device] = "cpu") -> object:
+def load_weights_only(path: PathLike | IO[bytes], map_location: str | torch.device = "cpu") -> object:
     """``torch.load(weights_only=True)``: tensors, containers and plain values; never runs code from the file.
 
     Raises:
@@ -160,13 +164,13 @@ def load_weights_only(path: Union[PathLike, IO[bytes]], map_location: Union[str,
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def load_trusted_pickle(path: Union[PathLike, IO[bytes]], map_location: Union[str, torch.device] = "cpu") -> object:
+def load_trusted_pickle(path: PathLike | IO[bytes], map_location: str | torch.device = "cpu") -> object:
     """``torch.load(weights_only=False)``: unpickling runs code from the file; only for files the caller trusts."""
     check_not_zip_bomb(path)
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
-def check_not_zip_bomb(path: Union[PathLike, IO[bytes]]) -> None:
+def check_not_zip_bomb(path: PathLike | IO[bytes]) -> None:
     """Refuse a zip archive with a compressed record that inflates more than :data:`MAX_INFLATION_RATIO`-fold.
 
     A file object is left at the position it had.
@@ -199,7 +203,7 @@ def save_state_dict(
     path: PathLike,
     *,
     overwrite: bool = False,
-    metadata: Optional[Mapping[str, str]] = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write tensors atomically: safetensors for a ``.safetensors`` path, else ``torch.save``.
 
@@ -219,7 +223,7 @@ def save_state_dict(
     return target
 
 
-def load_state_dict(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> dict[str, Tensor]:
+def load_state_dict(path: PathLike, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
     """Read a state dict weights-only (safetensors or torch) and strip wrapper prefixes.
 
     A Lightning checkpoint (a dict with a ``state_dict`` entry) yields that entry.

@@ -9,7 +9,7 @@ unchanged; each submodule's own flag is restored, since models often keep some p
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn

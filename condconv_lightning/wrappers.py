@@ -8,7 +8,8 @@ unwrapped one and the other way round, and selectors written for either must res
 
 from __future__ import annotations
 
-from typing import Mapping, TypeVar
+from collections.abc import Mapping
+from typing import TypeVar
 
 import torch.nn as nn
 

@@ -33,9 +33,10 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import matplotlib
@@ -49,13 +50,12 @@ from torch import Tensor, nn
 from condconv_lightning import __version__
 from condconv_lightning.callbacks import RoutingEntropyMonitor
 from condconv_lightning.condconv2d import CondConv2d
-from condconv_lightning.demos import SyntheticImageDataModule, make_context_gratings
+from condconv_lightning.demos import SyntheticImageDataModule, make_context_gratings, resnet_tiny
 from condconv_lightning.finetune import ImageClassifier
 from condconv_lightning.io import atomic_write, save_state_dict
-from condconv_lightning.demos import resnet_tiny
 
 matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import matplotlib.pyplot as plt
 
 ARCH = "condconv_lightning.demos:resnet_tiny"
 LAYERS = "layer3,layer4"
@@ -83,8 +83,17 @@ class QuickstartConfig:
 
 
 DEFAULT = QuickstartConfig()
-QUICK = replace(DEFAULT, image_size=16, train_size=256, val_size=64, probe_size=64, batch_size=32,
-                pretrain_steps=8, finetune_steps=8, log_every=2)
+QUICK = replace(
+    DEFAULT,
+    image_size=16,
+    train_size=256,
+    val_size=64,
+    probe_size=64,
+    batch_size=32,
+    pretrain_steps=8,
+    finetune_steps=8,
+    log_every=2,
+)
 
 
 class StepTimer(Callback):
@@ -94,10 +103,14 @@ class StepTimer(Callback):
         self.seconds: list[float] = []
         self._start = 0.0
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.seconds.append(time.perf_counter() - self._start)
 
     def median_ms(self) -> float:
@@ -105,10 +118,16 @@ class StepTimer(Callback):
         return 1e3 * statistics.median(self.seconds[1:] or self.seconds)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="folder for every artifact (default: runs/quickstart)")
-    parser.add_argument("--quick", action="store_true", help="a reduced run (tiny data, a few steps) that checks the pipeline, not the result")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/quickstart"), help="folder for every artifact (default: runs/quickstart)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a reduced run (tiny data, a few steps) that checks the pipeline, not the result",
+    )
     args = parser.parse_args(argv)
     config = QUICK if args.quick else DEFAULT
     args.out.mkdir(parents=True, exist_ok=True)
@@ -117,34 +136,69 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the steps below say what runs
     started = time.perf_counter()
 
-    data = SyntheticImageDataModule(config.num_classes, config.image_size, config.train_size, config.val_size, config.batch_size,
-                                    config.noise, seed=config.seed)
+    data = SyntheticImageDataModule(
+        config.num_classes,
+        config.image_size,
+        config.train_size,
+        config.val_size,
+        config.batch_size,
+        config.noise,
+        seed=config.seed,
+    )
     console.rule(f"1. train resnet_tiny for {config.pretrain_steps} steps on context-dependent gratings")
     pl.seed_everything(config.seed, verbose=False)
     original = resnet_tiny(num_classes=config.num_classes)
-    fit(ImageClassifier(original, num_classes=config.num_classes, optimizer=optimizer(config.lr)), data, config.pretrain_steps, config)
+    fit(
+        ImageClassifier(original, num_classes=config.num_classes, optimizer=optimizer(config.lr)),
+        data,
+        config.pretrain_steps,
+        config,
+    )
     original_path = save_state_dict(original.state_dict(), args.out / "original.pt", overwrite=True)
     console.print(f"saved {original_path}")
 
     console.rule(f"2. condconv-convert --layers {LAYERS}")
     converted_path = args.out / "converted.pt"
     command = [
-        sys.executable, "-m", "condconv_lightning.cli.convert", str(original_path),
-        "--arch", ARCH, "--arch-kwargs", json.dumps({"num_classes": config.num_classes}),
-        "--layers", LAYERS, "--num-experts", str(config.num_experts), "--seed", str(config.seed),
-        "--input-shape", f"2,3,{config.image_size},{config.image_size}", "-o", str(converted_path), "--force",
+        sys.executable,
+        "-m",
+        "condconv_lightning.cli.convert",
+        str(original_path),
+        "--arch",
+        ARCH,
+        "--arch-kwargs",
+        json.dumps({"num_classes": config.num_classes}),
+        "--layers",
+        LAYERS,
+        "--num-experts",
+        str(config.num_experts),
+        "--seed",
+        str(config.seed),
+        "--input-shape",
+        f"2,3,{config.image_size},{config.image_size}",
+        "-o",
+        str(converted_path),
+        "--force",
     ]
     console.print("$ condconv-convert " + shlex.join(command[3:]), soft_wrap=True)
     subprocess.run(command, check=True)
 
     results: dict[str, dict[str, Any]] = {}
     for name in ("condconv", "baseline"):
-        console.rule(f"3. fine-tune the {'converted' if name == 'condconv' else 'unconverted'} model for {config.finetune_steps} steps")
+        console.rule(
+            f"3. fine-tune the {'converted' if name == 'condconv' else 'unconverted'} model "
+            f"for {config.finetune_steps} steps"
+        )
         pl.seed_everything(config.seed + 1, verbose=False)  # the same data order for both runs
         model = resnet_tiny(num_classes=config.num_classes)
         if name == "condconv":
-            module = ImageClassifier(model, weights=converted_path, num_classes=config.num_classes,
-                                     optimizer=optimizer(config.lr), router_lr=config.router_lr)
+            module = ImageClassifier(
+                model,
+                weights=converted_path,
+                num_classes=config.num_classes,
+                optimizer=optimizer(config.lr),
+                router_lr=config.router_lr,
+            )
         else:
             model.load_state_dict(torch.load(original_path, weights_only=True))
             module = ImageClassifier(model, num_classes=config.num_classes, optimizer=optimizer(config.lr))
@@ -164,14 +218,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         }
         logged = read_logged(Path(logger.log_dir) / "metrics.csv")
         # RoutingEntropyMonitor writes to the loggers, so the final validation's value is the CSV's last.
-        results[name]["val_routing_entropy"] = logged["val_routing/entropy"][1][-1] if "val_routing/entropy" in logged else None
+        results[name]["val_routing_entropy"] = (
+            logged["val_routing/entropy"][1][-1] if "val_routing/entropy" in logged else None
+        )
         if name == "condconv":
             converted_model = module.model
 
     console.rule("4. results")
-    probe = make_context_gratings(config.probe_size, config.num_classes, config.image_size, config.noise, generator=torch.Generator().manual_seed(config.seed + 2))
+    probe = make_context_gratings(
+        config.probe_size,
+        config.num_classes,
+        config.image_size,
+        config.noise,
+        generator=torch.Generator().manual_seed(config.seed + 2),
+    )
     routing = routing_by_group(converted_model, probe, config)
-    plot_entropy(entropy_curves(read_logged(Path(results["condconv"]["metrics_csv"]))), args.out / "routing_entropy.png")
+    plot_entropy(
+        entropy_curves(read_logged(Path(results["condconv"]["metrics_csv"]))), args.out / "routing_entropy.png"
+    )
     plot_heatmaps(routing, config, args.out / "routing_heatmap.png")
     console.print(results_table(results, config))
     summary = {
@@ -189,8 +253,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     with atomic_write(args.out / "summary.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
-    console.print(f"wrote {args.out / 'routing_entropy.png'}, {args.out / 'routing_heatmap.png'} and {args.out / 'summary.json'} "
-                  f"in {summary['seconds']:.0f} s")
+    console.print(
+        f"wrote {args.out / 'routing_entropy.png'}, {args.out / 'routing_heatmap.png'} and {args.out / 'summary.json'} "
+        f"in {summary['seconds']:.0f} s"
+    )
     return 0
 
 
@@ -199,17 +265,33 @@ def optimizer(lr: float) -> Any:
     return lambda params: torch.optim.AdamW(params, lr=lr)
 
 
-def trainer_for(config: QuickstartConfig, max_steps: int = -1, callbacks: Sequence[Callback] = (), logger: Any = False) -> pl.Trainer:
+def trainer_for(
+    config: QuickstartConfig, max_steps: int = -1, callbacks: Sequence[Callback] = (), logger: Any = False
+) -> pl.Trainer:
     return pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1, callbacks=list(callbacks), logger=logger,
-        log_every_n_steps=config.log_every, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        max_epochs=-1,
+        callbacks=list(callbacks),
+        logger=logger,
+        log_every_n_steps=config.log_every,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
         deterministic=True,
     )
 
 
-def fit(module: ImageClassifier, data: SyntheticImageDataModule, steps: int, config: QuickstartConfig,
-        callbacks: Sequence[Callback] = (), logger: Any = False) -> pl.Trainer:
+def fit(
+    module: ImageClassifier,
+    data: SyntheticImageDataModule,
+    steps: int,
+    config: QuickstartConfig,
+    callbacks: Sequence[Callback] = (),
+    logger: Any = False,
+) -> pl.Trainer:
     trainer = trainer_for(config, steps, callbacks, logger)
     trainer.fit(module, datamodule=data)
     return trainer
@@ -220,7 +302,9 @@ def validate(module: ImageClassifier, data: SyntheticImageDataModule, config: Qu
 
 
 @torch.no_grad()
-def routing_by_group(model: nn.Module, probe: tuple[Tensor, Tensor, Tensor, Tensor], config: QuickstartConfig) -> dict[str, Tensor]:
+def routing_by_group(
+    model: nn.Module, probe: tuple[Tensor, Tensor, Tensor, Tensor], config: QuickstartConfig
+) -> dict[str, Tensor]:
     """Mean routing weight ``[contexts * classes, K]`` of every CondConv2d over the probe images.
 
     Row ``context * num_classes + label``; the routing comes from the layer's own
@@ -236,13 +320,16 @@ def routing_by_group(model: nn.Module, probe: tuple[Tensor, Tensor, Tensor, Tens
     def record(name: str, layer: CondConv2d, routing: Tensor) -> None:
         sums[name].index_add_(0, batch_groups[0], routing.double())
 
-    handles = [layer.register_routing_hook(lambda layer, routing, name=name: record(name, layer, routing)) for name, layer in layers.items()]
+    handles = [
+        layer.register_routing_hook(lambda layer, routing, name=name: record(name, layer, routing))
+        for name, layer in layers.items()
+    ]
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(images), config.batch_size):
-            batch_groups[:] = [groups[start:start + config.batch_size]]
-            model(images[start:start + config.batch_size])
+            batch_groups[:] = [groups[start : start + config.batch_size]]
+            model(images[start : start + config.batch_size])
     finally:
         model.train(was_training)
         for handle in handles:
@@ -266,10 +353,15 @@ def read_logged(metrics_csv: Path) -> dict[str, tuple[list[int], list[float]]]:
 
 def entropy_curves(logged: dict[str, tuple[list[int], list[float]]]) -> dict[str, tuple[list[int], list[float]]]:
     """``{layer: (steps, entropies)}``: the training routing entropy RoutingEntropyMonitor logged per layer."""
-    curves = {name.split("/")[1]: curve for name, curve in logged.items()
-              if name.startswith("routing/") and name.endswith("/entropy") and name.count("/") == 2}
+    curves = {
+        name.split("/")[1]: curve
+        for name, curve in logged.items()
+        if name.startswith("routing/") and name.endswith("/entropy") and name.count("/") == 2
+    }
     if not curves:
-        raise RuntimeError("the fine-tune's CSV log holds no routing/<layer>/entropy columns; RoutingEntropyMonitor logged nothing")
+        raise RuntimeError(
+            "the fine-tune's CSV log holds no routing/<layer>/entropy columns; RoutingEntropyMonitor logged nothing"
+        )
     return curves
 
 
@@ -277,8 +369,11 @@ def plot_entropy(curves: dict[str, tuple[list[int], list[float]]], path: Path) -
     figure, axis = plt.subplots(figsize=(7, 4), dpi=110)
     for layer, (steps, values) in curves.items():
         axis.plot(steps, values, marker="o", markersize=3, label=layer.removeprefix("model."))
-    axis.set(xlabel="training step", ylabel="routing entropy (normalized, 1 = uniform)",
-             title="Per-sample routing entropy while fine-tuning")
+    axis.set(
+        xlabel="training step",
+        ylabel="routing entropy (normalized, 1 = uniform)",
+        title="Per-sample routing entropy while fine-tuning",
+    )
     axis.ticklabel_format(axis="y", useOffset=False)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
@@ -296,7 +391,7 @@ def plot_heatmaps(routing: dict[str, Tensor], config: QuickstartConfig, path: Pa
         axis.set_xticks(range(table.shape[1]), [f"e{k}" for k in range(table.shape[1])], fontsize=8)
         axis.set_yticks(range(len(labels)), labels, fontsize=7)
         figure.colorbar(image, ax=axis, fraction=0.046)
-    for axis in list(axes.flat)[len(routing):]:
+    for axis in list(axes.flat)[len(routing) :]:
         axis.axis("off")
     figure.suptitle("Mean routing weight per context, class (rows) and expert (columns)", fontsize=10)
     save_figure(figure, path)
@@ -310,15 +405,23 @@ def save_figure(figure: Any, path: Path) -> None:
 
 
 def results_table(results: dict[str, dict[str, Any]], config: QuickstartConfig) -> Table:
-    table = Table(title=f"{config.finetune_steps} fine-tuning steps after {config.pretrain_steps} training steps; "
-                  f"validation on {config.val_size} images")
+    table = Table(
+        title=f"{config.finetune_steps} fine-tuning steps after {config.pretrain_steps} training steps; "
+        f"validation on {config.val_size} images"
+    )
     for column in ("model", "acc before", "acc after", "params", "step time", "routing entropy"):
         table.add_column(column, justify="left" if column == "model" else "right")
     names = {"condconv": f"CondConv K={config.num_experts}", "baseline": "unconverted"}
     for name, result in results.items():
         entropy = result["val_routing_entropy"]
-        table.add_row(names[name], f"{result['val_acc_before']:.3f}", f"{result['val_acc']:.3f}", f"{result['parameters']:,}",
-                      f"{result['step_ms']:.1f} ms", "-" if entropy is None else f"{entropy:.3f}")
+        table.add_row(
+            names[name],
+            f"{result['val_acc_before']:.3f}",
+            f"{result['val_acc']:.3f}",
+            f"{result['parameters']:,}",
+            f"{result['step_ms']:.1f} ms",
+            "-" if entropy is None else f"{entropy:.3f}",
+        )
     return table
 
 

@@ -18,7 +18,9 @@ def reference_parameters(layer) -> dict[str, Tensor]:
     """float64 leaf copies of a CondConv2d's parameters, in the reference's own layout."""
     k, cout = layer.num_experts, layer.out_channels
     params = {
-        "experts": layer.weight.detach().double().reshape(k, cout, layer.in_channels // layer.groups, *layer.kernel_size),
+        "experts": layer.weight.detach()
+        .double()
+        .reshape(k, cout, layer.in_channels // layer.groups, *layer.kernel_size),
         "router_weight": layer.router.weight.detach().double(),
         "router_bias": layer.router.bias.detach().double(),
     }

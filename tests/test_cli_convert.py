@@ -61,7 +61,7 @@ class WSNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 '''
 
-USER_LIGHTNING = '''
+USER_LIGHTNING = """
 import lightning.pytorch as pl
 
 from condconv_lightning.demos import resnet_tiny
@@ -75,7 +75,7 @@ class TinyClassifier(pl.LightningModule):
 
     def forward(self, x):
         return self.model(x)
-'''
+"""
 
 
 def seeded(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -106,8 +106,9 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_file(weights, str(folder / "weights.safetensors"))
     torch.save(seeded(mobilenet_tiny()), folder / "mobile.pt")
     torch.save(user_archs.WSNet().eval(), folder / "wsnet.pt")
-    fixed_head = nn.Sequential(nn.Conv2d(3, 2, 3, stride=4, padding=1), nn.MaxPool2d(8), nn.Flatten(),
-                               nn.Linear(2 * 7 * 7, 3))
+    fixed_head = nn.Sequential(
+        nn.Conv2d(3, 2, 3, stride=4, padding=1), nn.MaxPool2d(8), nn.Flatten(), nn.Linear(2 * 7 * 7, 3)
+    )
     torch.save(fixed_head.eval(), folder / "fixed_head.pt")
     return folder
 
@@ -145,11 +146,20 @@ def assert_same_function(original: nn.Module, converted: nn.Module, shape: tuple
 
 def test_full_module_is_converted_checked_and_written_beside_the_input(work: Path) -> None:
     before = sha256(work / "full.pt")
-    result = succeeded(run_cli("full.pt", "--trust-pickle", "--layers", "layer3,layer4", "--input-shape", SMALL_INPUT, "--json", cwd=work))
+    result = succeeded(
+        run_cli(
+            "full.pt", "--trust-pickle", "--layers", "layer3,layer4", "--input-shape", SMALL_INPUT, "--json", cwd=work
+        )
+    )
     facts = json.loads(result.stdout)
     out = work / "full.condconv.pt"
     original = torch.load(work / "full.pt", weights_only=False)
-    assert facts["output"] == {"path": "full.condconv.pt", "written": True, "kind": "full module", "bytes": out.stat().st_size}
+    assert facts["output"] == {
+        "path": "full.condconv.pt",
+        "written": True,
+        "kind": "full module",
+        "bytes": out.stat().st_size,
+    }
     assert facts["check"]["passed"] and facts["check"]["input_shape"] == [2, 3, 32, 32]
     assert facts["check"]["max_rel_diff"] <= TOLERANCE
     assert [r["name"] for r in facts["conversion"]["converted"]] == conv_names(original, "layer3", "layer4")
@@ -168,8 +178,26 @@ def test_weights_with_arch_give_weights_plus_spec(work: Path, weights: str) -> N
 
     out = work / "out" / f"{weights}.condconv.pt"
     out.parent.mkdir(exist_ok=True)
-    result = succeeded(run_cli(weights, "--arch", "user_archs:tiny", "--arch-kwargs", '{"num_classes": 7}', "--layers", "layer4",
-                               "--num-experts", "3", "--routing", "softmax", "--input-shape", SMALL_INPUT, "-o", out, cwd=work))
+    result = succeeded(
+        run_cli(
+            weights,
+            "--arch",
+            "user_archs:tiny",
+            "--arch-kwargs",
+            '{"num_classes": 7}',
+            "--layers",
+            "layer4",
+            "--num-experts",
+            "3",
+            "--routing",
+            "softmax",
+            "--input-shape",
+            SMALL_INPUT,
+            "-o",
+            out,
+            cwd=work,
+        )
+    )
     for name in conv_names(resnet_tiny(), "layer4"):  # people get a table of the converted layers
         assert name in result.stdout
     assert "passed" in result.stdout and f"wrote {out}" in result.stdout
@@ -210,12 +238,25 @@ def test_lightning_checkpoint_loads_through_the_lightning_module(work: Path) -> 
 
     module = TinyClassifier(num_classes=5)
     seeded(module.model, seed=2)
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
     trainer.strategy.connect(module)
     trainer.save_checkpoint(work / "run.ckpt")
 
-    result = succeeded(run_cli("run.ckpt", "--arch", "user_lightning:TinyClassifier", "--layers", "model.layer3",
-                               "--input-shape", SMALL_INPUT, "--json", cwd=work))
+    result = succeeded(
+        run_cli(
+            "run.ckpt",
+            "--arch",
+            "user_lightning:TinyClassifier",
+            "--layers",
+            "model.layer3",
+            "--input-shape",
+            SMALL_INPUT,
+            "--json",
+            cwd=work,
+        )
+    )
     facts = json.loads(result.stdout)
     assert facts["input"]["holds"].startswith("Lightning checkpoint")
     assert facts["output"]["kind"] == "weights + conversion spec"
@@ -229,10 +270,18 @@ def test_list_marks_what_layers_selects_and_writes_nothing(work: Path) -> None:
     original = torch.load(work / "full.pt", weights_only=False)
     before = sorted(os.listdir(work))
     listed = json.loads(succeeded(run_cli("full.pt", "--trust-pickle", "--list", "--json", cwd=work)).stdout)["convs"]
-    expected = [(n, m.in_channels, m.out_channels, m.weight.numel()) for n, m in original.named_modules() if isinstance(m, nn.Conv2d)]
+    expected = [
+        (n, m.in_channels, m.out_channels, m.weight.numel())
+        for n, m in original.named_modules()
+        if isinstance(m, nn.Conv2d)
+    ]
     assert [(r["name"], r["in_channels"], r["out_channels"], r["parameters"]) for r in listed] == expected
 
-    table = succeeded(run_cli("full.pt", "--trust-pickle", "--list", "--layers", "layer4", "--exclude", "layer4.0.downsample", cwd=work)).stdout
+    table = succeeded(
+        run_cli(
+            "full.pt", "--trust-pickle", "--list", "--layers", "layer4", "--exclude", "layer4.0.downsample", cwd=work
+        )
+    ).stdout
     rows = {cells[1]: line for line in table.splitlines() if line.startswith("│") and (cells := line.split())[1] != "│"}
     assert set(rows) == {name for name, *_ in expected}  # every conv is listed
     assert sorted(name for name, line in rows.items() if "selected" in line) == ["layer4.0.conv1", "layer4.0.conv2"]
@@ -247,7 +296,9 @@ def test_dry_run_converts_and_checks_in_memory_only(work: Path) -> None:
 
 
 def test_check_input_shape_is_inferred_from_the_first_conv(work: Path) -> None:
-    result = succeeded(run_cli("mobile.pt", "--trust-pickle", "--layers", "features.2", "--dry-run", "--json", cwd=work))
+    result = succeeded(
+        run_cli("mobile.pt", "--trust-pickle", "--layers", "features.2", "--dry-run", "--json", cwd=work)
+    )
     check = json.loads(result.stdout)["check"]
     assert check["input_shape"] == [1, 3, 64, 64] and check["passed"]
     # A head that needs 7x7 features (VGG-style flatten + Linear) fails at 64x64 and is checked at 224x224.
@@ -258,7 +309,11 @@ def test_check_input_shape_is_inferred_from_the_first_conv(work: Path) -> None:
 def test_seed_sets_the_expert_perturbations(work: Path) -> None:
     from condconv_lightning.surgery import convert
 
-    succeeded(run_cli("full.pt", "--trust-pickle", "--layers", "layer1", "--no-check", "--seed", "5", "-o", "seeded.pt", cwd=work))
+    succeeded(
+        run_cli(
+            "full.pt", "--trust-pickle", "--layers", "layer1", "--no-check", "--seed", "5", "-o", "seeded.pt", cwd=work
+        )
+    )
     written = torch.load(work / "seeded.pt", weights_only=False).layer1[0].conv1.weight
     experts = {}
     for seed in (5, 6):
@@ -318,21 +373,79 @@ ERROR_CASES = [
     ("empty file", ["empty.pt", "--layers", "layer3"], 1, ["empty"]),
     ("truncated file", ["truncated.pt", "--trust-pickle", "--layers", "layer3"], 1, ["truncated"]),
     ("not a PyTorch file", ["notes.txt", "--layers", "layer3"], 1, ["not a PyTorch file"]),
-    ("full module without --trust-pickle", ["full.pt", "--layers", "layer3"], 1, ["--trust-pickle", "condconv_lightning.demos.models.ResNet"]),
-    ("pickle payload without --trust-pickle", ["payload.pt", "--layers", "layer3"], 1, ["--trust-pickle", "io.open", "nothing was loaded"]),
+    (
+        "full module without --trust-pickle",
+        ["full.pt", "--layers", "layer3"],
+        1,
+        ["--trust-pickle", "condconv_lightning.demos.models.ResNet"],
+    ),
+    (
+        "pickle payload without --trust-pickle",
+        ["payload.pt", "--layers", "layer3"],
+        1,
+        ["--trust-pickle", "io.open", "nothing was loaded"],
+    ),
     ("TorchScript", ["scripted.pt", "--layers", "0"], 1, ["TorchScript", "state_dict", "--arch"]),
     ("torch.export", ["exported.pt2", "--layers", "0"], 1, ["torch.export", "--arch"]),
     ("state dict without --arch", ["weights.pt", "--layers", "layer3"], 1, ["state dict", "--arch"]),
-    ("--arch does not import", ["weights.pt", "--arch", "no_such_package.models:Net", "--layers", "layer3"], 1, ["cannot import", "no_such_package"]),
-    ("--arch does not match", ["weights.pt", "--arch", "user_archs:tiny", "--layers", "layer3"], 1, ["do not match", "fc.weight", "--arch-kwargs"]),
+    (
+        "--arch does not import",
+        ["weights.pt", "--arch", "no_such_package.models:Net", "--layers", "layer3"],
+        1,
+        ["cannot import", "no_such_package"],
+    ),
+    (
+        "--arch does not match",
+        ["weights.pt", "--arch", "user_archs:tiny", "--layers", "layer3"],
+        1,
+        ["do not match", "fc.weight", "--arch-kwargs"],
+    ),
     ("selector matches nothing", ["full.pt", "--trust-pickle", "--layers", "layer3,layer9"], 1, ["layer9"]),
-    ("--num-experts 0", ["full.pt", "--layers", "layer3", "--num-experts", "0"], 2, ["--num-experts", "positive integer"]),
-    ("--num-experts not an integer", ["full.pt", "--layers", "layer3", "--num-experts", "2.5"], 2, ["--num-experts", "positive integer"]),
-    ("existing output", ["full.pt", "--trust-pickle", "--layers", "layer3", "-o", "taken.pt"], 1, ["taken.pt", "--force"]),
-    ("output folder not writable", ["full.pt", "--trust-pickle", "--layers", "layer3", "-o", "{unwritable}/out.pt"], 1, ["cannot write to the output folder"]),
-    ("Conv2d subclass only", ["wsnet.pt", "--trust-pickle", "--layers", "body"], 1, ["body", "WSConv2d", "--allow-class"]),
-    ("Conv2d subclass forced", ["wsnet.pt", "--trust-pickle", "--layers", "body", "--allow-class", "user_archs:WSConv2d",
-                                "--input-shape", "2,3,16,16"], 1, ["check failed", "nothing was written"]),
+    (
+        "--num-experts 0",
+        ["full.pt", "--layers", "layer3", "--num-experts", "0"],
+        2,
+        ["--num-experts", "positive integer"],
+    ),
+    (
+        "--num-experts not an integer",
+        ["full.pt", "--layers", "layer3", "--num-experts", "2.5"],
+        2,
+        ["--num-experts", "positive integer"],
+    ),
+    (
+        "existing output",
+        ["full.pt", "--trust-pickle", "--layers", "layer3", "-o", "taken.pt"],
+        1,
+        ["taken.pt", "--force"],
+    ),
+    (
+        "output folder not writable",
+        ["full.pt", "--trust-pickle", "--layers", "layer3", "-o", "{unwritable}/out.pt"],
+        1,
+        ["cannot write to the output folder"],
+    ),
+    (
+        "Conv2d subclass only",
+        ["wsnet.pt", "--trust-pickle", "--layers", "body"],
+        1,
+        ["body", "WSConv2d", "--allow-class"],
+    ),
+    (
+        "Conv2d subclass forced",
+        [
+            "wsnet.pt",
+            "--trust-pickle",
+            "--layers",
+            "body",
+            "--allow-class",
+            "user_archs:WSConv2d",
+            "--input-shape",
+            "2,3,16,16",
+        ],
+        1,
+        ["check failed", "nothing was written"],
+    ),
 ]
 
 
@@ -342,7 +455,7 @@ def error_runs(work: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[di
     folder = tmp_path_factory.mktemp("cli-errors")
     make_bad_inputs(work, folder)
     unwritable = unwritable_folder(folder)
-    snapshot = lambda: {p: sha256(p) for p in folder.rglob("*") if p.is_file()}  # noqa: E731
+    snapshot = lambda: {p: sha256(p) for p in folder.rglob("*") if p.is_file()}
     before = snapshot()
     cases = {case[0]: [str(a).replace("{unwritable}", str(unwritable)) for a in case[1]] for case in ERROR_CASES}
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
@@ -351,7 +464,9 @@ def error_runs(work: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[di
     return results, before, snapshot(), unwritable
 
 
-@pytest.mark.parametrize(("name", "status", "phrases"), [(c[0], c[2], c[3]) for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
+@pytest.mark.parametrize(
+    ("name", "status", "phrases"), [(c[0], c[2], c[3]) for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES]
+)
 def test_bad_input_gets_one_line_and_writes_nothing(error_runs: tuple, name: str, status: int, phrases: list) -> None:
     results, before, after, unwritable = error_runs
     result = results[name]
@@ -370,15 +485,34 @@ def test_bad_input_gets_one_line_and_writes_nothing(error_runs: tuple, name: str
 
 IN_PROCESS_CASES = [
     # Argument checks that fail before any file is read: main() in this process (no torch start-up per case).
-    ("--arch is not module:callable", ["weights.pt", "--arch", "user_archs.tiny", "--layers", "layer3"], 2, ["--arch", "import path"]),
-    ("--arch-kwargs not JSON", ["weights.pt", "--arch", "user_archs:tiny", "--arch-kwargs", "{num_classes: 7}", "--layers", "layer3"], 2, ["JSON"]),
+    (
+        "--arch is not module:callable",
+        ["weights.pt", "--arch", "user_archs.tiny", "--layers", "layer3"],
+        2,
+        ["--arch", "import path"],
+    ),
+    (
+        "--arch-kwargs not JSON",
+        ["weights.pt", "--arch", "user_archs:tiny", "--arch-kwargs", "{num_classes: 7}", "--layers", "layer3"],
+        2,
+        ["JSON"],
+    ),
     ("--layers missing", ["full.pt", "--trust-pickle"], 2, ["--layers", "--list"]),
-    ("output is the input", ["full.pt", "--trust-pickle", "--layers", "layer3", "-o", "full.pt", "--force"], 1, ["is the input"]),
+    (
+        "output is the input",
+        ["full.pt", "--trust-pickle", "--layers", "layer3", "-o", "full.pt", "--force"],
+        1,
+        ["is the input"],
+    ),
 ]
 
 
-@pytest.mark.parametrize(("arguments", "status", "phrases"), [c[1:] for c in IN_PROCESS_CASES], ids=[c[0] for c in IN_PROCESS_CASES])
-def test_bad_arguments_in_process(work: Path, monkeypatch: pytest.MonkeyPatch, capsys, arguments: list, status: int, phrases: list) -> None:
+@pytest.mark.parametrize(
+    ("arguments", "status", "phrases"), [c[1:] for c in IN_PROCESS_CASES], ids=[c[0] for c in IN_PROCESS_CASES]
+)
+def test_bad_arguments_in_process(
+    work: Path, monkeypatch: pytest.MonkeyPatch, capsys, arguments: list, status: int, phrases: list
+) -> None:
     from condconv_lightning.cli.convert import main
 
     monkeypatch.chdir(work)

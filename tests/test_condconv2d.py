@@ -8,9 +8,9 @@ import math
 import pickle
 
 import pytest
-from conftest import CUDA_PARAM
 import torch
 import torch.nn as nn
+from conftest import CUDA_PARAM
 from reference import reference_parameters, reference_routing
 
 from condconv_lightning import CondConv2d
@@ -23,7 +23,16 @@ CONV_CONFIGS = [
     dict(in_channels=4, out_channels=4, kernel_size=4, padding="same", padding_mode="circular"),
     dict(in_channels=4, out_channels=6, kernel_size=3, padding="valid", padding_mode="replicate"),
 ]
-PUBLIC_ATTRIBUTES = ["in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"]
+PUBLIC_ATTRIBUTES = [
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "padding_mode",
+]
 
 
 def routed(layer: CondConv2d) -> CondConv2d:
@@ -80,8 +89,23 @@ def test_strategy_can_be_changed_later_without_changing_the_function():
 
 
 def test_repr_is_readable():
-    text = repr(CondConv2d(4, 8, 3, padding="same", groups=2, bias=False, padding_mode="reflect", num_experts=8, routing="softmax"))
-    for part in ["CondConv2d(", "4, 8, kernel_size=(3, 3)", "padding='same'", "groups=2", "bias=False", "padding_mode=reflect", "num_experts=8", "routing=softmax", "strategy=auto", "(router): Linear(in_features=4, out_features=8"]:
+    text = repr(
+        CondConv2d(
+            4, 8, 3, padding="same", groups=2, bias=False, padding_mode="reflect", num_experts=8, routing="softmax"
+        )
+    )
+    for part in [
+        "CondConv2d(",
+        "4, 8, kernel_size=(3, 3)",
+        "padding='same'",
+        "groups=2",
+        "bias=False",
+        "padding_mode=reflect",
+        "num_experts=8",
+        "routing=softmax",
+        "strategy=auto",
+        "(router): Linear(in_features=4, out_features=8",
+    ]:
         assert part in text, part
 
 
@@ -166,7 +190,9 @@ def test_to_device_and_factory_kwargs(device):
 
 
 def test_model_to_channels_last_works_and_keeps_outputs():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), routed(CondConv2d(4, 6, 3, padding=1)), nn.ReLU(), routed(CondConv2d(6, 8, 1)))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), routed(CondConv2d(4, 6, 3, padding=1)), nn.ReLU(), routed(CondConv2d(6, 8, 1))
+    )
     x = torch.randn(2, 3, 8, 8)
     expected = model(x)
     model = model.to(memory_format=torch.channels_last)
@@ -260,7 +286,9 @@ def test_set_temperature_changes_routing_in_place():
 
 
 def test_torch_fx_symbolic_trace_of_a_model_containing_the_layer():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), routed(CondConv2d(4, 6, 3, padding="same", padding_mode="reflect")), nn.ReLU())
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), routed(CondConv2d(4, 6, 3, padding="same", padding_mode="reflect")), nn.ReLU()
+    )
     traced = torch.fx.symbolic_trace(model)
     assert any(node.op == "call_function" and "condconv2d" in str(node.target) for node in traced.graph.nodes)
     x = torch.randn(2, 3, 8, 8)

@@ -207,7 +207,7 @@ def test_cpu_tensor_without_interpreter_is_a_one_line_error(monkeypatch):
 @needs_triton
 def test_depthwise_is_refused(interpret):
     layer = CondConv2d(4, 8, 3, padding=1, groups=4, strategy="fused")
-    with pytest.raises(ValueError, match="depthwise.*use 'grouped'") as info:
+    with pytest.raises(ValueError, match=r"depthwise.*use 'grouped'") as info:
         layer(torch.randn(2, 4, 7, 7))
     assert "\n" not in str(info.value)
 
@@ -259,8 +259,22 @@ def test_kernels_compile_for_a_cuda_target(kernel):
 
     fn = getattr(fk, kernel)
     constexprs = dict(
-        SH=2, SW=1, PH=1, PW=1, DH=1, DW=2, KH=3, KW=3, CHANNELS_INNER=True, PRECISION="tf32", INTERPRETER=False,
-        HAS_BIAS=True, EXPERTS_POW2=8, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32,
+        SH=2,
+        SW=1,
+        PH=1,
+        PW=1,
+        DH=1,
+        DW=2,
+        KH=3,
+        KW=3,
+        CHANNELS_INNER=True,
+        PRECISION="tf32",
+        INTERPRETER=False,
+        HAS_BIAS=True,
+        EXPERTS_POW2=8,
+        BLOCK_M=32,
+        BLOCK_N=64,
+        BLOCK_K=32,
     )
     names = list(inspect.signature(fn).parameters)
     signature = {n: "constexpr" if n in constexprs else "*fp32" if n.endswith("_ptr") else "i32" for n in names}

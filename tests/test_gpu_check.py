@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.sh"
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
-                                reason="needs bash and coreutils' timeout")
+pytestmark = pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils' timeout"
+)
 
 
 def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -49,8 +50,11 @@ def test_cpu_dry_run_writes_every_stage_json(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     stages = {"environment", "pytest_cuda", "bench_layers_fp32", "bench_layers_bf16", "bench_model", "finetune"}
     assert set(summary) == stages
-    failed = {name: json.loads((tmp_path / f"{name}.status.json").read_text())["output_tail"][-600:]
-              for name, stage in summary.items() if stage["rc"] != 0}
+    failed = {
+        name: json.loads((tmp_path / f"{name}.status.json").read_text())["output_tail"][-600:]
+        for name, stage in summary.items()
+        if stage["rc"] != 0
+    }
     assert not failed and result.returncode == 0, failed
     layers = json.loads((tmp_path / "bench_layers_bf16.json").read_text())
     assert {row["dtype"] for row in layers["rows"]} == {"bf16"} and layers["summary"]

@@ -25,9 +25,9 @@ import torch.nn as nn
 
 from condconv_lightning import CondConv2d
 from condconv_lightning.checkpoints import UntrustedCheckpointError, code_references
+from condconv_lightning.demos import resnet_tiny
 from condconv_lightning.finetune import ImageClassifier
 from condconv_lightning.io import UnsafeFileError, atomic_write, load_weights_only
-from condconv_lightning.demos import resnet_tiny
 from condconv_lightning.surgery import ConversionSpec, convert, load_converted, save_converted
 
 ARCH = "condconv_lightning.finetune.module:ImageClassifier"
@@ -47,8 +47,15 @@ def run_cli(program: str, *args: object, cwd: Path, **kwargs) -> subprocess.Comp
     command = shutil.which(program)
     assert command is not None, f"the {program} console script is not installed; run `pip install -e .`"
     env = {k: v for k, v in os.environ.items() if k != "CONDCONV_DEBUG"}
-    return subprocess.run([command, *map(str, args)], cwd=cwd, env={**env, "COLUMNS": "120"}, capture_output=True,
-                          text=True, timeout=300, **kwargs)
+    return subprocess.run(
+        [command, *map(str, args)],
+        cwd=cwd,
+        env={**env, "COLUMNS": "120"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
 
 
 def classifier_checkpoint(path: Path, converted: bool = True, **hyper_parameters: object) -> Path:
@@ -57,8 +64,13 @@ def classifier_checkpoint(path: Path, converted: bool = True, **hyper_parameters
     if converted:
         convert(module.model, ["layer3", "layer4"])
     hparams = {"num_classes": 4, "_instantiator": "lightning.pytorch.cli.instantiate_module", **hyper_parameters}
-    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": hparams, "pytorch-lightning_version": "2.6.6",
-                  "epoch": 0, "global_step": 0}
+    checkpoint = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": hparams,
+        "pytorch-lightning_version": "2.6.6",
+        "epoch": 0,
+        "global_step": 0,
+    }
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, path)
     return path
@@ -71,9 +83,13 @@ def evil(tmp_path: Path) -> dict[str, Path]:
     torch.save({"weights": FileCreator(str(marker))}, tmp_path / "evil.pt")
     return {
         "marker": marker,
-        "trusting": classifier_checkpoint(tmp_path / "trusting.ckpt", weights=str(tmp_path / "evil.pt"), trust_pickle=True),
+        "trusting": classifier_checkpoint(
+            tmp_path / "trusting.ckpt", weights=str(tmp_path / "evil.pt"), trust_pickle=True
+        ),
         "class_path": classifier_checkpoint(
-            tmp_path / "class_path.ckpt", converted=False, model={"class_path": "torch.nn.Linear", "init_args": {"in_features": 2, "out_features": 2}}
+            tmp_path / "class_path.ckpt",
+            converted=False,
+            model={"class_path": "torch.nn.Linear", "init_args": {"in_features": 2, "out_features": 2}},
         ),
     }
 
@@ -89,7 +105,9 @@ def test_checkpoint_cannot_ask_for_its_pickle_to_be_trusted(evil: dict[str, Path
 
 
 def test_checkpoint_naming_a_class_is_refused_unless_trusted(evil: dict[str, Path]) -> None:
-    with pytest.raises(UntrustedCheckpointError, match=r"model\.class_path='torch\.nn\.Linear'.*pass trust_checkpoint=True$"):
+    with pytest.raises(
+        UntrustedCheckpointError, match=r"model\.class_path='torch\.nn\.Linear'.*pass trust_checkpoint=True$"
+    ):
         ImageClassifier.load_from_checkpoint(evil["class_path"])
     trusted = ImageClassifier.load_from_checkpoint(evil["class_path"], trust_checkpoint=True, strict=False)
     assert isinstance(trusted.model, nn.Linear)  # the caller's decision: Lightning's behaviour
@@ -98,20 +116,35 @@ def test_checkpoint_naming_a_class_is_refused_unless_trusted(evil: dict[str, Pat
 def test_code_references_are_found_at_any_depth() -> None:
     hparams = {"a": [{"b": {"class_path": "x.Y"}}], "_instantiator": "evil.build", "c": 1}
     assert sorted(code_references(hparams)) == [
-        "hyper_parameters._instantiator='evil.build'", "hyper_parameters.a[0].b.class_path='x.Y'"
+        "hyper_parameters._instantiator='evil.build'",
+        "hyper_parameters.a[0].b.class_path='x.Y'",
     ]
     assert code_references({"_instantiator": "lightning.pytorch.cli.instantiate_module", "lr": 0.1}) == []
 
 
 @pytest.mark.slow
 def test_command_lines_refuse_untrusted_checkpoints(evil: dict[str, Path], tmp_path: Path) -> None:
-    converted = run_cli("condconv-convert", evil["trusting"], "--arch", ARCH, "--layers", "model.layer2", "--no-check",
-                        cwd=tmp_path)
+    converted = run_cli(
+        "condconv-convert", evil["trusting"], "--arch", ARCH, "--layers", "model.layer2", "--no-check", cwd=tmp_path
+    )
     assert converted.returncode == 0, converted.stderr
     refused = run_cli("condconv-convert", evil["class_path"], "--arch", ARCH, "--layers", "model.layer4", cwd=tmp_path)
     assert refused.returncode == 1 and "name code to import" in refused.stderr and "--trust-pickle" in refused.stderr
-    validate = run_cli("condconv-finetune", "validate", "--ckpt_path", evil["trusting"], "--data.val_size", "8",
-                       "--data.train_size", "8", "--data.batch_size", "8", "--trainer.logger", "false", cwd=tmp_path)
+    validate = run_cli(
+        "condconv-finetune",
+        "validate",
+        "--ckpt_path",
+        evil["trusting"],
+        "--data.val_size",
+        "8",
+        "--data.train_size",
+        "8",
+        "--data.batch_size",
+        "8",
+        "--trainer.logger",
+        "false",
+        cwd=tmp_path,
+    )
     assert validate.returncode == 0, validate.stderr[-2000:]
     class_path = run_cli("condconv-finetune", "validate", "--ckpt_path", evil["class_path"], cwd=tmp_path)
     assert class_path.returncode == 2 and "--trust_checkpoint true" in class_path.stderr
@@ -142,14 +175,17 @@ def rewrite_spec(content: dict, path: Path, edit) -> Path:
         (lambda s: s["options"].update(seed="7" * 1000), "seed must be an integer"),
         (lambda s: s["options"].update(seed=2**70), "seed must be an integer"),
         (lambda s: s["options"].update(num_experts="4"), "num_experts must be a positive integer"),
-        (lambda s: s["layers"]["layer4.0.conv1"].update(temperature=float("inf")), "temperature must be a positive finite"),
+        (
+            lambda s: s["layers"]["layer4.0.conv1"].update(temperature=float("inf")),
+            "temperature must be a positive finite",
+        ),
         (lambda s: s["layers"]["layer4.0.conv1"].update(source_class="os.system; rm"), "source_class must be a dotted"),
         (lambda s: s["options"].update(evil=True), "unknown conversion option"),
         (lambda s: s.update(selectors="layer4"), "selectors must be a list"),
     ],
 )
 def test_malformed_specs_are_refused_at_once(tmp_path: Path, edit, message: str) -> None:
-    path, content = converted_file(tmp_path)
+    _path, content = converted_file(tmp_path)
     bad = rewrite_spec(content, tmp_path / "bad.pt", edit)
     model = resnet_tiny()
     started = time.perf_counter()
@@ -160,16 +196,18 @@ def test_malformed_specs_are_refused_at_once(tmp_path: Path, edit, message: str)
 
 
 def test_expert_count_is_checked_against_the_weights_before_allocation(tmp_path: Path) -> None:
-    path, content = converted_file(tmp_path)
+    _path, content = converted_file(tmp_path)
     bad = rewrite_spec(content, tmp_path / "bad.pt", lambda s: s["layers"]["layer4.0.conv1"].update(num_experts=5000))
     model = resnet_tiny()
-    with pytest.raises(ValueError, match=r"gives layer 'layer4.0.conv1' 5000 experts, but the weights hold a tensor of shape \[4, "):
+    with pytest.raises(
+        ValueError, match=r"gives layer 'layer4.0.conv1' 5000 experts, but the weights hold a tensor of shape \[4, "
+    ):
         load_converted(bad, model)
     assert not any(isinstance(m, CondConv2d) for m in model.modules())
 
 
 def test_failed_load_leaves_the_model_as_it_was(tmp_path: Path) -> None:
-    path, content = converted_file(tmp_path)
+    path, _content = converted_file(tmp_path)
     other_width = resnet_tiny(num_classes=7)  # the head differs: the strict load fails after the spec applied
     before = {k: v.clone() for k, v in other_width.state_dict().items()}
     with pytest.raises(RuntimeError, match="size mismatch"):
@@ -220,9 +258,8 @@ def test_symlink_at_the_output_is_neither_followed_nor_replaced(tmp_path: Path) 
     for name, points_to in (("dangling", tmp_path / "missing"), ("live", victim)):
         link = tmp_path / name
         link.symlink_to(points_to)
-        with pytest.raises(FileExistsError, match="already exists"):
-            with atomic_write(link) as tmp:
-                tmp.write_bytes(b"new")
+        with pytest.raises(FileExistsError, match="already exists"), atomic_write(link) as tmp:
+            tmp.write_bytes(b"new")
         assert link.is_symlink() and os.readlink(link) == str(points_to)
     assert victim.read_text() == "keep"
 
@@ -230,8 +267,20 @@ def test_symlink_at_the_output_is_neither_followed_nor_replaced(tmp_path: Path) 
 @pytest.mark.slow
 def test_concurrent_commands_to_one_output(tmp_path: Path) -> None:
     torch.save(resnet_tiny().eval(), tmp_path / "full.pt")
-    command = [shutil.which("condconv-convert"), "full.pt", "--trust-pickle", "--layers", "layer4", "--no-check", "-o", "same.pt"]
-    runs = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    command = [
+        shutil.which("condconv-convert"),
+        "full.pt",
+        "--trust-pickle",
+        "--layers",
+        "layer4",
+        "--no-check",
+        "-o",
+        "same.pt",
+    ]
+    runs = [
+        subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     results = [(run.wait(timeout=300), *run.communicate()) for run in runs]
     assert sorted(status for status, _, _ in results) == [0, 1]
     assert sum("wrote same.pt" in out for _, out, _ in results) == 1
@@ -246,8 +295,9 @@ def test_markup_in_module_names_and_paths_is_printed_as_text(tmp_path: Path) -> 
     folder = tmp_path / "in[" / "]put"  # the path reads in[/]put, a rich closing tag
     folder.mkdir(parents=True)
     (tmp_path / "markup_arch.py").write_text(MARKUP_ARCH)
-    result = run_cli("python", "-c", "import torch, markup_arch; torch.save(markup_arch.Net(), 'in[/]put/model.pt')",
-                     cwd=tmp_path)
+    result = run_cli(
+        "python", "-c", "import torch, markup_arch; torch.save(markup_arch.Net(), 'in[/]put/model.pt')", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     result = run_cli("condconv-convert", "in[/]put/model.pt", "--trust-pickle", "--layers", "*", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -256,7 +306,7 @@ def test_markup_in_module_names_and_paths_is_printed_as_text(tmp_path: Path) -> 
     assert listed.returncode == 0 and "convs.[/b]" in listed.stdout
 
 
-MARKUP_ARCH = '''
+MARKUP_ARCH = """
 import torch.nn as nn
 
 
@@ -267,7 +317,7 @@ class Net(nn.Module):
 
     def forward(self, x):
         return self.convs["[red]x"](self.convs["[/b]"](x))
-'''
+"""
 
 
 # 7: a DDP-wrapped model is refused, before anything changes.
@@ -277,7 +327,9 @@ def test_ddp_wrapped_model_is_refused(tmp_path: Path) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         wrapped = nn.parallel.DistributedDataParallel(resnet_tiny())
-        with pytest.raises(ValueError, match=r"wrapped in DistributedDataParallel.*convert the inner model \(ddp.module\) first"):
+        with pytest.raises(
+            ValueError, match=r"wrapped in DistributedDataParallel.*convert the inner model \(ddp.module\) first"
+        ):
             convert(wrapped, "layer4")
         assert not any(isinstance(m, CondConv2d) for m in wrapped.modules())
     finally:
@@ -293,9 +345,9 @@ def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path: Pa
     live = tmp_path / f".out.pt.{os.getpid()}.4567cdef.condconv-tmp"
     stale.write_bytes(b"x" * 100)
     live.write_bytes(b"y")
-    with pytest.warns(UserWarning, match=r"removed 1 temporary file\(s\) left by an interrupted write"):
-        with atomic_write(tmp_path / "out.pt") as tmp:
-            tmp.write_bytes(b"done")
+    warns = pytest.warns(UserWarning, match=r"removed 1 temporary file\(s\) left by an interrupted write")
+    with warns, atomic_write(tmp_path / "out.pt") as tmp:
+        tmp.write_bytes(b"done")
     assert not stale.exists() and live.exists() and (tmp_path / "out.pt").read_bytes() == b"done"
 
 
@@ -305,7 +357,9 @@ def _dead_pid() -> int:
     return process.pid
 
 
-def test_sigterm_during_the_write_removes_the_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_sigterm_during_the_write_removes_the_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     from condconv_lightning.cli.convert import main
 
     torch.save(resnet_tiny().eval(), tmp_path / "full.pt")
@@ -342,9 +396,23 @@ def test_closed_stdout_reports_the_written_file_truthfully(tmp_path: Path) -> No
     read, write = os.pipe()
     os.close(read)  # `... --json | true`: nobody reads the output
     try:
-        result = subprocess.run([shutil.which("condconv-convert"), "full.pt", "--trust-pickle", "--layers", "layer4",
-                                 "--json", "-o", "out.pt"], cwd=tmp_path, stdout=write, stderr=subprocess.PIPE,
-                                text=True, timeout=300)
+        result = subprocess.run(
+            [
+                shutil.which("condconv-convert"),
+                "full.pt",
+                "--trust-pickle",
+                "--layers",
+                "layer4",
+                "--json",
+                "-o",
+                "out.pt",
+            ],
+            cwd=tmp_path,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
     finally:
         os.close(write)
     assert result.returncode == 1

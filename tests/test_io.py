@@ -27,21 +27,18 @@ def test_atomic_write_renames_on_success_with_umask_permissions(tmp_path):
 
 def test_atomic_write_leaves_nothing_on_error_and_refuses_existing(tmp_path):
     target = tmp_path / "out.bin"
-    with pytest.raises(RuntimeError):
-        with atomic_write(target) as tmp:
-            tmp.write_bytes(b"partial")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), atomic_write(target) as tmp:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("interrupted")
     assert os.listdir(tmp_path) == []
     target.write_bytes(b"old")
-    with pytest.raises(FileExistsError, match="--force"):
-        with atomic_write(target):
-            pass
+    with pytest.raises(FileExistsError, match="--force"), atomic_write(target):
+        pass
     with atomic_write(target, overwrite=True) as tmp:
         tmp.write_bytes(b"new")
     assert target.read_bytes() == b"new"
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        with atomic_write(tmp_path / "missing" / "out.bin"):
-            pass
+    with pytest.raises(FileNotFoundError, match="does not exist"), atomic_write(tmp_path / "missing" / "out.bin"):
+        pass
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])

@@ -11,13 +11,13 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from test_lightning_metrics import assert_matches, reference
 from torch import nn
 
 from condconv_lightning import CondConv2d
 from condconv_lightning.callbacks import CondConvConversion, RoutingEntropyMonitor, RoutingTemperatureScheduler
 from condconv_lightning.demos import SyntheticImageDataModule
 from condconv_lightning.finetune import ImageClassifier
-from test_lightning_metrics import assert_matches, reference
 
 
 class TinyNet(nn.Module):
@@ -89,12 +89,24 @@ def test_tensorboard_and_bf16_mixed(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb = TensorBoardLogger(tmp_path, name="tb")
-    t = trainer(tmp_path, [RoutingEntropyMonitor(logging_interval=1)], logger=[tb], max_steps=2, limit_val_batches=1, precision="bf16-mixed")
+    t = trainer(
+        tmp_path,
+        [RoutingEntropyMonitor(logging_interval=1)],
+        logger=[tb],
+        max_steps=2,
+        limit_val_batches=1,
+        precision="bf16-mixed",
+    )
     t.fit(ImageClassifier(TinyNet()), tiny_data(train_size=16))  # one epoch: validation runs
     events = EventAccumulator(tb.log_dir)
     events.Reload()
     tags = events.Tags()["scalars"]
-    assert {"routing/entropy", "routing/model.conv2/usage_entropy", "routing/model.conv1/expert_3", "val_routing/entropy"} <= set(tags)
+    assert {
+        "routing/entropy",
+        "routing/model.conv2/usage_entropy",
+        "routing/model.conv1/expert_3",
+        "val_routing/entropy",
+    } <= set(tags)
     values = [e.value for tag in tags if "routing" in tag for e in events.Scalars(tag)]
     assert values and all(0.0 <= v <= 1.0 for v in values)
 
@@ -104,7 +116,9 @@ def test_collapse_warns_once_per_collapsed_layer(tmp_path: Path) -> None:
     with torch.no_grad():
         net.conv2.router.weight.zero_()
         net.conv2.router.bias.copy_(torch.tensor([30.0, 0.0, 0.0, 0.0]))  # every sample -> expert 0
-    t = trainer(tmp_path, [RoutingEntropyMonitor(logging_interval=1, collapse_threshold=0.2)], max_steps=3, limit_val_batches=0)
+    t = trainer(
+        tmp_path, [RoutingEntropyMonitor(logging_interval=1, collapse_threshold=0.2)], max_steps=3, limit_val_batches=0
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t.fit(ImageClassifier(net, optimizer=frozen_optimizer), tiny_data())
@@ -114,7 +128,11 @@ def test_collapse_warns_once_per_collapsed_layer(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"logging_interval": -1}, "logging_interval"), ({"collapse_threshold": 1.5}, "collapse_threshold"), ({"prefix": ""}, "prefix")],
+    [
+        ({"logging_interval": -1}, "logging_interval"),
+        ({"collapse_threshold": 1.5}, "collapse_threshold"),
+        ({"prefix": ""}, "prefix"),
+    ],
 )
 def test_monitor_rejects_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -130,11 +148,17 @@ def record_temperatures(net: TinyNet) -> list[float]:
 @pytest.mark.parametrize(
     ("scheduler", "trainer_kwargs", "expected"),
     [
-        (RoutingTemperatureScheduler(8.0, 2.0, duration=3, interval="step"), {"max_steps": 5}, [8.0, 6.0, 4.0, 2.0, 2.0]),
+        (
+            RoutingTemperatureScheduler(8.0, 2.0, duration=3, interval="step"),
+            {"max_steps": 5},
+            [8.0, 6.0, 4.0, 2.0, 2.0],
+        ),
         (RoutingTemperatureScheduler(30.0, 1.0, duration=2), {"max_epochs": 3}, [30.0, 30.0, 15.5, 15.5, 1.0, 1.0]),
     ],
 )
-def test_temperature_follows_the_schedule(tmp_path: Path, scheduler, trainer_kwargs: dict, expected: list[float]) -> None:
+def test_temperature_follows_the_schedule(
+    tmp_path: Path, scheduler, trainer_kwargs: dict, expected: list[float]
+) -> None:
     net = TinyNet(routing="softmax")
     seen = record_temperatures(net)
     t = trainer(tmp_path, [scheduler], limit_val_batches=0, logger=False, **trainer_kwargs)
@@ -147,7 +171,9 @@ def test_cosine_annealing_and_state_dict() -> None:
     scheduler = RoutingTemperatureScheduler(10.0, 2.0, duration=4, annealing="cosine", interval="step")
     for step in range(6):
         fraction = min(step / 4, 1.0)
-        assert scheduler.temperature_at(step) == pytest.approx(10.0 + (2.0 - 10.0) * (1 - math.cos(math.pi * fraction)) / 2)
+        assert scheduler.temperature_at(step) == pytest.approx(
+            10.0 + (2.0 - 10.0) * (1 - math.cos(math.pi * fraction)) / 2
+        )
     scheduler.temperature = 7.5
     restored = RoutingTemperatureScheduler()
     restored.load_state_dict(scheduler.state_dict())
@@ -162,7 +188,12 @@ def test_temperature_scheduler_needs_matching_layers(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"start": 0.0}, "positive"), ({"duration": 0}, "duration"), ({"interval": "batch"}, "interval"), ({"routing": "relu"}, "routing")],
+    [
+        ({"start": 0.0}, "positive"),
+        ({"duration": 0}, "duration"),
+        ({"interval": "batch"}, "interval"),
+        ({"routing": "relu"}, "routing"),
+    ],
 )
 def test_temperature_scheduler_rejects_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -184,7 +215,9 @@ def test_conversion_in_setup_gives_the_optimizer_the_new_parameters(tmp_path: Pa
     assert set(layers) == {"layer4.0.conv1", "layer4.0.conv2", "layer4.0.downsample.0"}
     optimized = {id(p) for group in t.optimizers[0].param_groups for p in group["params"]}
     assert optimized == {id(p) for p in module.parameters()}
-    assert all(layer.router.weight.abs().sum() > 0 for layer in layers.values()), "routers start at zero and were trained"
+    assert all(layer.router.weight.abs().sum() > 0 for layer in layers.values()), (
+        "routers start at zero and were trained"
+    )
 
     # A second setup (validate after fit) converts nothing twice and keeps the trained layers.
     t.validate(module, tiny_data(train_size=16), verbose=False)

@@ -56,7 +56,11 @@ def finetune(workdir: Path, snapshots: Path, max_steps: int, *extra: str) -> Non
         "--data.init_args.train_size=32", "--data.init_args.val_size=16", "--data.init_args.batch_size=8",
         "--data.init_args.image_size=16", *extra,
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
 
@@ -81,7 +85,11 @@ def test_two_process_ddp_finetune_logs_checkpoints_and_resumes(tmp_path: Path) -
     assert_same_state(ranks[0]["params"], ranks[1]["params"])
     start = load(tmp_path / "first" / "start_rank0.pt")
     assert any(k.endswith("router.weight") for k in ranks[0]["state"]), "the conversion callback converted the model"
-    changed = [k for k in start["state"] if k.endswith("router.weight") and not torch.equal(start["state"][k], ranks[0]["state"][k])]
+    changed = [
+        k
+        for k in start["state"]
+        if k.endswith("router.weight") and not torch.equal(start["state"][k], ranks[0]["state"][k])
+    ]
     assert changed, "the optimizer updated the routers created by the conversion"
     assert ranks[0]["temperatures"] == pytest.approx([30.0 - 29.0 * 1 / 4] * 6)  # epoch 1 of a 4-epoch 30 -> 1 schedule
 

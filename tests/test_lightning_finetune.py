@@ -11,9 +11,8 @@ from lightning.pytorch import Trainer
 from torch import nn
 
 from condconv_lightning import CondConv2d
-from condconv_lightning.demos import SyntheticImageDataModule, make_context_gratings
+from condconv_lightning.demos import SyntheticImageDataModule, make_context_gratings, resnet_tiny
 from condconv_lightning.finetune import ImageClassifier, parameter_groups
-from condconv_lightning.demos import resnet_tiny
 
 
 def test_gratings_are_seeded_and_the_colour_cast_tells_which_grating_counts() -> None:
@@ -36,11 +35,16 @@ def dominant_orientation(channel: torch.Tensor, num_classes: int) -> int:
     spectrum[size // 2, size // 2] = 0.0
     row, col = divmod(int(spectrum.argmax()), size)
     angle = math.atan2(row - size // 2, col - size // 2) % math.pi
-    return min(range(num_classes), key=lambda c: min(abs(angle - math.pi * c / num_classes), math.pi - abs(angle - math.pi * c / num_classes)))
+    return min(
+        range(num_classes),
+        key=lambda c: min(abs(angle - math.pi * c / num_classes), math.pi - abs(angle - math.pi * c / num_classes)),
+    )
 
 
 def test_label_is_the_orientation_of_the_grating_the_cast_selects() -> None:
-    images, labels, context, distractor = make_context_gratings(32, 4, 32, noise=0.0, generator=torch.Generator().manual_seed(0))
+    images, labels, context, distractor = make_context_gratings(
+        32, 4, 32, noise=0.0, generator=torch.Generator().manual_seed(0)
+    )
     for image, label, ctx, other in zip(images, labels.tolist(), context.tolist(), distractor.tolist()):
         signal_channel, other_channel = (0, 2) if ctx == 0 else (2, 0)
         assert dominant_orientation(image[signal_channel], 4) == label
@@ -96,10 +100,21 @@ def test_fit_trains_experts_and_routers_at_their_own_rates(tmp_path: Path, preci
         router_lr=0.5,
     )
     layer = module.model.layer4[0].conv1
-    before = {"experts": layer.weight.detach().clone(), "router": layer.router.weight.detach().clone(), "fc": module.model.fc.weight.detach().clone()}
+    before = {
+        "experts": layer.weight.detach().clone(),
+        "router": layer.router.weight.detach().clone(),
+        "fc": module.model.fc.weight.detach().clone(),
+    }
     trainer = Trainer(
-        accelerator="cpu", max_steps=3, precision=precision, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1, default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_steps=3,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        default_root_dir=tmp_path,
     )
     trainer.fit(module, SyntheticImageDataModule(image_size=16, train_size=24, val_size=8, batch_size=8))
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
@@ -116,7 +131,12 @@ def test_module_rejects_bad_arguments() -> None:
         ImageClassifier(num_classes=1)
 
 
-SMALL_DATA = ["--data.init_args.train_size=16", "--data.init_args.val_size=8", "--data.init_args.batch_size=8", "--data.init_args.image_size=16"]
+SMALL_DATA = [
+    "--data.init_args.train_size=16",
+    "--data.init_args.val_size=8",
+    "--data.init_args.batch_size=8",
+    "--data.init_args.image_size=16",
+]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
@@ -129,8 +149,13 @@ def test_cli_defaults_convert_the_builtin_model_and_checkpoint_it(tmp_path: Path
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     assert state["global_step"] == 2
     converted = {k.rsplit(".router.weight", 1)[0] for k in state["state_dict"] if k.endswith(".router.weight")}
-    assert converted == {f"model.{stage}.0.{conv}" for stage in ("layer3", "layer4") for conv in ("conv1", "conv2", "downsample.0")}
-    assert "model.layer2.0.conv1.weight" in state["state_dict"] and state["state_dict"]["model.layer2.0.conv1.weight"].ndim == 4
+    assert converted == {
+        f"model.{stage}.0.{conv}" for stage in ("layer3", "layer4") for conv in ("conv1", "conv2", "downsample.0")
+    }
+    assert (
+        "model.layer2.0.conv1.weight" in state["state_dict"]
+        and state["state_dict"]["model.layer2.0.conv1.weight"].ndim == 4
+    )
     assert (version / "config.yaml").is_file()
 
     # The checkpoint carries the conversion: it loads into a fresh, unconverted network.
@@ -164,7 +189,17 @@ def test_cli_runs_the_single_device_example_config(tmp_path: Path) -> None:
     from condconv_lightning.cli.finetune import main
 
     config = Path(__file__).resolve().parents[1] / "examples" / "configs" / "single_device.yaml"
-    main(["fit", f"--config={config}", "--trainer.max_steps=1", "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}", *SMALL_DATA, *QUIET])
+    main(
+        [
+            "fit",
+            f"--config={config}",
+            "--trainer.max_steps=1",
+            "--trainer.accelerator=cpu",
+            f"--trainer.default_root_dir={tmp_path}",
+            *SMALL_DATA,
+            *QUIET,
+        ]
+    )
     (version,) = (tmp_path / "lightning_logs").iterdir()
     state = torch.load(version / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     temperatures = {float(v) for k, v in state["state_dict"].items() if k.endswith(".temperature")}

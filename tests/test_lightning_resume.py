@@ -7,15 +7,18 @@ must restore the step, the data order (epoch and position in it), the optimizer,
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import os
 import signal
 import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 import pytest
 import torch
@@ -138,7 +141,11 @@ def test_order_depends_on_seed_and_epoch_and_resumes_mid_epoch() -> None:
     loader = ResumableDataLoader(data, 4, EpochShuffleSampler(data, seed=3))
     first, second = epoch(loader, 0), epoch(loader, 1)
     assert first != second and epoch(loader, 0) == first
-    assert sorted(sum(first, [])) == sorted(sum(second, [])) == list(range(24))
+    assert (
+        sorted(functools.reduce(operator.iadd, first, []))
+        == sorted(functools.reduce(operator.iadd, second, []))
+        == list(range(24))
+    )
     # DDP: each rank a disjoint shard; at every step the ranks' batches together are the single-process batch.
     ranks = [epoch(ResumableDataLoader(data, 2, EpochShuffleSampler(data, 2, rank, seed=3)), 1) for rank in range(2)]
     assert [sorted(a + b) for a, b in zip(*ranks, strict=True)] == [sorted(batch) for batch in second]

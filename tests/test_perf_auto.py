@@ -56,7 +56,7 @@ def test_auto_rules(case):
 @pytest.mark.parametrize("case", RULES, ids=[c[0] for c in RULES])
 def test_auto_under_export_is_batch_independent(case, monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
-    _, cin, cout, k, groups, *_ = case
+    _, _cin, _cout, k, groups, *_ = case
     assert choose_strategy(*meta_call(*case[1:-1])) == ("bmm" if (k, groups) == (1, 1) else "mixture")
 
 
@@ -69,7 +69,9 @@ def test_budget_counts_the_autocast_dtype():
 
 def routed_layer(k, groups, strategy, experts=3, channels=8, bias=True):
     torch.manual_seed(0)
-    layer = CondConv2d(channels, channels, k, padding=k // 2, groups=groups, bias=bias, num_experts=experts, strategy=strategy)
+    layer = CondConv2d(
+        channels, channels, k, padding=k // 2, groups=groups, bias=bias, num_experts=experts, strategy=strategy
+    )
     with torch.no_grad():  # routing and bias that differ between samples and experts
         layer.router.weight.normal_()
         if bias:
@@ -140,8 +142,13 @@ class OpLog(TorchDispatchMode):
         return out
 
 
-COPIES = {torch.ops.aten.clone.default, torch.ops.aten.contiguous.default, torch.ops.aten.copy_.default,
-          torch.ops.aten._to_copy.default, torch.ops.aten.as_strided_copy.default}
+COPIES = {
+    torch.ops.aten.clone.default,
+    torch.ops.aten.contiguous.default,
+    torch.ops.aten.copy_.default,
+    torch.ops.aten._to_copy.default,
+    torch.ops.aten.as_strided_copy.default,
+}
 
 
 def channels_last_copies(strategy: str, k: int) -> tuple[list, bool]:
@@ -174,12 +181,18 @@ def test_grouped_copies_channels_last_input_which_is_why_auto_avoids_it():
     assert copied and not keeps_layout
 
 
-@pytest.mark.parametrize("strategy,k,groups", [("grouped", 3, 1), ("grouped", 3, 8), ("mixture", 3, 1), ("bmm", 1, 1), ("bmm", 3, 1)])
+@pytest.mark.parametrize(
+    "strategy,k,groups", [("grouped", 3, 1), ("grouped", 3, 8), ("mixture", 3, 1), ("bmm", 1, 1), ("bmm", 3, 1)]
+)
 def test_autocast_keeps_bf16_in_the_matrix_products(strategy, k, groups):
     layer = routed_layer(k, groups, strategy)
     x = torch.randn(3, 8, 6, 6)
-    products = {torch.ops.aten.convolution.default, torch.ops.aten.bmm.default, torch.ops.aten.mm.default,
-                torch.ops.aten.convolution_backward.default}
+    products = {
+        torch.ops.aten.convolution.default,
+        torch.ops.aten.bmm.default,
+        torch.ops.aten.mm.default,
+        torch.ops.aten.convolution_backward.default,
+    }
     log = OpLog()
     with log:
         with torch.autocast("cpu", dtype=torch.bfloat16):

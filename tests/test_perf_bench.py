@@ -26,7 +26,9 @@ def test_bench_layers_quick_reports_every_variant_against_static(tmp_path, capsy
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     rows = report["rows"]
     shapes = {shape.name for shape in bench_layers.QUICK_SUITE}
-    assert {(r["shape"], r["variant"]) for r in rows} >= {(s, v) for s in shapes for v in bench_layers.STRATEGY_VARIANTS}
+    assert {(r["shape"], r["variant"]) for r in rows} >= {
+        (s, v) for s in shapes for v in bench_layers.STRATEGY_VARIANTS
+    }
     for row in rows:
         for key in ("train_ratio", "infer_ratio", "peak_ratio"):
             assert math.isfinite(row[key]) and row[key] > 0, (row["shape"], row["variant"], key)
@@ -46,7 +48,9 @@ def test_bench_layers_quick_reports_every_variant_against_static(tmp_path, capsy
 def test_bench_layers_suite_is_every_distinct_conv_of_three_architectures():
     shapes = bench_layers.suite()
     models = [s.name.split(".")[0] for s in shapes]
-    keys = [(s.in_channels, s.out_channels, s.kernel_size, s.stride, s.groups, s.size, m) for s, m in zip(shapes, models)]
+    keys = [
+        (s.in_channels, s.out_channels, s.kernel_size, s.stride, s.groups, s.size, m) for s, m in zip(shapes, models)
+    ]
     assert len(keys) == len(set(keys))
     assert set(models) == {"r50", "mbv2", "effb0"}
     assert models.count("r50") == 23  # the stem and 5 or 6 distinct convs per stage

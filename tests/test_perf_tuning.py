@@ -126,7 +126,11 @@ def train(tune: bool, strategies: dict[str, str] | None) -> tuple[dict, torch.Te
     """A few seeded SGD steps of a small CondConv model with dropout (which draws from the global RNG)."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        CondConv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Dropout(0.3), CondConv2d(8, 8, 1), nn.ReLU(),
+        CondConv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        CondConv2d(8, 8, 1),
+        nn.ReLU(),
         CondConv2d(8, 8, 3, padding=1, groups=8),
     )
     convs = {name: m for name, m in model.named_modules() if isinstance(m, CondConv2d)}
@@ -221,8 +225,18 @@ def saved_entry(tmp_path) -> dict:
         lambda d: d.update(version=2),
         lambda d: d.update(entries={}),
     ],
-    ids=["code", "fused", "str-int", "bool-int", "triple", "not-a-dtype", "extra-field", "missing-field",
-         "version", "entries-not-a-list"],
+    ids=[
+        "code",
+        "fused",
+        "str-int",
+        "bool-int",
+        "triple",
+        "not-a-dtype",
+        "extra-field",
+        "missing-field",
+        "version",
+        "entries-not-a-list",
+    ],
 )
 def test_loading_rejects_anything_but_a_cache(tmp_path, corrupt):
     data = saved_entry(tmp_path)

@@ -27,7 +27,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("quickstart") / "out"  # not created yet: the script makes it
     completed = subprocess.run(
         [sys.executable, str(QUICKSTART), "--quick", "--out", str(out)],
-        cwd=tmp_path_factory.mktemp("cwd"), capture_output=True, text=True, timeout=120,
+        cwd=tmp_path_factory.mktemp("cwd"),
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "COLUMNS": "200"},  # rich wraps to the terminal; keep table cells on one line
     )
     assert completed.returncode == 0, completed.stderr[-3000:]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-from conftest import CUDA_PARAM
 import torch
+from conftest import CUDA_PARAM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import reference_forward, reference_parameters
@@ -152,7 +152,11 @@ def random_configs(draw):
     out_channels = groups * draw(st.integers(1, 3))
     kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
     dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    padding = draw(st.one_of(st.sampled_from(["same", "valid"]), st.integers(0, 2), st.tuples(st.integers(0, 2), st.integers(0, 2))))
+    padding = draw(
+        st.one_of(
+            st.sampled_from(["same", "valid"]), st.integers(0, 2), st.tuples(st.integers(0, 2), st.integers(0, 2))
+        )
+    )
     stride = (1, 1) if padding == "same" else (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
     case = dict(
         in_channels=in_channels,

@@ -130,7 +130,9 @@ def test_converting_twice_changes_nothing() -> None:
     layers = {name: m for name, m in model.named_modules()}
     report = convert(model, "layer2")
     assert report.converted == [] and report.skipped == []
-    assert sorted(report.already_converted) == sorted(n for n, m in layers.items() if n.startswith("layer2") and isinstance(m, CondConv2d))
+    assert sorted(report.already_converted) == sorted(
+        n for n, m in layers.items() if n.startswith("layer2") and isinstance(m, CondConv2d)
+    )
     assert all(layers[name] is m for name, m in model.named_modules())
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
@@ -185,8 +187,14 @@ def test_lightning_module_converts_and_trains() -> None:
     convert(module, "model.features.2")
     x, labels = zoo_input("lightning", batch=8), torch.randint(0, 5, (8,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, labels), batch_size=4)
-    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     before = module.model.features[2].router.weight.detach().clone()
     trainer.fit(module, loader)
     assert not torch.equal(before, module.model.features[2].router.weight)  # the optimizer saw the new parameters
@@ -197,8 +205,11 @@ def test_fx_symbolic_trace_of_a_converted_model() -> None:
     model.eval()
     original.eval()
     traced = torch.fx.symbolic_trace(model)
-    assert sum(node.target.__name__ == "condconv2d" for node in traced.graph.nodes if node.op == "call_function"
-               and hasattr(node.target, "__name__")) == len(list_convs(model))
+    assert sum(
+        node.target.__name__ == "condconv2d"
+        for node in traced.graph.nodes
+        if node.op == "call_function" and hasattr(node.target, "__name__")
+    ) == len(list_convs(model))
     x = zoo_input("resnet")
     assert relative_difference(traced(x), original(x)) <= TOLERANCE
 

@@ -58,14 +58,26 @@ def test_spec_rebuilds_the_architecture_so_strict_loading_succeeds(name: str, la
 
 def test_spec_records_version_selectors_names_and_options() -> None:
     model = zoo_model("resnet")
-    spec = convert(model, "layer4", exclude="layer4.0.downsample", num_experts=3, seed=4, kernel_sizes=[3]).spec.to_dict()
+    spec = convert(
+        model, "layer4", exclude="layer4.0.downsample", num_experts=3, seed=4, kernel_sizes=[3]
+    ).spec.to_dict()
     from condconv_lightning import __version__
 
     assert spec["version"] == __version__ and spec["format"] == 1
     assert spec["selectors"] == ["layer4"] and spec["exclude"] == ["layer4.0.downsample"]
-    assert spec["options"]["num_experts"] == 3 and spec["options"]["seed"] == 4 and spec["options"]["kernel_sizes"] == [[3, 3]]
+    assert (
+        spec["options"]["num_experts"] == 3
+        and spec["options"]["seed"] == 4
+        and spec["options"]["kernel_sizes"] == [[3, 3]]
+    )
     assert spec["layers"] == {
-        name: {"num_experts": 3, "routing": "sigmoid", "temperature": 1.0, "strategy": "auto", "source_class": "torch.nn.modules.conv.Conv2d"}
+        name: {
+            "num_experts": 3,
+            "routing": "sigmoid",
+            "temperature": 1.0,
+            "strategy": "auto",
+            "source_class": "torch.nn.modules.conv.Conv2d",
+        }
         for name in ("layer4.0.conv1", "layer4.0.conv2")
     }
     json.dumps(spec)  # plain JSON
@@ -93,8 +105,6 @@ def test_weights_and_spec_round_trip(tmp_path: Path, suffix: str) -> None:
     assert loaded.layer3[0].conv1.routing == "softmax"
 
 
-
-
 def test_default_spec_describes_every_converted_layer(tmp_path: Path) -> None:
     model = zoo_model("resnet")
     convert(model, "layer1", num_experts=2)
@@ -110,7 +120,10 @@ def test_full_module_needs_trust(tmp_path: Path) -> None:
     model = zoo_model("mobilenet")
     convert(model, "features.3")
     path = save_converted(model, tmp_path / "module.pt", as_module=True)
-    with pytest.raises(ValueError, match=r"module.pt is a full pickled module: loading it runs code from the file; pass trust_pickle=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"module.pt is a full pickled module: loading it runs code from the file; pass trust_pickle=True",
+    ):
         load_converted(path)
     loaded = load_converted(path, trust_pickle=True)
     x = zoo_input("mobilenet")
@@ -177,11 +190,17 @@ def test_load_rejections(tmp_path: Path) -> None:
     model = zoo_model("plain")
     report = convert(model, "features.0")
     weights = save_converted(model, tmp_path / "w.pt", report.spec)
-    with pytest.raises(ValueError, match=r"w.pt holds weights and a conversion spec; pass a fresh instance of its architecture as model$"):
+    with pytest.raises(
+        ValueError,
+        match=r"w.pt holds weights and a conversion spec; pass a fresh instance of its architecture as model$",
+    ):
         load_converted(weights)
     plain = tmp_path / "plain.pt"
     torch.save(zoo_model("plain").state_dict(), plain)
-    with pytest.raises(ValueError, match=r"plain.pt holds no conversion spec \(it was not written by save_converted\); convert a fresh model"):
+    with pytest.raises(
+        ValueError,
+        match=r"plain.pt holds no conversion spec \(it was not written by save_converted\); convert a fresh model",
+    ):
         load_converted(plain, zoo_model("plain"))
     with pytest.raises(FileNotFoundError, match=r"missing.pt does not exist or is not a file"):
         load_converted(tmp_path / "missing.pt", zoo_model("plain"))
@@ -189,7 +208,9 @@ def test_load_rejections(tmp_path: Path) -> None:
         from condconv_lightning.io import save_state_dict
 
         save_state_dict({}, tmp_path / "x.pt", metadata={"a": "b"})
-    with pytest.raises(ValueError, match=r"a full module cannot be stored as safetensors; use a .pt path or as_module=False"):
+    with pytest.raises(
+        ValueError, match=r"a full module cannot be stored as safetensors; use a .pt path or as_module=False"
+    ):
         save_converted(model, tmp_path / "m.safetensors", as_module=True)
 
 
@@ -197,24 +218,37 @@ def test_spec_that_misses_converted_layers_is_refused(tmp_path: Path) -> None:
     model = zoo_model("resnet")
     first = convert(model, "layer1")
     convert(model, "layer2")
-    with pytest.raises(ValueError, match=r"^the spec does not cover the CondConv2d layers layer2.0.conv1, layer2.0.conv2, layer2.0.downsample.0; pass spec=None"):
+    with pytest.raises(
+        ValueError,
+        match=r"^the spec does not cover the CondConv2d layers layer2.0.conv1, layer2.0.conv2, layer2.0.downsample.0; pass spec=None",
+    ):
         save_converted(model, tmp_path / "m.pt", first.spec)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_spec_rejections() -> None:
     spec = convert(zoo_model("resnet"), "layer4.0.conv1").spec
-    with pytest.raises(ValueError, match=r"^conversion spec format 2 is newer than this library reads \(1\); upgrade condconv-lightning"):
+    with pytest.raises(
+        ValueError,
+        match=r"^conversion spec format 2 is newer than this library reads \(1\); upgrade condconv-lightning",
+    ):
         ConversionSpec.from_dict({**spec.to_dict(), "format": 2})
     with pytest.raises(ValueError, match=r"^not a conversion spec: expected a JSON object with a 'layers' object"):
         ConversionSpec.from_dict({"selectors": []})
     with pytest.raises(ValueError, match=r"^conversion spec is not valid JSON \("):
         ConversionSpec.from_json("{")
-    with pytest.raises(ValueError, match=r"^invalid conversion spec: LayerOptions.__init__\(\) got an unexpected keyword argument"):
+    with pytest.raises(
+        ValueError, match=r"^invalid conversion spec: LayerOptions.__init__\(\) got an unexpected keyword argument"
+    ):
         ConversionSpec.from_dict({"layers": {"conv1": {"experts": 3}}})
-    with pytest.raises(ValueError, match=r"^spec layer 'layer4.0.conv1' is not a convolution in this model \(closest: "):
+    with pytest.raises(
+        ValueError, match=r"^spec layer 'layer4.0.conv1' is not a convolution in this model \(closest: "
+    ):
         apply_spec(zoo_model("plain"), spec)
-    with pytest.raises(TypeError, match=r"^spec layer 'layer4.0.conv1' was a torch.nn.modules.conv.Conv2d when converted but is a test_surgery_persist.Odd"):
+    with pytest.raises(
+        TypeError,
+        match=r"^spec layer 'layer4.0.conv1' was a torch.nn.modules.conv.Conv2d when converted but is a test_surgery_persist.Odd",
+    ):
         other = zoo_model("resnet")
         other.layer4[0].conv1 = Odd(64, 128, 3, 2, 1, bias=False)
         apply_spec(other, spec)

@@ -15,9 +15,9 @@ from condconv_lightning.surgery import convert
 # PlainCNN at input 3x12x12, shapes worked out by hand from its definition:
 # (name, Cin, Cout, kh, kw, input HxW, output HxW, has bias)
 PLAIN_LAYERS = [
-    ("features.0", 3, 8, 3, 3, (12, 12), (12, 12), True),   # 3x3, padding 1
-    ("features.2", 8, 12, 3, 3, (12, 12), (6, 6), True),    # 3x3, stride 2, padding 1
-    ("features.4", 12, 16, 1, 3, (6, 6), (6, 6), True),     # 1x3, padding (0, 1)
+    ("features.0", 3, 8, 3, 3, (12, 12), (12, 12), True),  # 3x3, padding 1
+    ("features.2", 8, 12, 3, 3, (12, 12), (6, 6), True),  # 3x3, stride 2, padding 1
+    ("features.4", 12, 16, 1, 3, (6, 6), (6, 6), True),  # 1x3, padding (0, 1)
 ]
 
 
@@ -38,7 +38,10 @@ def test_counts_match_hand_derived_shapes(k: int) -> None:
     report = convert(zoo_model("plain"), "features", num_experts=k, input_size=(3, 12, 12))
     for record, (name, cin, cout, kh, kw, hw_in, hw_out, bias) in zip(report.converted, PLAIN_LAYERS):
         assert record.name == name and record.input_hw == hw_in and record.output_hw == hw_out
-        got = {key: getattr(record, key) for key in ("params_before", "params_after", "conv_macs", "routing_macs", "mixing_macs")}
+        got = {
+            key: getattr(record, key)
+            for key in ("params_before", "params_after", "conv_macs", "routing_macs", "mixing_macs")
+        }
         assert got == expected_counts(cin, cout, kh, kw, hw_in, hw_out, bias, k)
     expected = [expected_counts(*layer[1:], k) for layer in PLAIN_LAYERS]
     for key in ("params_before", "params_after", "conv_macs", "routing_macs", "mixing_macs"):
@@ -72,7 +75,10 @@ def test_shape_probe_changes_no_state() -> None:
 
 def test_wrong_input_size_is_one_clear_line_and_changes_nothing() -> None:
     model = zoo_model("plain")
-    with pytest.raises(ValueError, match=r"^input_size=\(4, 12, 12\) does not fit the model \(RuntimeError: .*\); pass the \(C, H, W\) of one input sample") as info:
+    with pytest.raises(
+        ValueError,
+        match=r"^input_size=\(4, 12, 12\) does not fit the model \(RuntimeError: .*\); pass the \(C, H, W\) of one input sample",
+    ) as info:
         convert(model, "features", input_size=(4, 12, 12))
     assert "\n" not in str(info.value)
     assert all(type(m) is torch.nn.Conv2d for m in model.features if isinstance(m, torch.nn.Conv2d))
@@ -84,8 +90,13 @@ def test_json_round_trips_and_holds_the_spec() -> None:
     data = json.loads(report.to_json())
     assert data == report.to_dict()
     assert [r["name"] for r in data["converted"]] == ["features.1.conv.0", "features.1.conv.6"]
-    assert data["skipped"] == [{"name": "features.1.conv.3", "reason": "depthwise (groups == in_channels) and include_depthwise=False"}]
-    assert data["input_size"] == [3, 16, 16] and data["spec"]["layers"].keys() == {"features.1.conv.0", "features.1.conv.6"}
+    assert data["skipped"] == [
+        {"name": "features.1.conv.3", "reason": "depthwise (groups == in_channels) and include_depthwise=False"}
+    ]
+    assert data["input_size"] == [3, 16, 16] and data["spec"]["layers"].keys() == {
+        "features.1.conv.0",
+        "features.1.conv.6",
+    }
 
 
 def test_rich_table_shows_every_layer_and_the_totals_in_80_columns() -> None:
@@ -103,7 +114,12 @@ def test_rich_table_shows_every_layer_and_the_totals_in_80_columns() -> None:
     *counts, strategy = rows["layer3.0.downsample.0"]
     assert counts == ["32->64", "1x1/2", "4", "2,048", "8,324", f"{32 * 8 * 8 + 32 * 4:,}", "8,192"]
     assert strategy == report.converted[1].strategy and strategy in STRATEGIES
-    assert rows["total"] == ["20.5k", "82.2k", f"{2 * (32 * 8 * 8 + 32 * 4):,}", "81.9k"]  # 18,432 + 2,048; 73,860 + 8,324; 73,728 + 8,192
+    assert rows["total"] == [
+        "20.5k",
+        "82.2k",
+        f"{2 * (32 * 8 * 8 + 32 * 4):,}",
+        "81.9k",
+    ]  # 18,432 + 2,048; 73,860 + 8,324; 73,728 + 8,192
     text = " ".join(" ".join(lines).split())  # the caption wraps at the table's width
     assert "CondConv conversion: 2 layers" in text
     assert "1 skipped" in text and "3 already CondConv2d" in text and "extra MACs per sample at input 3x16x16" in text

@@ -29,15 +29,32 @@ SELECTION_CASES = [
     ("resnet", "re:layer4", {}, ["layer4.0.conv1", "layer4.0.conv2", "layer4.0.downsample.0"]),  # full match: the stage
     ("resnet", "re:conv1", {}, ["conv1"]),  # full match, not search
     ("resnet", "layer4", {"exclude": "layer4.0.downsample"}, ["layer4.0.conv1", "layer4.0.conv2"]),
-    ("resnet", "*", {"exclude": ["re:.*downsample.*", "conv1"]},
-     ["layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1", "layer2.0.conv2", "layer3.0.conv1", "layer3.0.conv2",
-      "layer4.0.conv1", "layer4.0.conv2"]),
+    (
+        "resnet",
+        "*",
+        {"exclude": ["re:.*downsample.*", "conv1"]},
+        [
+            "layer1.0.conv1",
+            "layer1.0.conv2",
+            "layer2.0.conv1",
+            "layer2.0.conv2",
+            "layer3.0.conv1",
+            "layer3.0.conv2",
+            "layer4.0.conv1",
+            "layer4.0.conv2",
+        ],
+    ),
     ("resnet", "*", {"kernel_sizes": [1]}, ["layer2.0.downsample.0", "layer3.0.downsample.0", "layer4.0.downsample.0"]),
     ("resnet", "layer4", {"min_channels": 128}, ["layer4.0.conv2"]),
     ("resnet", "module.layer3.0.conv1", {}, ["layer3.0.conv1"]),  # written for a DDP-wrapped model
     ("resnet", "re:module\\.layer3\\.0\\.conv1", {}, ["layer3.0.conv1"]),
     ("mobilenet", "features.2", {"include_depthwise": False}, ["features.2.conv.0", "features.2.conv.6"]),
-    ("mobilenet", "features.*.conv.3", {}, ["features.1.conv.3", "features.2.conv.3", "features.3.conv.3", "features.4.conv.3"]),
+    (
+        "mobilenet",
+        "features.*.conv.3",
+        {},
+        ["features.1.conv.3", "features.2.conv.3", "features.3.conv.3", "features.4.conv.3"],
+    ),
     ("grouped", "*", {"kernel_sizes": [(3, 3)], "include_depthwise": False}, ["grouped2", "grouped4"]),
     ("nested", "branches.right", {}, ["branches.right.0.0", "branches.right.1.0"]),
     ("nested", "branches.*.0.0", {}, ["branches.left.0.0", "branches.right.0.0"]),
@@ -82,18 +99,37 @@ def test_selecting_only_converted_layers_is_reported_not_an_error() -> None:
     model = zoo_model("resnet")
     convert(model, "layer2")
     report = convert(model, ["layer2", "layer2.0.conv1"])
-    assert report.converted == [] and report.already_converted == ["layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0"]
+    assert report.converted == [] and report.already_converted == [
+        "layer2.0.conv1",
+        "layer2.0.conv2",
+        "layer2.0.downsample.0",
+    ]
 
 
 # ---- rejections: (layers, options, error type, message pattern)
 
 REJECTION_CASES = [
     ("layr3", {}, SelectorError, r"^layers selector 'layr3' matches no module; closest names: layer3, "),
-    ("layer3.0.conv3", {}, SelectorError, r"^layers selector 'layer3.0.conv3' matches no module; closest names: layer3.0.conv2, layer3.0.conv1, "),
-    ("fc", {}, SelectorError, r"^layers selector 'fc' matches no Conv2d: it matches fc \(Linear\) with no Conv2d beneath; closest conv names: "),
+    (
+        "layer3.0.conv3",
+        {},
+        SelectorError,
+        r"^layers selector 'layer3.0.conv3' matches no module; closest names: layer3.0.conv2, layer3.0.conv1, ",
+    ),
+    (
+        "fc",
+        {},
+        SelectorError,
+        r"^layers selector 'fc' matches no Conv2d: it matches fc \(Linear\) with no Conv2d beneath; closest conv names: ",
+    ),
     ("layer9*", {}, SelectorError, r"^layers selector 'layer9\*' matches no module; closest names: "),
     ("re:layer3(", {}, SelectorError, r"^layers selector 're:layer3\(' is not a valid regular expression \("),
-    ("layer3", {"exclude": "layer3.0.conv9"}, SelectorError, r"^exclude selector 'layer3.0.conv9' matches no module; closest names: layer3.0.conv2, layer3.0.conv1"),
+    (
+        "layer3",
+        {"exclude": "layer3.0.conv9"},
+        SelectorError,
+        r"^exclude selector 'layer3.0.conv9' matches no module; closest names: layer3.0.conv2, layer3.0.conv1",
+    ),
     ([], {}, SelectorError, r"^layers is empty; name at least one layer"),
     (["layer3", " "], {}, SelectorError, r"^layers contains an empty selector; use '\*'"),
     ("layer3", {"num_experts": 0}, ValueError, r"^num_experts must be a positive integer, got 0$"),
@@ -142,7 +178,10 @@ def model_with(*convs: nn.Module) -> nn.Sequential:
 
 def test_subclass_that_overrides_forward_is_skipped_with_a_warning_naming_it() -> None:
     model = model_with(nn.Conv2d(3, 4, 3), WeightStandardizedConv2d(4, 4, 3))
-    with pytest.warns(UserWarning, match=r"convert left these convs alone: 1 \(a subclass of nn.Conv2d \(test_surgery_select.WeightStandardizedConv2d\) that overrides forward;.*allow_classes=\(WeightStandardizedConv2d,\)"):
+    with pytest.warns(
+        UserWarning,
+        match=r"convert left these convs alone: 1 \(a subclass of nn.Conv2d \(test_surgery_select.WeightStandardizedConv2d\) that overrides forward;.*allow_classes=\(WeightStandardizedConv2d,\)",
+    ):
         report = convert(model, "*")
     assert converted_names(model) == ["0"] and type(model[1]) is WeightStandardizedConv2d
     assert [s.name for s in report.skipped] == ["1"]
@@ -167,7 +206,10 @@ def test_weight_normed_conv_is_skipped_with_the_way_out() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # weight_norm is deprecated in favour of parametrizations
         model = model_with(weight_norm(nn.Conv2d(3, 4, 3)))
-    with pytest.warns(UserWarning, match=r"0 \(has a WeightNorm hook that recomputes its weight every forward; remove it \(torch.nn.utils.remove_weight_norm"):
+    with pytest.warns(
+        UserWarning,
+        match=r"0 \(has a WeightNorm hook that recomputes its weight every forward; remove it \(torch.nn.utils.remove_weight_norm",
+    ):
         report = convert(model, "*")
     assert report.converted == [] and type(model[0]) is nn.Conv2d
 
@@ -184,7 +226,9 @@ def test_parametrized_conv_is_skipped() -> None:
 
 def test_lazy_conv_is_refused_until_materialized() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyConv2d(8, 3))
-    with pytest.raises(ValueError, match=r"^cannot convert a lazy LazyConv2d before its shapes are known; run one forward pass"):
+    with pytest.raises(
+        ValueError, match=r"^cannot convert a lazy LazyConv2d before its shapes are known; run one forward pass"
+    ):
         convert(model, "*")
     assert converted_names(model) == []  # nothing changed, not even the ready conv
     model(torch.randn(1, 3, 8, 8))
@@ -194,13 +238,18 @@ def test_lazy_conv_is_refused_until_materialized() -> None:
 
 def test_torchscript_model_is_refused() -> None:
     scripted = torch.jit.script(model_with(nn.Conv2d(3, 4, 3)))
-    with pytest.raises(TypeError, match=r"^cannot convert a TorchScript module: its compiled code would not see new layers; convert the eager nn.Module"):
+    with pytest.raises(
+        TypeError,
+        match=r"^cannot convert a TorchScript module: its compiled code would not see new layers; convert the eager nn.Module",
+    ):
         convert(scripted, "*")
 
 
 def test_selector_reaching_into_a_scripted_submodule_is_refused() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), torch.jit.script(nn.Sequential(nn.Conv2d(4, 4, 3))))
-    with pytest.raises(TypeError, match=r"^selector '1' reaches into '1', a TorchScript module: its compiled code cannot be changed"):
+    with pytest.raises(
+        TypeError, match=r"^selector '1' reaches into '1', a TorchScript module: its compiled code cannot be changed"
+    ):
         convert(model, "1")
     assert converted_names(model) == []
     convert(model, "0")  # the eager part still converts

@@ -8,8 +8,8 @@ Other test files use it with ``from zoo import ZOO, zoo_model, zoo_input``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import lightning.pytorch as pl
 import torch

@@ -52,7 +52,9 @@ def _children_cpu() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", action="append", help="selectors to convert (repeatable; default: layer3,layer4 and every stage)")
+    parser.add_argument(
+        "--layers", action="append", help="selectors to convert (repeatable; default: layer3,layer4 and every stage)"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs per case; the median is reported")
     args = parser.parse_args()
     command = shutil.which("condconv-convert")
@@ -66,32 +68,47 @@ def main() -> None:
         parameters = sum(p.numel() for p in model.parameters())
         torch.save(model.state_dict(), work / "resnet50.pt")
         torch.save(model, work / "resnet50_full.pt")
-        floors = [timed([sys.executable, "-c", FLOOR, str(work / "resnet50_full.pt"), str(work / "floor.pt")]) for _ in range(args.repeat)]
+        floors = [
+            timed([sys.executable, "-c", FLOOR, str(work / "resnet50_full.pt"), str(work / "floor.pt")])
+            for _ in range(args.repeat)
+        ]
         floor = statistics.median(f[0] for f in floors)
         floor_cpu = statistics.median(f[1] for f in floors)
-        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-              f"torch threads {torch.get_num_threads()}")
+        print(
+            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+            f"torch threads {torch.get_num_threads()}"
+        )
         print(f"load average (1 min) before: {os.getloadavg()[0]:.2f}")
-        print(f"model: resnet50_like, {parameters / 1e6:.1f}M parameters; "
-              f"floor (python + torch.load + torch.save): {floor:.2f} s wall, {floor_cpu:.2f} s CPU")
-        print(f"{'input':<12} {'layers':<34} {'converted':>9} {'check':>6} {'out MB':>7} {'wall s':>7} {'CPU s':>6} "
-              f"{'/target':>8} {'/floor':>7}")
-        cases = [("state dict", "resnet50.pt", ["--arch", "condconv_lightning.demos:resnet50_like"]),
-                 ("full module", "resnet50_full.pt", ["--trust-pickle"])]
+        print(
+            f"model: resnet50_like, {parameters / 1e6:.1f}M parameters; "
+            f"floor (python + torch.load + torch.save): {floor:.2f} s wall, {floor_cpu:.2f} s CPU"
+        )
+        print(
+            f"{'input':<12} {'layers':<34} {'converted':>9} {'check':>6} {'out MB':>7} {'wall s':>7} {'CPU s':>6} "
+            f"{'/target':>8} {'/floor':>7}"
+        )
+        cases = [
+            ("state dict", "resnet50.pt", ["--arch", "condconv_lightning.demos:resnet50_like"]),
+            ("full module", "resnet50_full.pt", ["--trust-pickle"]),
+        ]
         for kind, name, extra in cases:
             for layers in layer_sets:
                 runs = []
                 for _ in range(args.repeat):
                     out = work / "out.pt"
-                    elapsed, cpu, result = timed([command, str(work / name), *extra, "--layers", layers, "-o", str(out), "--force", "--json"])
+                    elapsed, cpu, result = timed(
+                        [command, str(work / name), *extra, "--layers", layers, "-o", str(out), "--force", "--json"]
+                    )
                     runs.append((elapsed, cpu, json.loads(result.stdout)))
                 wall = statistics.median(r[0] for r in runs)
                 cpu = statistics.median(r[1] for r in runs)
                 facts = runs[0][2]
                 check = facts["check"]
-                print(f"{kind:<12} {layers:<34} {len(facts['conversion']['converted']):>9} "
-                      f"{'pass' if check['passed'] else 'FAIL':>6} {facts['output']['bytes'] / 1e6:>7.0f} "
-                      f"{wall:>7.2f} {cpu:>6.2f} {wall / TARGET_SECONDS:>8.2f} {wall / floor:>7.2f}")
+                print(
+                    f"{kind:<12} {layers:<34} {len(facts['conversion']['converted']):>9} "
+                    f"{'pass' if check['passed'] else 'FAIL':>6} {facts['output']['bytes'] / 1e6:>7.0f} "
+                    f"{wall:>7.2f} {cpu:>6.2f} {wall / TARGET_SECONDS:>8.2f} {wall / floor:>7.2f}"
+                )
         print(f"load average (1 min) after: {os.getloadavg()[0]:.2f}")
 
 

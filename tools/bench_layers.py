@@ -40,16 +40,16 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
+from bench_suite import QUICK_SUITE, Shape, suite
 from rich.console import Console
 from rich.table import Table
 
-from bench_suite import QUICK_SUITE, Shape, suite
 from condconv_lightning import CondConv2d
 from condconv_lightning.functional import tuning
 from condconv_lightning.io import atomic_write
@@ -111,7 +111,9 @@ def peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     live = peak = 0
     for event in events:
         live += event.nbytes()
@@ -119,7 +121,7 @@ def peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
     return peak
 
 
-def timm_condconv(shape: Shape, experts: int, device: torch.device) -> Optional[nn.Module]:
+def timm_condconv(shape: Shape, experts: int, device: torch.device) -> nn.Module | None:
     """timm's CondConv2d with its routing computed by the same kind of router, or None without timm."""
     try:
         from timm.layers import CondConv2d as TimmCondConv2d
@@ -130,8 +132,13 @@ def timm_condconv(shape: Shape, experts: int, device: torch.device) -> Optional[
         def __init__(self) -> None:
             super().__init__()
             self.conv = TimmCondConv2d(
-                shape.in_channels, shape.out_channels, shape.kernel_size, shape.stride, shape.padding,
-                groups=shape.groups, num_experts=experts,
+                shape.in_channels,
+                shape.out_channels,
+                shape.kernel_size,
+                shape.stride,
+                shape.padding,
+                groups=shape.groups,
+                num_experts=experts,
             )
             self.router = nn.Linear(shape.in_channels, experts)
 
@@ -156,7 +163,13 @@ def variants(shape: Shape, experts: int, device: torch.device, names: tuple[str,
 
 
 def measure(
-    shape: Shape, batch: int, experts: int, dtype_name: str, device: torch.device, repeats: int, channels_last: bool,
+    shape: Shape,
+    batch: int,
+    experts: int,
+    dtype_name: str,
+    device: torch.device,
+    repeats: int,
+    channels_last: bool,
     names: tuple[str, ...],
 ) -> list[Result]:
     dtype = DTYPES[dtype_name]
@@ -209,9 +222,17 @@ def measure(
         peaks[name] = peak_bytes(train_step(name), device)
     return [
         Result(
-            device=str(device), dtype=dtype_name, shape=shape.name, batch=batch, experts=experts, variant=name,
-            train_ms=min(train[name]), infer_ms=min(infer[name]), peak_bytes=peaks[name],
-            auto_picks=picks[name][0], auto_picks_infer=picks[name][1],
+            device=str(device),
+            dtype=dtype_name,
+            shape=shape.name,
+            batch=batch,
+            experts=experts,
+            variant=name,
+            train_ms=min(train[name]),
+            infer_ms=min(infer[name]),
+            peak_bytes=peaks[name],
+            auto_picks=picks[name][0],
+            auto_picks_infer=picks[name][1],
         )
         for name in modules
     ]
@@ -277,7 +298,8 @@ def summary(rows: list[dict]) -> list[dict]:
             gaps = {m["shape"]: m["train_ms"] / best[m["shape"]] for m in members if m["variant"] == variant}
             if gaps and best:
                 entry[f"{variant}_over_best"] = {
-                    "geomean": geomean(list(gaps.values())), "worst": max(gaps.values()),
+                    "geomean": geomean(list(gaps.values())),
+                    "worst": max(gaps.values()),
                     "misses": sorted(shape for shape, gap in gaps.items() if gap > MISS),
                 }
         out.append(entry)
@@ -293,7 +315,8 @@ def render(rows: list[dict], summaries: list[dict], console: Console) -> None:
     configs: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         configs.setdefault((row["device"], row["dtype"], row["shape"], row["batch"], row["experts"]), {})[
-            row["variant"]] = row
+            row["variant"]
+        ] = row
     group = None
     for (device, dtype, shape, batch, experts), by_variant in configs.items():
         if group is not None and shape.split(" ")[0] != group:
@@ -306,22 +329,39 @@ def render(rows: list[dict], summaries: list[dict], console: Console) -> None:
             pick = f" ({row['auto_picks']})" if row and row["auto_picks"] else ""
             cells.append(f"{row['train_ratio']:.2f}x{pick}" if row else "-")
         auto = by_variant.get("auto") or by_variant.get("auto-rules") or first
-        table.add_row(device, dtype, shape, str(batch), str(experts), f"{first['static_train_ms']:.2f}", *cells,
-                      f"{auto['infer_ratio']:.2f}x", f"{auto['peak_ratio']:.1f}x")
+        table.add_row(
+            device,
+            dtype,
+            shape,
+            str(batch),
+            str(experts),
+            f"{first['static_train_ms']:.2f}",
+            *cells,
+            f"{auto['infer_ratio']:.2f}x",
+            f"{auto['peak_ratio']:.1f}x",
+        )
     console.print(table)
-    overview = Table(title="fwd+bwd over static conv, geomean / worst across shapes; auto over the fastest fixed "
-                           "strategy per shape, geomean / worst (shapes > 10% slower)")
+    overview = Table(
+        title="fwd+bwd over static conv, geomean / worst across shapes; auto over the fastest fixed "
+        "strategy per shape, geomean / worst (shapes > 10% slower)"
+    )
     variant_names = [v for v in names if any(v in s for s in summaries)]
     autos = [v for v in AUTO_VARIANTS if any(f"{v}_over_best" in s for s in summaries)]
     for column in ("device", "dtype", "B", "K", *variant_names, "best/shape", *(f"{v}/best" for v in autos)):
         overview.add_column(column)
     for s in summaries:
         overview.add_row(
-            s["device"], s["dtype"], str(s["batch"]), str(s["experts"]),
+            s["device"],
+            s["dtype"],
+            str(s["batch"]),
+            str(s["experts"]),
             *(f"{s[v]['geomean']:.2f} / {s[v]['worst']:.2f}" if v in s else "-" for v in variant_names),
             f"{s['best_per_shape_geomean']:.2f}",
-            *(f"{s[f'{v}_over_best']['geomean']:.2f} / {s[f'{v}_over_best']['worst']:.2f} "
-              f"({len(s[f'{v}_over_best']['misses'])})" for v in autos),
+            *(
+                f"{s[f'{v}_over_best']['geomean']:.2f} / {s[f'{v}_over_best']['worst']:.2f} "
+                f"({len(s[f'{v}_over_best']['misses'])})"
+                for v in autos
+            ),
         )
     console.print(overview)
 
@@ -339,10 +379,12 @@ def machine() -> dict:
     return info
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     default_devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    parser.add_argument("--devices", nargs="+", default=default_devices, help="devices to measure (default: all present)")
+    parser.add_argument(
+        "--devices", nargs="+", default=default_devices, help="devices to measure (default: all present)"
+    )
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="default: fp32 bf16 (--quick: fp32)")
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 32, 128])
     parser.add_argument("--experts", nargs="+", type=int, default=[4, 8])
@@ -364,7 +406,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 150)
     results: list[Result] = []

@@ -23,16 +23,16 @@ import contextlib
 import copy
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from bench_layers import DTYPES, machine, peak_bytes, timed_ms
 from rich.console import Console
 from rich.table import Table
 
-from bench_layers import DTYPES, machine, peak_bytes, timed_ms
 from condconv_lightning.functional import is_tuning_enabled, tuning_cache
 from condconv_lightning.io import atomic_write
 from condconv_lightning.models import resnet50_like, resnet_tiny
@@ -55,7 +55,7 @@ def training_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, dtype
     return step
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="resnet50_like")
     parser.add_argument("--layers", default="layer3,layer4", help="comma-separated selectors to convert")
@@ -77,7 +77,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -88,7 +88,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     converted.to(memory_format=memory_format)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, 10, (args.batch,), device=device)
-    steps = {name: training_step(model, x, labels, dtype) for name, model in (("static", static), ("converted", converted))}
+    steps = {
+        name: training_step(model, x, labels, dtype) for name, model in (("static", static), ("converted", converted))
+    }
     tuned_before = len(tuning_cache())
     # warm-up: primitives, optimizer state, and auto's tuning (each new problem is timed once)
     first_ms = {name: timed_ms(step, device) for name, step in steps.items()}
@@ -111,7 +113,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "dtype": args.dtype,
         "device": str(device),
         "channels_last": args.channels_last,
-        "params": {name: sum(p.numel() for p in m.parameters()) for name, m in (("static", static), ("converted", converted))},
+        "params": {
+            name: sum(p.numel() for p in m.parameters()) for name, m in (("static", static), ("converted", converted))
+        },
         "step_ms": {name: min(t) for name, t in times.items()},
         "images_per_s": {name: args.batch * 1e3 / min(t) for name, t in times.items()},
         "peak_bytes": peaks,
@@ -125,16 +129,25 @@ def main(argv: Optional[list[str]] = None) -> dict:
     result["throughput_ratio"] = result["images_per_s"]["converted"] / result["images_per_s"]["static"]
     result["peak_ratio"] = peaks["converted"] / max(peaks["static"], 1)
 
-    table = Table(title=f"{args.model}, {args.layers} -> CondConv K={args.experts} ({args.strategy}), "
-                        f"B={args.batch}, {args.size}x{args.size}, {args.dtype}, {device}")
+    table = Table(
+        title=f"{args.model}, {args.layers} -> CondConv K={args.experts} ({args.strategy}), "
+        f"B={args.batch}, {args.size}x{args.size}, {args.dtype}, {device}"
+    )
     for column in ("model", "params", "step ms", "images/s", "peak MiB"):
         table.add_column(column, justify="right")
     for name in steps:
-        table.add_row(name, f"{result['params'][name] / 1e6:.1f}M", f"{result['step_ms'][name]:.1f}",
-                      f"{result['images_per_s'][name]:.1f}", f"{peaks[name] / 2**20:.0f}")
+        table.add_row(
+            name,
+            f"{result['params'][name] / 1e6:.1f}M",
+            f"{result['step_ms'][name]:.1f}",
+            f"{result['images_per_s'][name]:.1f}",
+            f"{peaks[name] / 2**20:.0f}",
+        )
     table.add_row("converted/static", "", "", f"{result['throughput_ratio']:.2f}x", f"{result['peak_ratio']:.2f}x")
-    table.caption = (f"first step of the converted model: {first_ms['converted'] / 1e3:.1f} s, about "
-                     f"{result['tuning_overhead_s']:.1f} s of it tuning {result['tuned_problems']} problems")
+    table.caption = (
+        f"first step of the converted model: {first_ms['converted'] / 1e3:.1f} s, about "
+        f"{result['tuning_overhead_s']:.1f} s of it tuning {result['tuned_problems']} problems"
+    )
     if not result["tuning"]:
         table.caption = "tuning off (rules-only auto)"
     Console(width=None if sys.stdout.isatty() else 120).print(table)

@@ -95,7 +95,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each run")
     parser.add_argument("--repeats", type=int, default=5, help="pairs of runs (without, with monitor), alternating")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--log-every", type=int, default=10, help="Trainer log_every_n_steps (Lightning's default is 50)")
+    parser.add_argument(
+        "--log-every", type=int, default=10, help="Trainer log_every_n_steps (Lightning's default is 50)"
+    )
     args = parser.parse_args()
     means: dict[bool, list[float]] = {False: [], True: []}
     inside: list[float] = []
@@ -107,12 +109,18 @@ def main() -> None:
                 if monitor:
                     inside.append(monitor_seconds)
     off, on = statistics.median(means[False]), statistics.median(means[True])
-    print(f"device: cpu, torch threads: {torch.get_num_threads()}, batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats, log every {args.log_every}")
+    print(
+        f"device: cpu, torch threads: {torch.get_num_threads()}, batch {args.batch_size}, "
+        f"{args.steps} steps x {args.repeats} repeats, log every {args.log_every}"
+    )
     print(f"step without monitor: {1e3 * off:.2f} ms (runs: {', '.join(f'{1e3 * m:.1f}' for m in means[False])})")
     print(f"step with monitor:    {1e3 * on:.2f} ms (runs: {', '.join(f'{1e3 * m:.1f}' for m in means[True])})")
     print(f"ratio with/without: {on / off:.4f}  (overhead {100 * (on / off - 1):+.2f}%; target < +3%)")
     share = statistics.median(inside) / off
-    print(f"time inside the monitor: {1e3 * statistics.median(inside):.3f} ms per step = {100 * share:.2f}% of a step without it")
+    print(
+        f"time inside the monitor: {1e3 * statistics.median(inside):.3f} ms per step "
+        f"= {100 * share:.2f}% of a step without it"
+    )
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ CondConv replaces) do not change which convs run and are left out.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -40,11 +40,25 @@ class Shape:
 
 
 # MobileNetV2 (Table 2): expansion t, channels c, repeats n, stride s of the first block.
-MOBILENET_V2 = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
-                (6, 320, 1, 1))
+MOBILENET_V2 = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 # EfficientNet-B0 (Table 1): expansion, kernel, stride of the first block, channels, repeats.
-EFFICIENTNET_B0 = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
-                   (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+EFFICIENTNET_B0 = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+)
 
 
 def _inverted_residual(cin: int, cout: int, expand: int, kernel: int, stride: int) -> nn.Sequential:
@@ -67,8 +81,12 @@ def _stages(stem: int, blocks: list[list[nn.Module]], head_in: int, head: int) -
 def mobilenet_v2() -> nn.Sequential:
     blocks, cin = [], 32
     for expand, cout, repeats, stride in MOBILENET_V2:
-        blocks.append([_inverted_residual(cin if i == 0 else cout, cout, expand, 3, stride if i == 0 else 1)
-                       for i in range(repeats)])
+        blocks.append(
+            [
+                _inverted_residual(cin if i == 0 else cout, cout, expand, 3, stride if i == 0 else 1)
+                for i in range(repeats)
+            ]
+        )
         cin = cout
     return _stages(32, blocks, cin, 1280)
 
@@ -76,14 +94,20 @@ def mobilenet_v2() -> nn.Sequential:
 def efficientnet_b0() -> nn.Sequential:
     blocks, cin = [], 32
     for expand, kernel, stride, cout, repeats in EFFICIENTNET_B0:
-        blocks.append([_inverted_residual(cin if i == 0 else cout, cout, expand, kernel, stride if i == 0 else 1)
-                       for i in range(repeats)])
+        blocks.append(
+            [
+                _inverted_residual(cin if i == 0 else cout, cout, expand, kernel, stride if i == 0 else 1)
+                for i in range(repeats)
+            ]
+        )
         cin = cout
     return _stages(32, blocks, cin, 1280)
 
 
 ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
-    "r50": resnet50_like, "mbv2": mobilenet_v2, "effb0": efficientnet_b0,
+    "r50": resnet50_like,
+    "mbv2": mobilenet_v2,
+    "effb0": efficientnet_b0,
 }
 
 

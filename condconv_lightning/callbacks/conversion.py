@@ -12,7 +12,7 @@ model. (Lightning's former ``QuantizationAwareTraining`` did its surgery in
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
@@ -63,12 +63,12 @@ class CondConvConversion(Callback):
 
     def __init__(
         self,
-        layers: Union[str, list[str]],
-        config: Optional[ConversionConfig] = None,
+        layers: str | list[str],
+        config: ConversionConfig | None = None,
         *,
-        exclude: Union[str, list[str], None] = None,
-        input_size: Optional[tuple[int, ...]] = None,
-        submodule: Optional[str] = None,
+        exclude: str | list[str] | None = None,
+        input_size: tuple[int, ...] | None = None,
+        submodule: str | None = None,
         verbose: bool = True,
         **options: Any,
     ) -> None:
@@ -78,17 +78,17 @@ class CondConvConversion(Callback):
         self.input_size = input_size
         self.submodule = submodule
         self.verbose = verbose
-        self.report: Optional[ConversionReport] = None
+        self.report: ConversionReport | None = None
 
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.report = convert(
             self._target(pl_module), self.layers, self.config, exclude=self.exclude, input_size=self.input_size
         )
         if self.verbose:
             _print_report(self.report)
 
-    def _target(self, pl_module: "pl.LightningModule") -> nn.Module:
+    def _target(self, pl_module: pl.LightningModule) -> nn.Module:
         if not self.submodule:
             return pl_module
         try:

@@ -12,7 +12,7 @@ validation epoch.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -67,7 +67,7 @@ class RoutingEntropyMonitor(Callback):
 
     def __init__(
         self,
-        logging_interval: Optional[int] = None,
+        logging_interval: int | None = None,
         collapse_threshold: float = 0.2,
         log_experts: bool = True,
         prefix: str = "routing",
@@ -75,7 +75,9 @@ class RoutingEntropyMonitor(Callback):
         if logging_interval is not None and (isinstance(logging_interval, bool) or logging_interval < 0):
             raise ValueError(f"logging_interval must be None or a non-negative integer, got {logging_interval!r}")
         if not 0.0 <= collapse_threshold <= 1.0:
-            raise ValueError(f"collapse_threshold must lie in [0, 1] (0 disables the warning), got {collapse_threshold!r}")
+            raise ValueError(
+                f"collapse_threshold must lie in [0, 1] (0 disables the warning), got {collapse_threshold!r}"
+            )
         if not prefix:
             raise ValueError("prefix must be a non-empty string such as 'routing'")
         self.logging_interval = logging_interval
@@ -85,26 +87,28 @@ class RoutingEntropyMonitor(Callback):
         self._layers: dict[str, CondConv2d] = {}
         self._train: dict[str, RoutingEntropy] = {}
         self._val: dict[str, RoutingEntropy] = {}
-        self._active: Optional[dict[str, RoutingEntropy]] = None
+        self._active: dict[str, RoutingEntropy] | None = None
         self._handles: list[RemovableHandle] = []
         self._warned: set[str] = set()
         self._last_logged_step = -1
 
     @override
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._attach(pl_module)
 
     @override
-    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._attach(pl_module)
 
     @override
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._active = self._train
 
     @override
     def on_train_batch_end(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._active = None
         interval = trainer.log_every_n_steps if self.logging_interval is None else self.logging_interval
@@ -114,11 +118,11 @@ class RoutingEntropyMonitor(Callback):
             self._log(trainer, self._train, self.prefix)
 
     @override
-    def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._active = self._val
 
     @override
-    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._active = None
         if trainer.sanity_checking:
             _reset(self._val)
@@ -126,7 +130,7 @@ class RoutingEntropyMonitor(Callback):
             self._log(trainer, self._val, f"val_{self.prefix}")
 
     @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._detach()
 
     def _detach(self) -> None:
@@ -135,10 +139,14 @@ class RoutingEntropyMonitor(Callback):
         self._handles.clear()
         self._layers, self._train, self._val, self._active = {}, {}, {}, None
 
-    def _attach(self, pl_module: "pl.LightningModule") -> None:
+    def _attach(self, pl_module: pl.LightningModule) -> None:
         """Register one routing hook per CondConv2d (once; shared layers count once)."""
         layers = {name: m for name, m in pl_module.named_modules() if isinstance(m, CondConv2d)}
-        if self._handles and layers.keys() == self._layers.keys() and all(self._layers[n] is m for n, m in layers.items()):
+        if (
+            self._handles
+            and layers.keys() == self._layers.keys()
+            and all(self._layers[n] is m for n, m in layers.items())
+        ):
             return  # already observing exactly these layers
         self._detach()
         if not layers:
@@ -153,7 +161,7 @@ class RoutingEntropyMonitor(Callback):
         if self._active is not None:
             self._active[name].update(routing)
 
-    def _log(self, trainer: "pl.Trainer", metrics: dict[str, RoutingEntropy], prefix: str) -> None:
+    def _log(self, trainer: pl.Trainer, metrics: dict[str, RoutingEntropy], prefix: str) -> None:
         """Compute (synchronized across processes), log to every logger, check collapse, reset."""
         if not trainer.loggers or not metrics or any(m.update_count == 0 for m in metrics.values()):
             _reset(metrics)
@@ -185,11 +193,12 @@ class RoutingEntropyMonitor(Callback):
                 self._warned.add(name)
                 rank_zero_warn(
                     f"routing of {name} collapsed onto few experts: usage entropy {usage:.3f} < collapse_threshold "
-                    f"{self.collapse_threshold}; consider softmax routing with a temperature schedule or a lower learning rate for routers"
+                    f"{self.collapse_threshold}; consider softmax routing with a temperature schedule or a lower "
+                    "learning rate for routers"
                 )
 
 
-def _logging_step(trainer: "pl.Trainer") -> int:
+def _logging_step(trainer: pl.Trainer) -> int:
     """The step Lightning itself logs with (as its ``LearningRateMonitor`` does), so rows line up in every logger."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 

@@ -10,7 +10,7 @@ keeps every expert trained, sharper attention later makes kernels input specific
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
@@ -78,7 +78,7 @@ class RoutingTemperatureScheduler(Callback):
         self.interval = interval
         self.annealing = annealing
         self.routing = routing
-        self.temperature: Optional[float] = None
+        self.temperature: float | None = None
         self._layers: list[CondConv2d] = []
 
     def temperature_at(self, progress: int) -> float:
@@ -89,7 +89,7 @@ class RoutingTemperatureScheduler(Callback):
         return self.start + (self.end - self.start) * fraction
 
     @override
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._layers = [
             m for m in pl_module.modules() if isinstance(m, CondConv2d) and self.routing in ("all", m.routing)
         ]
@@ -103,7 +103,9 @@ class RoutingTemperatureScheduler(Callback):
         self._update(trainer)
 
     @override
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._update(trainer)
 
     @override
@@ -114,7 +116,7 @@ class RoutingTemperatureScheduler(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.temperature = state_dict["temperature"]
 
-    def _update(self, trainer: "pl.Trainer") -> None:
+    def _update(self, trainer: pl.Trainer) -> None:
         progress = trainer.current_epoch if self.interval == "epoch" else trainer.global_step
         temperature = self.temperature_at(progress)
         if temperature != self.temperature:

@@ -22,23 +22,31 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 from rich.console import Console
 from rich.markup import escape
 
+from ..condconv2d import CondConv2d
 from ..io import UnsafeFileError, check_writable
 from ..loading import LoadedModel, ModelFileError, import_object, load_model, one_line
-from ..loading.check import DEFAULT_TOLERANCE, CheckResult, compare, float32_outputs, inferred_input_shapes, reference_run
-from ..version import __version__
-from ..condconv2d import CondConv2d
+from ..loading.check import (
+    DEFAULT_TOLERANCE,
+    CheckResult,
+    compare,
+    float32_outputs,
+    inferred_input_shapes,
+    reference_run,
+)
 from ..surgery import ConversionReport, SelectorError, convert, save_converted
+from ..version import __version__
 from .errors import CommandError
-from .options import add_config_arguments, config_from_args
 from .listing import conv_rows, conv_table, mark_selection
+from .options import add_config_arguments, config_from_args
 
 PROG = "condconv-convert"
 DEBUG_ENV = "CONDCONV_DEBUG"
@@ -46,7 +54,7 @@ OUTPUT_SUFFIX = ".condconv.pt"
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status (0 done, 1 error, 2 usage error, 130/143 interrupted/terminated)."""
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -63,7 +71,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Terminated:
         return _fail(args, "terminated (SIGTERM)" + _nothing_written(args), 143)
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush must not fail again
+        os.dup2(
+            os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()
+        )  # the interpreter's last flush must not fail again
         return _fail(args, "standard output was closed before the result was printed" + _nothing_written(args))
     except (CommandError, ModelFileError, SelectorError, UnsafeFileError) as error:
         if os.environ.get(DEBUG_ENV) == "1":
@@ -72,7 +82,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as error:  # a bug or an unforeseen input: still one line unless debugging
         if os.environ.get(DEBUG_ENV) == "1":
             raise
-        return _fail(args, f"unexpected {one_line(error)}{_nothing_written(args)} (set {DEBUG_ENV}=1 for the traceback)")
+        return _fail(
+            args, f"unexpected {one_line(error)}{_nothing_written(args)} (set {DEBUG_ENV}=1 for the traceback)"
+        )
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -96,27 +108,72 @@ def build_parser() -> argparse.ArgumentParser:
         "the converted model computes what the original did), check it, and save it.",
         epilog=f"Errors print one line and exit 1 (usage errors: 2); set {DEBUG_ENV}=1 for tracebacks.",
     )
-    parser.add_argument("model", type=Path, metavar="MODEL",
-                        help="torch.save(model) file, state dict (.pt/.pth/.bin), .safetensors or Lightning .ckpt")
-    parser.add_argument("--layers", type=_selectors, metavar="SELECTORS",
-                        help="comma-separated selectors of the convs to convert: exact names, prefixes (layer3), "
-                        "globs or regexes, as condconv_lightning.surgery.convert takes them")
-    parser.add_argument("--exclude", type=_selectors, metavar="SELECTORS", help="comma-separated selectors to leave alone")
-    parser.add_argument("-o", "--output", type=Path, metavar="OUT", help=f"output file (default: MODEL's stem + {OUTPUT_SUFFIX}, beside it)")
-    parser.add_argument("--arch", type=_import_path, metavar="MODULE:CALLABLE",
-                        help="architecture for a weights file: a model class or factory; a LightningModule class loads a .ckpt itself")
-    parser.add_argument("--arch-kwargs", type=_json_object, default={}, metavar="JSON", help="keyword arguments for --arch, a JSON object")
-    parser.add_argument("--allow-class", type=_import_path, action="append", default=[], metavar="MODULE:CLASS",
-                        help="convert this Conv2d subclass too (its forward must be a plain convolution); repeatable")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="load a full pickled module; unpickling runs code from the file, so only for files you trust")
-    parser.add_argument("--list", action="store_true", help="list every Conv2d (and what --layers selects); convert nothing")
+    parser.add_argument(
+        "model",
+        type=Path,
+        metavar="MODEL",
+        help="torch.save(model) file, state dict (.pt/.pth/.bin), .safetensors or Lightning .ckpt",
+    )
+    parser.add_argument(
+        "--layers",
+        type=_selectors,
+        metavar="SELECTORS",
+        help="comma-separated selectors of the convs to convert: exact names, prefixes (layer3), "
+        "globs or regexes, as condconv_lightning.surgery.convert takes them",
+    )
+    parser.add_argument(
+        "--exclude", type=_selectors, metavar="SELECTORS", help="comma-separated selectors to leave alone"
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="OUT",
+        help=f"output file (default: MODEL's stem + {OUTPUT_SUFFIX}, beside it)",
+    )
+    parser.add_argument(
+        "--arch",
+        type=_import_path,
+        metavar="MODULE:CALLABLE",
+        help="architecture for a weights file: a model class or factory; a LightningModule class loads a .ckpt itself",
+    )
+    parser.add_argument(
+        "--arch-kwargs",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help="keyword arguments for --arch, a JSON object",
+    )
+    parser.add_argument(
+        "--allow-class",
+        type=_import_path,
+        action="append",
+        default=[],
+        metavar="MODULE:CLASS",
+        help="convert this Conv2d subclass too (its forward must be a plain convolution); repeatable",
+    )
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load a full pickled module; unpickling runs code from the file, so only for files you trust",
+    )
+    parser.add_argument(
+        "--list", action="store_true", help="list every Conv2d (and what --layers selects); convert nothing"
+    )
     parser.add_argument("--dry-run", action="store_true", help="convert and check in memory, write nothing")
-    parser.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
-                        help="input of the check (default: 1, the first conv's in_channels, 64, 64; then 224, 224 if that fails)")
+    parser.add_argument(
+        "--input-shape",
+        type=_shape,
+        metavar="N,C,H,W",
+        help="input of the check (default: 1, the first conv's in_channels, 64, 64; then 224, 224 if that fails)",
+    )
     parser.add_argument("--no-check", action="store_true", help="skip comparing original and converted outputs")
-    parser.add_argument("--tolerance", type=_positive_float, default=DEFAULT_TOLERANCE,
-                        help=f"largest relative output difference the check accepts (default: {DEFAULT_TOLERANCE:g})")
+    parser.add_argument(
+        "--tolerance",
+        type=_positive_float,
+        default=DEFAULT_TOLERANCE,
+        help=f"largest relative output difference the check accepts (default: {DEFAULT_TOLERANCE:g})",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing output file")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__} (torch {torch.__version__})")
@@ -158,14 +215,20 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
         )
     if output is not None:
         with err.status(f"Writing {escape(str(output))}"):
-            save_converted(model, output, None if spec_of_model else report.spec, as_module=loaded.full_module, overwrite=args.force)
+            save_converted(
+                model,
+                output,
+                None if spec_of_model else report.spec,
+                as_module=loaded.full_module,
+                overwrite=args.force,
+            )
         args.written = output
     _print_result(args, loaded, report, check, output, out, time.perf_counter() - started)
     return 0
 
 
 def _convert(
-    model: nn.Module, args: argparse.Namespace, allow_classes: tuple[type, ...], sample_size: Optional[tuple[int, ...]]
+    model: nn.Module, args: argparse.Namespace, allow_classes: tuple[type, ...], sample_size: tuple[int, ...] | None
 ) -> ConversionReport:
     """Convert in place; an empty result is an error that says why each match was left alone."""
     with warnings.catch_warnings():  # skipped layers are reported from report.skipped, one line each
@@ -182,7 +245,9 @@ def _convert(
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in report.skipped[:3])
         already = f"{len(report.already_converted)} already CondConv2d" if report.already_converted else ""
         details = "; ".join(part for part in (reasons, already) if part) or "no Conv2d matched"
-        hint = " (command line: --allow-class MODULE:CLASS)" if any("subclass" in s.reason for s in report.skipped) else ""
+        hint = (
+            " (command line: --allow-class MODULE:CLASS)" if any("subclass" in s.reason for s in report.skipped) else ""
+        )
         raise CommandError(f"nothing to convert for --layers {','.join(args.layers)}: {details}{hint}")
     return report
 
@@ -191,7 +256,7 @@ def _check_shapes(args: argparse.Namespace, model: nn.Module) -> list[tuple[int,
     return [args.input_shape] if args.input_shape else inferred_input_shapes(model)
 
 
-def _sample_size(args: argparse.Namespace, model: nn.Module) -> Optional[tuple[int, ...]]:
+def _sample_size(args: argparse.Namespace, model: nn.Module) -> tuple[int, ...] | None:
     """(C, H, W) of one sample for the report's MAC counts when no check ran: the first shape it would try."""
     shapes = _check_shapes(args, model)
     return tuple(shapes[0][1:]) if shapes else None
@@ -214,7 +279,7 @@ def _list(args: argparse.Namespace, loaded: LoadedModel, allow_classes: tuple[ty
     return 0
 
 
-def _output_path(model: Path, output: Optional[Path], force: bool) -> Path:
+def _output_path(model: Path, output: Path | None, force: bool) -> Path:
     """Resolve the output path and fail before any work if it cannot be written."""
     target = output if output is not None else model.with_name(model.stem + OUTPUT_SUFFIX)
     if target.exists() and model.exists() and target.resolve() == model.resolve():
@@ -226,19 +291,23 @@ def _output_path(model: Path, output: Optional[Path], force: bool) -> Path:
     except FileExistsError:  # a symlink, dangling or not, is never followed or replaced
         raise CommandError(f"{target} already exists; pass --force to replace it, or choose another -o") from None
     except FileNotFoundError:
-        raise CommandError(f"the output folder {target.parent} does not exist; create it or choose another -o") from None
+        raise CommandError(
+            f"the output folder {target.parent} does not exist; create it or choose another -o"
+        ) from None
     except PermissionError as error:
-        raise CommandError(f"cannot write to the output folder {target.parent} ({os.strerror(error.errno)}); choose another -o") from None
+        raise CommandError(
+            f"cannot write to the output folder {target.parent} ({os.strerror(error.errno)}); choose another -o"
+        ) from None
 
 
 def _print_result(
     args: argparse.Namespace,
     loaded: LoadedModel,
     report: ConversionReport,
-    check: Optional[CheckResult],
-    output: Optional[Path],
+    check: CheckResult | None,
+    output: Path | None,
     out: Console,
-    seconds: Optional[float] = None,
+    seconds: float | None = None,
 ) -> None:
     if args.json:
         print(json.dumps({**_facts(args, loaded, report, check, output), "seconds": seconds}, indent=2))
@@ -265,8 +334,8 @@ def _facts(
     args: argparse.Namespace,
     loaded: LoadedModel,
     report: ConversionReport,
-    check: Optional[CheckResult],
-    output: Optional[Path],
+    check: CheckResult | None,
+    output: Path | None,
 ) -> dict[str, Any]:
     """What ``--json`` prints: the same facts as the tables."""
     written = output is not None and output.exists()
@@ -288,7 +357,7 @@ def _input_facts(path: Path, loaded: LoadedModel) -> dict[str, Any]:
     return {"path": str(path), "format": loaded.file_format.value, "holds": loaded.holds}
 
 
-def _fail(args: argparse.Namespace, message: str, status: int = 1, facts: Optional[dict[str, Any]] = None) -> int:
+def _fail(args: argparse.Namespace, message: str, status: int = 1, facts: dict[str, Any] | None = None) -> int:
     """Report a failure in one line that says truthfully whether the output was written."""
     if args.written:
         message += f"; {args.written} was written before that"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 
 class CommandError(Exception):
@@ -11,6 +11,6 @@ class CommandError(Exception):
     ``facts`` (optional) are added to the ``--json`` error document, e.g. the failed check.
     """
 
-    def __init__(self, message: str, *, facts: Optional[dict[str, Any]] = None) -> None:
+    def __init__(self, message: str, *, facts: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.facts = facts

@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -48,12 +47,14 @@ class FinetuneCLI(LightningCLI):
             {
                 "data": {"class_path": _class_path(SyntheticImageDataModule)},
                 "trainer.callbacks": [
-                    {"class_path": _class_path(CondConvConversion), "init_args": {"layers": ["layer3", "layer4"], "submodule": "model", "input_size": [3, 32, 32]}},
+                    {
+                        "class_path": _class_path(CondConvConversion),
+                        "init_args": {"layers": ["layer3", "layer4"], "submodule": "model", "input_size": [3, 32, 32]},
+                    },
                     {"class_path": _class_path(RoutingEntropyMonitor)},
                 ],
             }
         )
-
 
     def _parse_ckpt_path(self) -> None:
         """Use an untrusted checkpoint's hyperparameters as model defaults, as plain values only."""
@@ -76,9 +77,11 @@ def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def main(args: Optional[list[str]] = None) -> None:
+def main(args: list[str] | None = None) -> None:
     """Entry point of ``condconv-finetune`` (``args`` replaces ``sys.argv[1:]``, for tests and notebooks)."""
-    FinetuneCLI(ImageClassifier, LightningDataModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True}, args=args)
+    FinetuneCLI(
+        ImageClassifier, LightningDataModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True}, args=args
+    )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import torch.nn as nn
 from rich.table import Table
@@ -31,19 +32,28 @@ def conv_rows(model: nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
-def mark_selection(rows: list[dict[str, Any]], selected: set[str], skipped: Mapping[str, str], already: set[str]) -> None:
+def mark_selection(
+    rows: list[dict[str, Any]], selected: set[str], skipped: Mapping[str, str], already: set[str]
+) -> None:
     """Add ``selected`` (bool) and ``note`` (why a matching layer is not converted) to each row."""
     for row in rows:
         row["selected"] = row["name"] in selected
         row["note"] = skipped.get(row["name"]) or ("already CondConv2d" if row["name"] in already else None)
 
 
-def conv_table(rows: list[dict[str, Any]], title: Optional[str] = None) -> Table:
+def conv_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
     """The rows as a rich table; the ``selected`` column appears once a selection was marked."""
     marked = bool(rows) and "selected" in rows[0]
     table = Table(title=Text(title) if title is not None else None, title_justify="left")
-    for header, justify in [("name", "left"), ("type", "left"), ("in -> out", "right"), ("kernel", "right"),
-                            ("stride", "right"), ("groups", "right"), ("params", "right")]:
+    for header, justify in [
+        ("name", "left"),
+        ("type", "left"),
+        ("in -> out", "right"),
+        ("kernel", "right"),
+        ("stride", "right"),
+        ("groups", "right"),
+        ("params", "right"),
+    ]:
         table.add_column(header, justify=justify, no_wrap=header == "name")
     if marked:
         table.add_column("--layers", justify="left")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..surgery import ConversionConfig
 
@@ -32,8 +34,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str,
             group.add_argument(flag, choices=typing.get_args(kind), default=default, help=help_text)
         else:
             parse = NUMBERS.get(kind, _kernel_sizes)
-            group.add_argument(flag, type=_validated(field.name, parse), default=default, help=help_text,
-                               metavar=field.metadata.get("metavar", field.name.upper()))
+            group.add_argument(
+                flag,
+                type=_validated(field.name, parse),
+                default=default,
+                help=help_text,
+                metavar=field.metadata.get("metavar", field.name.upper()),
+            )
 
 
 def config_from_args(args: argparse.Namespace) -> ConversionConfig:
@@ -69,7 +76,8 @@ def _kernel_sizes(text: str) -> list[tuple[int, int]]:
 
 def _unoptional(kind: Any) -> Any:
     arguments = [a for a in typing.get_args(kind) if a is not type(None)]
-    return arguments[0] if typing.get_origin(kind) is typing.Union and len(arguments) == 1 else kind
+    union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    return arguments[0] if union and len(arguments) == 1 else kind
 
 
 def _shown(value: Any) -> str:

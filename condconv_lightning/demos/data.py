@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -31,7 +31,7 @@ _CASTS = torch.tensor([[0.6, 0.0, -0.6], [-0.6, 0.0, 0.6]])
 _SIGNAL_CHANNEL = (0, 2)
 
 
-def _gratings(orientation: Tensor, num_classes: int, image_size: int, generator: Optional[torch.Generator]) -> Tensor:
+def _gratings(orientation: Tensor, num_classes: int, image_size: int, generator: torch.Generator | None) -> Tensor:
     """Unit-amplitude gratings ``[N, S, S]`` at angles ``pi * orientation / num_classes``, 3-5 cycles per image."""
     frequency = 3.0 + 2.0 * torch.rand(len(orientation), generator=generator, dtype=torch.float64)
     phase = 2 * math.pi * torch.rand(len(orientation), generator=generator, dtype=torch.float64)
@@ -47,7 +47,7 @@ def make_context_gratings(
     num_classes: int = 4,
     image_size: int = 32,
     noise: float = 0.3,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Draw images ``[N, 3, S, S]``, labels, contexts and distractor orientations (each ``[N]``).
 
@@ -65,7 +65,9 @@ def make_context_gratings(
     signal = _gratings(labels, num_classes, image_size, generator)
     other = _gratings(distractor, num_classes, image_size, generator)
     warm = (context == 0)[:, None, None]
-    images = 0.5 * torch.stack([torch.where(warm, signal, other), torch.zeros_like(signal), torch.where(warm, other, signal)], dim=1)
+    images = 0.5 * torch.stack(
+        [torch.where(warm, signal, other), torch.zeros_like(signal), torch.where(warm, other, signal)], dim=1
+    )
     images = images + _CASTS[context][:, :, None, None] + noise * torch.randn(images.shape, generator=generator)
     return images, labels, context, distractor
 
@@ -170,8 +172,8 @@ class SyntheticImageDataModule(pl.LightningDataModule):
         self.noise = noise
         self.seed = seed
         self.num_workers = num_workers
-        self.train_set: Optional[TensorDataset] = None
-        self.val_set: Optional[TensorDataset] = None
+        self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
 
     def setup(self, stage: str) -> None:
         if self.train_set is not None:

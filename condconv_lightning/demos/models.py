@@ -9,13 +9,13 @@ arXiv:1801.04381) with depthwise and pointwise convolutions under ``features``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["ResNet", "MobileNet", "resnet_tiny", "resnet50_like", "mobilenet_tiny"]
+__all__ = ["MobileNet", "ResNet", "mobilenet_tiny", "resnet50_like", "resnet_tiny"]
 
 
 class BasicBlock(nn.Module):
@@ -78,7 +78,9 @@ class ResNet(nn.Module):
     ) -> None:
         super().__init__()
         block = Bottleneck if bottleneck else BasicBlock
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 3 if stem_stride == 1 else 7, stem_stride, 1 if stem_stride == 1 else 3, bias=False)
+        self.conv1 = nn.Conv2d(
+            in_channels, widths[0], 3 if stem_stride == 1 else 7, stem_stride, 1 if stem_stride == 1 else 3, bias=False
+        )
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.Identity() if stem_stride == 1 else nn.MaxPool2d(3, 2, 1)
@@ -129,7 +131,11 @@ class MobileNet(nn.Module):
         stem: int = 16,
     ) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Sequential(nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU6(inplace=True))]
+        layers: list[nn.Module] = [
+            nn.Sequential(
+                nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU6(inplace=True)
+            )
+        ]
         planes_in = stem
         for out_planes, stride, expand in stages:
             layers.append(InvertedResidual(planes_in, out_planes, stride, expand))

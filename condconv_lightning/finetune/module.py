@@ -10,7 +10,7 @@ own: a fresh router on top of upcycled experts usually wants a different step si
 from __future__ import annotations
 
 from pathlib import Path
-from typing import IO, Any, Literal, Optional, Union
+from typing import IO, Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -33,9 +33,9 @@ CONVERSION_KEY = "condconv_conversion_spec"
 
 
 def parameter_groups(
-    model: nn.Module, expert_lr: Optional[float] = None, router_lr: Optional[float] = None
+    model: nn.Module, expert_lr: float | None = None, router_lr: float | None = None
 ) -> list[dict[str, Any]]:
-    """Optimizer parameter groups ``base``, ``experts`` (``CondConv2d.weight``/``bias``) and ``routers`` (``CondConv2d.router``).
+    """Optimizer parameter groups ``base``, ``experts`` (CondConv2d ``weight``/``bias``) and ``routers``.
 
     Each parameter appears once (shared layers too); frozen parameters are left out, and so
     are empty groups. A group gets ``lr`` only when its learning rate is given, so it
@@ -110,15 +110,15 @@ class ImageClassifier(pl.LightningModule):
 
     def __init__(
         self,
-        model: Optional[nn.Module] = None,
-        weights: Optional[Union[str, Path]] = None,
+        model: nn.Module | None = None,
+        weights: str | Path | None = None,
         trust_pickle: bool = False,
         num_classes: int = 4,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        scheduler: Optional[LRSchedulerCallable] = None,
+        scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
-        expert_lr: Optional[float] = None,
-        router_lr: Optional[float] = None,
+        expert_lr: float | None = None,
+        router_lr: float | None = None,
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
@@ -165,20 +165,23 @@ class ImageClassifier(pl.LightningModule):
         optimizer = self.optimizer(parameter_groups(self, self.expert_lr, self.router_lr))
         if self.scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": self.scheduler_interval}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": self.scheduler_interval},
+        }
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
         cls,
-        checkpoint_path: Union[str, Path, IO[bytes]],
+        checkpoint_path: str | Path | IO[bytes],
         map_location: Any = None,
-        hparams_file: Optional[Union[str, Path]] = None,
-        strict: Optional[bool] = None,
-        weights_only: Optional[bool] = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
         *,
         trust_checkpoint: bool = False,
         **kwargs: Any,
-    ) -> "ImageClassifier":
+    ) -> ImageClassifier:
         """Lightning's ``load_from_checkpoint``, treating the checkpoint as untrusted unless told otherwise.
 
         The checkpoint's hyperparameters reach ``__init__`` as plain values only: entries
@@ -206,7 +209,10 @@ class ImageClassifier(pl.LightningModule):
         # Lightning calls this before load_state_dict; already converted layers are left alone.
         if CONVERSION_KEY in checkpoint:
             spec = ConversionSpec.from_dict(checkpoint[CONVERSION_KEY])
-            weights = {name[len("model.") :]: tensor for name, tensor in checkpoint.get("state_dict", {}).items()
-                       if name.startswith("model.")}
+            weights = {
+                name[len("model.") :]: tensor
+                for name, tensor in checkpoint.get("state_dict", {}).items()
+                if name.startswith("model.")
+            }
             check_against_weights(spec, weights, "checkpoint")
             apply_spec(self.model, spec, upcycle=False)

@@ -1,9 +1,6 @@
 """Functional forms: the router, the conditionally parameterized convolution, routing entropy, strategy choice."""
 
 from .auto import choose_strategy
-from .condconv import PADDING_MODES, STRATEGIES, condconv2d, condconv2d_with_strategy, explicit_padding
-from .entropy import routing_entropy
-from .routing import ROUTINGS, route
 from .autotune import (
     clear_tuning_cache,
     is_tuning_enabled,
@@ -13,6 +10,9 @@ from .autotune import (
     tuning,
     tuning_cache,
 )
+from .condconv import PADDING_MODES, STRATEGIES, condconv2d, condconv2d_with_strategy, explicit_padding
+from .entropy import routing_entropy
+from .routing import ROUTINGS, route
 
 __all__ = [
     "PADDING_MODES",

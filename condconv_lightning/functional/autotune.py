@@ -48,17 +48,17 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import auto
 from ..io import atomic_write
+from . import auto
 
-Runner = Callable[[str, Tensor, Tensor, Optional[Tensor], Tensor], Tensor]
+Runner = Callable[[str, Tensor, Tensor, Tensor | None, Tensor], Tensor]
 """``run(strategy, x, weight, bias, routing_weights)``: one call of a strategy, conv arguments bound."""
 
 CANDIDATES: tuple[str, ...] = ("grouped", "mixture", "bmm")
@@ -69,9 +69,22 @@ MIXTURE_MAX_EXTRA_POSITIONS: dict[str, int] = {"cpu": 512, "cuda": 4096}
 At K = 4: S <= 170 on CPU (ResNet-50 layer4, 7x7), S <= 1365 on CUDA (down to 28x28)."""
 
 _KEY_FIELDS = (
-    ("device", str), ("dtype", str), ("memory_format", str), ("batch", int), ("in_channels", int),
-    ("out_channels", int), ("height", int), ("width", int), ("kernel_size", list), ("stride", list),
-    ("padding", list), ("dilation", list), ("groups", int), ("experts", int), ("bias", bool), ("grad", bool),
+    ("device", str),
+    ("dtype", str),
+    ("memory_format", str),
+    ("batch", int),
+    ("in_channels", int),
+    ("out_channels", int),
+    ("height", int),
+    ("width", int),
+    ("kernel_size", list),
+    ("stride", list),
+    ("padding", list),
+    ("dilation", list),
+    ("groups", int),
+    ("experts", int),
+    ("bias", bool),
+    ("grad", bool),
 )
 _CACHE_VERSION = 1
 
@@ -111,15 +124,17 @@ def tuning_cache() -> dict[tuple, str]:
     return dict(_cache)
 
 
-def save_tuning_cache(path: Union[str, os.PathLike]) -> None:
+def save_tuning_cache(path: str | os.PathLike) -> None:
     """Write the tuned choices to a JSON file, atomically (replacing ``path`` if it exists)."""
-    entries = [{"key": dict(zip((name for name, _ in _KEY_FIELDS), _jsonable(key))), "strategy": s}
-               for key, s in _cache.items()]
+    entries = [
+        {"key": dict(zip((name for name, _ in _KEY_FIELDS), _jsonable(key))), "strategy": s}
+        for key, s in _cache.items()
+    ]
     with atomic_write(path, overwrite=True) as tmp:
         Path(tmp).write_text(json.dumps({"version": _CACHE_VERSION, "entries": entries}, indent=1))
 
 
-def load_tuning_cache(path: Union[str, os.PathLike]) -> int:
+def load_tuning_cache(path: str | os.PathLike) -> int:
     """Add the choices of a file written by :func:`save_tuning_cache`; returns how many were read.
 
     The file is validated strictly (known fields, types and strategy names) before
@@ -142,8 +157,14 @@ def load_tuning_cache(path: Union[str, os.PathLike]) -> int:
 
 
 def problem_key(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], routing_weights: Tensor,
-    stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    routing_weights: Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
 ) -> tuple:
     """Everything a strategy's speed depends on, in the order of the cache's JSON fields."""
     num_experts, out_channels, _, kh, kw = weight.shape
@@ -152,15 +173,35 @@ def problem_key(
     tensors = (x, weight, bias, routing_weights)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return (
-        str(x.device), str(auto.compute_dtype(x)).removeprefix("torch."),
-        "channels_last" if channels_last else "contiguous", batch, in_channels, out_channels, height, width,
-        (kh, kw), tuple(stride), tuple(padding), tuple(dilation), groups, num_experts, bias is not None, grad,
+        str(x.device),
+        str(auto.compute_dtype(x)).removeprefix("torch."),
+        "channels_last" if channels_last else "contiguous",
+        batch,
+        in_channels,
+        out_channels,
+        height,
+        width,
+        (kh, kw),
+        tuple(stride),
+        tuple(padding),
+        tuple(dilation),
+        groups,
+        num_experts,
+        bias is not None,
+        grad,
     )
 
 
 def tuned_strategy(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], routing_weights: Tensor,
-    stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int, run: Runner,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    routing_weights: Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    run: Runner,
 ) -> str:
     """The strategy ``auto`` runs for this call: cached, else timed now, else the rules' choice."""
     rules = auto.choose_strategy(x, weight, stride, padding, dilation, groups)
@@ -211,17 +252,26 @@ def _worth_timing(strategy: str, x: Tensor, weight: Tensor, key: tuple) -> bool:
 
 
 def _fastest(
-    candidates: list[str], x: Tensor, weight: Tensor, bias: Optional[Tensor], routing_weights: Tensor,
-    grad: bool, run: Runner,
+    candidates: list[str],
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    routing_weights: Tensor,
+    grad: bool,
+    run: Runner,
 ) -> str:
     """Time each candidate on fresh tensors shaped like the call's; ties go to the earlier candidate."""
     generator = torch.Generator(device=x.device).manual_seed(0)
     with torch.no_grad():
-        fresh = [None if t is None else torch.empty_like(t).uniform_(generator=generator)
-                 for t in (x, weight, bias, routing_weights)]
+        fresh = [
+            None if t is None else torch.empty_like(t).uniform_(generator=generator)
+            for t in (x, weight, bias, routing_weights)
+        ]
     if grad:
-        fresh = [None if f is None else f.requires_grad_(t.requires_grad)
-                 for f, t in zip(fresh, (x, weight, bias, routing_weights))]
+        fresh = [
+            None if f is None else f.requires_grad_(t.requires_grad)
+            for f, t in zip(fresh, (x, weight, bias, routing_weights))
+        ]
 
     def step(strategy: str) -> Callable[[], None]:
         def call() -> None:

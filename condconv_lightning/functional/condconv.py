@@ -26,12 +26,12 @@ the strategies then see symmetric zero padding only.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
 from torch.utils.checkpoint import checkpoint
 
 from . import auto
@@ -44,8 +44,8 @@ STRATEGIES: tuple[str, ...] = ("auto", "grouped", "mixture", "bmm", "fused")
 PADDING_MODES: tuple[str, ...] = ("zeros", "reflect", "replicate", "circular")
 _PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
-IntPair = Union[int, Sequence[int]]
-Padding = Union[str, int, Sequence[int]]
+IntPair = int | Sequence[int]
+Padding = str | int | Sequence[int]
 
 
 def pair(value: IntPair, name: str = "value") -> tuple[int, int]:
@@ -92,12 +92,14 @@ def _channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _mixed_bias(r: Tensor, bias: Optional[Tensor], out: Tensor) -> Optional[Tensor]:
+def _mixed_bias(r: Tensor, bias: Tensor | None, out: Tensor) -> Tensor | None:
     """Per-sample bias ``r @ bias`` shaped to broadcast over ``out``'s spatial positions."""
     return None if bias is None else torch.mm(r, bias).to(out.dtype)[:, :, None, None]
 
 
-def _grouped(x: Tensor, weight: Tensor, bias: Optional[Tensor], r: Tensor, stride, padding, dilation, groups: int) -> Tensor:
+def _grouped(
+    x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor, stride, padding, dilation, groups: int
+) -> Tensor:
     batch, in_channels, height, width = x.shape
     num_experts, out_channels = weight.shape[:2]
     kernels = torch.mm(r, weight.reshape(num_experts, -1)).reshape(batch * out_channels, *weight.shape[2:])
@@ -110,7 +112,9 @@ def _grouped(x: Tensor, weight: Tensor, bias: Optional[Tensor], r: Tensor, strid
     return y.reshape(batch, out_channels, *y.shape[-2:])
 
 
-def _mixture(x: Tensor, weight: Tensor, bias: Optional[Tensor], r: Tensor, stride, padding, dilation, groups: int) -> Tensor:
+def _mixture(
+    x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor, stride, padding, dilation, groups: int
+) -> Tensor:
     num_experts, out_channels = weight.shape[:2]
     per_group = out_channels // groups
     experts = weight.reshape(num_experts, groups, per_group, *weight.shape[2:])
@@ -134,7 +138,7 @@ def _mixture(x: Tensor, weight: Tensor, bias: Optional[Tensor], r: Tensor, strid
     return out if mixed_bias is None else out + mixed_bias
 
 
-def _bmm(x: Tensor, weight: Tensor, bias: Optional[Tensor], r: Tensor, stride, padding, dilation, groups: int) -> Tensor:
+def _bmm(x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor, stride, padding, dilation, groups: int) -> Tensor:
     batch, _, height, width = x.shape
     num_experts, out_channels, in_per_group, kh, kw = weight.shape
     kernels = torch.mm(r, weight.reshape(num_experts, -1))
@@ -161,7 +165,7 @@ def _bmm(x: Tensor, weight: Tensor, bias: Optional[Tensor], r: Tensor, stride, p
 
 
 def _in_budget_chunks(
-    fn: Callable[..., Tensor], x: Tensor, weight: Tensor, bias: Optional[Tensor], r: Tensor, *conv_args
+    fn: Callable[..., Tensor], x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor, *conv_args
 ) -> Tensor:
     """Run a per-sample-kernel strategy on batch chunks whose kernels fit ``auto.KERNEL_BUDGET_BYTES``.
 
@@ -178,7 +182,8 @@ def _in_budget_chunks(
         return fn(x, weight, bias, r, *conv_args)
     records = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, r))
     outputs = [
-        checkpoint(fn, xs, weight, bias, rs, *conv_args, use_reentrant=False) if records
+        checkpoint(fn, xs, weight, bias, rs, *conv_args, use_reentrant=False)
+        if records
         else fn(xs, weight, bias, rs, *conv_args)
         for xs, rs in zip(x.split(chunk), r.split(chunk))
     ]
@@ -186,12 +191,15 @@ def _in_budget_chunks(
 
 
 _STRATEGY_FNS: dict[str, Callable[..., Tensor]] = {
-    "grouped": _grouped, "mixture": _mixture, "bmm": _bmm, "fused": fused
+    "grouped": _grouped,
+    "mixture": _mixture,
+    "bmm": _bmm,
+    "fused": fused,
 }
 _PER_SAMPLE_KERNELS = ("grouped", "bmm")
 
 
-def _run(strategy: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], r: Tensor, *conv_args) -> Tensor:
+def _run(strategy: str, x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor, *conv_args) -> Tensor:
     """One call of a named strategy; those holding per-sample kernels stay within the memory budget."""
     fn = _STRATEGY_FNS[strategy]
     if strategy in _PER_SAMPLE_KERNELS:
@@ -203,7 +211,7 @@ def condconv2d(
     x: Tensor,
     weight: Tensor,
     routing_weights: Tensor,
-    bias: Optional[Tensor] = None,
+    bias: Tensor | None = None,
     stride: IntPair = 1,
     padding: Padding = 0,
     dilation: IntPair = 1,
@@ -239,7 +247,7 @@ def condconv2d_with_strategy(
     x: Tensor,
     weight: Tensor,
     routing_weights: Tensor,
-    bias: Optional[Tensor] = None,
+    bias: Tensor | None = None,
     stride: IntPair = 1,
     padding: Padding = 0,
     dilation: IntPair = 1,
@@ -271,7 +279,8 @@ def condconv2d_with_strategy(
         )
     if routing_weights.shape != (x.shape[0], num_experts):
         raise ValueError(
-            f"routing_weights must have shape [B, K] = [{x.shape[0]}, {num_experts}], got {tuple(routing_weights.shape)}"
+            f"routing_weights must have shape [B, K] = [{x.shape[0]}, {num_experts}], "
+            f"got {tuple(routing_weights.shape)}"
         )
     if bias is not None and bias.shape != (num_experts, out_channels):
         raise ValueError(f"bias must have shape [K, Cout] = [{num_experts}, {out_channels}], got {tuple(bias.shape)}")

@@ -37,7 +37,9 @@ def _check_routing_weights(routing: Tensor, num_experts: int | None) -> None:
     if routing.ndim < 2:
         raise ValueError(f"routing weights must have shape [B, K] (experts last), got {tuple(routing.shape)}")
     if num_experts is not None and routing.shape[-1] != num_experts:
-        raise ValueError(f"routing weights have {routing.shape[-1]} experts in the last dimension, expected {num_experts}")
+        raise ValueError(
+            f"routing weights have {routing.shape[-1]} experts in the last dimension, expected {num_experts}"
+        )
     if not bool(torch.isfinite(routing).all()) or bool((routing < 0).any()):
         raise ValueError("routing weights must be finite and non-negative (pass the router's sigmoid/softmax output)")
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -93,8 +93,16 @@ def _precision(x: Tensor) -> str:
 def _constexprs(x: Tensor, weight: Tensor, stride, padding, dilation) -> dict:
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     return dict(
-        SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw, KH=weight.shape[3], KW=weight.shape[4],
-        CHANNELS_INNER=_channels_last(x), PRECISION=_precision(x),
+        SH=sh,
+        SW=sw,
+        PH=ph,
+        PW=pw,
+        DH=dh,
+        DW=dw,
+        KH=weight.shape[3],
+        KW=weight.shape[4],
+        CHANNELS_INNER=_channels_last(x),
+        PRECISION=_precision(x),
     )
 
 
@@ -103,7 +111,7 @@ def fused_condconv2d(
     x: Tensor,
     weight: Tensor,
     routing_weights: Tensor,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
@@ -125,10 +133,24 @@ def fused_condconv2d(
         return _cdiv(out_h * out_w, meta["BLOCK_M"]), _cdiv(out_channels // groups, meta["BLOCK_N"]), batch * groups
 
     _kernels().forward(
-        grid, x, weight, r, bias_arg, y,
-        height, width, out_h, out_w, groups, in_per_group, out_channels // groups, num_experts,
-        *x.stride(), *y.stride(),
-        HAS_BIAS=bias is not None, **_constexprs(x, weight, stride, padding, dilation),
+        grid,
+        x,
+        weight,
+        r,
+        bias_arg,
+        y,
+        height,
+        width,
+        out_h,
+        out_w,
+        groups,
+        in_per_group,
+        out_channels // groups,
+        num_experts,
+        *x.stride(),
+        *y.stride(),
+        HAS_BIAS=bias is not None,
+        **_constexprs(x, weight, stride, padding, dilation),
     )
     return y
 
@@ -161,9 +183,21 @@ def fused_input_grad(
         return _cdiv(height * width, meta["BLOCK_M"]), _cdiv(in_per_group, meta["BLOCK_N"]), batch * groups
 
     _kernels().input_grad(
-        grid, grad, weight, r, dx,
-        height, width, out_h, out_w, groups, in_per_group, out_channels // groups, num_experts,
-        *grad.stride(), *dx.stride(),
+        grid,
+        grad,
+        weight,
+        r,
+        dx,
+        height,
+        width,
+        out_h,
+        out_w,
+        groups,
+        in_per_group,
+        out_channels // groups,
+        num_experts,
+        *grad.stride(),
+        *dx.stride(),
         **_constexprs(x, weight, stride, padding, dilation),
     )
     return dx
@@ -213,10 +247,27 @@ def fused_weight_grad(
         return _cdiv(cout_g, meta["BLOCK_M"]) * _cdiv(red, meta["BLOCK_N"]), groups, chunks
 
     launch.weight_grad(
-        grid, x, grad, weight, r, dw_part, dr_part,
-        batch, height, width, out_h, out_w, groups, in_per_group, cout_g, num_experts, per_chunk,
-        *x.stride(), *grad.stride(),
-        EXPERTS_POW2=max(1, 1 << (num_experts - 1).bit_length()), **_constexprs(x, weight, stride, padding, dilation),
+        grid,
+        x,
+        grad,
+        weight,
+        r,
+        dw_part,
+        dr_part,
+        batch,
+        height,
+        width,
+        out_h,
+        out_w,
+        groups,
+        in_per_group,
+        cout_g,
+        num_experts,
+        per_chunk,
+        *x.stride(),
+        *grad.stride(),
+        EXPERTS_POW2=max(1, 1 << (num_experts - 1).bit_length()),
+        **_constexprs(x, weight, stride, padding, dilation),
     )
     return dw_part.sum(0).to(weight.dtype), dr_part.sum(0)
 
@@ -257,7 +308,7 @@ fused_condconv2d.register_autograd(_backward, setup_context=_setup_context)
 def fused(
     x: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     routing_weights: Tensor,
     stride: tuple[int, int],
     padding: tuple[int, int],

@@ -7,7 +7,7 @@ softmax routing with a temperature follows Dynamic Convolution (Chen et al., CVP
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ def route(
     weight: Tensor,
     bias: Tensor | None,
     routing: Routing = "sigmoid",
-    temperature: Union[float, Tensor] = 1.0,
+    temperature: float | Tensor = 1.0,
 ) -> Tensor:
     """Routing weights ``[B, K]`` of a CondConv layer for input ``x`` of shape ``[B, C, H, W]``.
 

@@ -12,8 +12,8 @@ largest reference magnitude.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -21,8 +21,7 @@ from torch import Tensor
 
 from ..condconv2d import CondConv2d
 from ..modes import evaluating
-from .errors import ModelFileError
-from .errors import one_line
+from .errors import ModelFileError, one_line
 
 # One sample: freshly upcycled layers route every sample identically (constant router), so
 # a larger batch would cost forward time without testing anything more.
@@ -72,7 +71,9 @@ def reference_run(model: nn.Module, shapes: Sequence[tuple[int, ...]], seed: int
         except ModelFileError:
             if index == len(shapes) - 1:
                 raise
-    raise ModelFileError("cannot infer the check's input shape (the model has no Conv2d); pass --input-shape or --no-check")
+    raise ModelFileError(
+        "cannot infer the check's input shape (the model has no Conv2d); pass --input-shape or --no-check"
+    )
 
 
 def random_input(shape: Sequence[int], seed: int) -> Tensor:
@@ -102,10 +103,14 @@ def float32_outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
     return tensors
 
 
-def compare(reference: list[Tensor], converted: list[Tensor], input_shape: Sequence[int], tolerance: float) -> CheckResult:
+def compare(
+    reference: list[Tensor], converted: list[Tensor], input_shape: Sequence[int], tolerance: float
+) -> CheckResult:
     """Largest absolute difference over all outputs, and relative to the largest reference magnitude."""
     if [t.shape for t in reference] != [t.shape for t in converted]:
-        raise ModelFileError("the converted model's outputs have other shapes than the original's; the conversion is broken")
+        raise ModelFileError(
+            "the converted model's outputs have other shapes than the original's; the conversion is broken"
+        )
     diffs = torch.cat([(r.double() - c.double()).abs().flatten() for r, c in zip(reference, converted)])
     magnitudes = torch.cat([r.double().abs().flatten() for r in reference])
     max_abs = diffs.max().item() if diffs.numel() else 0.0  # NaN if any output is NaN: the check then fails

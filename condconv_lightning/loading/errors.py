@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 
 class ModelFileError(ValueError):
@@ -12,7 +12,7 @@ class ModelFileError(ValueError):
     programs that report errors as JSON.
     """
 
-    def __init__(self, message: str, *, facts: Optional[dict[str, Any]] = None) -> None:
+    def __init__(self, message: str, *, facts: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.facts = facts
 

@@ -20,8 +20,9 @@ import io
 import json
 import pickletools
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from .errors import ModelFileError
 
@@ -170,7 +171,9 @@ def _globals(stream: IO[bytes]) -> list[str]:
             pushed.append(None)
         elif op.name == "STACK_GLOBAL":
             module, qualname = (pushed[-2], pushed[-1]) if len(pushed) >= 2 else (None, None)
-            found[f"{module}.{qualname}" if isinstance(module, str) and isinstance(qualname, str) else "<unknown>"] = None
+            found[f"{module}.{qualname}" if isinstance(module, str) and isinstance(qualname, str) else "<unknown>"] = (
+                None
+            )
             pushed.append(None)
         else:
             pushed.append(None)

@@ -22,9 +22,10 @@ import pickle
 import sys
 import warnings
 import zipfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -32,9 +33,9 @@ from torch import Tensor
 
 from ..checkpoints import HPARAMS_KEY, UntrustedCheckpointError, plain_hparams
 from ..io import SAFETENSORS_SUFFIXES, UnsafeFileError, load_state_dict, load_trusted_pickle, load_weights_only
-from ..wrappers import strip_keys, unwrap
 from ..surgery import load_converted, read_spec
 from ..surgery.persist import FILE_FORMAT as CONVERTED_FILE_FORMAT
+from ..wrappers import strip_keys, unwrap
 from .errors import ModelFileError, one_line
 from .formats import FileFormat, detect_format, pickled_globals
 
@@ -54,8 +55,8 @@ class LoadedModel:
 def load_model(
     path: Path,
     *,
-    arch: Optional[str] = None,
-    arch_kwargs: Optional[Mapping[str, Any]] = None,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
     trust_pickle: bool = False,
 ) -> LoadedModel:
     """Read ``path`` onto the CPU as an nn.Module (see the module docstring for the rules).
@@ -81,7 +82,9 @@ def load_model(
         content = _torch_load(path, file_format, trust_pickle)
     if isinstance(content, nn.Module):
         if arch is not None:
-            raise ModelFileError(f"{path} holds a full module ({type(content).__name__}); drop --arch, which is for weights files")
+            raise ModelFileError(
+                f"{path} holds a full module ({type(content).__name__}); drop --arch, which is for weights files"
+            )
         model = unwrap(content)
         return LoadedModel(model, True, f"full module ({type(model).__name__})", file_format)
     state, checkpoint = _weights_in(content, path)
@@ -97,7 +100,9 @@ def load_model(
         try:
             model = load_converted(path, _build(builder, arch, arch_kwargs or {}))
         except (ValueError, TypeError, RuntimeError, KeyError) as error:
-            raise ModelFileError(f"the converted weights in {path} do not load into --arch {arch}: {one_line(error)}") from None
+            raise ModelFileError(
+                f"the converted weights in {path} do not load into --arch {arch}: {one_line(error)}"
+            ) from None
         return LoadedModel(model, False, f"converted weights + spec ({len(state)} tensors)", file_format)
     if checkpoint and _is_lightning_module_class(builder):
         if not trust_pickle:
@@ -120,13 +125,16 @@ def import_object(target: str, flag: str) -> Callable[..., Any]:
         obj: Any = importlib.import_module(module_name)
     except ImportError as error:
         raise ModelFileError(
-            f"{flag} {target}: cannot import {module_name!r} ({error}); check the name, or run from the folder that contains it"
+            f"{flag} {target}: cannot import {module_name!r} ({error}); check the name, or run from the folder "
+            "that contains it"
         ) from None
     except Exception as error:  # the module's own code failed while importing
         raise ModelFileError(f"{flag} {target}: importing {module_name!r} raised {one_line(error)}") from None
     for part in attribute.split("."):
         if not hasattr(obj, part):
-            raise ModelFileError(f"{flag} {target}: {module_name!r} has no attribute {attribute!r}; check the name after ':'")
+            raise ModelFileError(
+                f"{flag} {target}: {module_name!r} has no attribute {attribute!r}; check the name after ':'"
+            )
         obj = getattr(obj, part)
     if not callable(obj):
         raise ModelFileError(f"{flag} {target} is a {type(obj).__name__}, not a class or function")
@@ -187,7 +195,9 @@ def _weights_only_globals() -> set[str]:
     foreign, which only makes the refusal message name a torch class first.
     """
     allowlist = getattr(torch._weights_only_unpickler, "_get_allowed_globals", dict)
-    user = {f"{g.__module__}.{g.__qualname__}" for g in torch.serialization.get_safe_globals() if hasattr(g, "__qualname__")}
+    user = {
+        f"{g.__module__}.{g.__qualname__}" for g in torch.serialization.get_safe_globals() if hasattr(g, "__qualname__")
+    }
     return set(allowlist()) | user
 
 
@@ -209,7 +219,9 @@ def _weights_in(content: object, path: Path) -> tuple[dict[str, Tensor], bool]:
     checkpoint = isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping)
     state = content["state_dict"] if checkpoint else content  # type: ignore[index]
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ModelFileError(f"{path} holds a {type(content).__name__}, not a model, a state dict or a Lightning checkpoint")
+        raise ModelFileError(
+            f"{path} holds a {type(content).__name__}, not a model, a state dict or a Lightning checkpoint"
+        )
     return strip_keys(state), checkpoint
 
 
@@ -232,7 +244,9 @@ def _load_lightning_checkpoint(
             path, map_location="cpu", weights_only=not trust_pickle, strict=False, **untrusted, **arch_kwargs
         )
     except Exception as error:
-        raise ModelFileError(f"--arch {arch}: {cls.__name__}.load_from_checkpoint({path}) failed: {one_line(error)}") from None
+        raise ModelFileError(
+            f"--arch {arch}: {cls.__name__}.load_from_checkpoint({path}) failed: {one_line(error)}"
+        ) from None
 
 
 def _build(builder: Callable[..., Any], arch: str, arch_kwargs: Mapping[str, Any]) -> nn.Module:
@@ -243,7 +257,9 @@ def _build(builder: Callable[..., Any], arch: str, arch_kwargs: Mapping[str, Any
             f"--arch {arch} with --arch-kwargs {json.dumps(dict(arch_kwargs))} raised {one_line(error)}"
         ) from None
     if not isinstance(model, nn.Module):
-        raise ModelFileError(f"--arch {arch} returned a {type(model).__name__}, not an nn.Module; name a model class or a factory")
+        raise ModelFileError(
+            f"--arch {arch} returned a {type(model).__name__}, not an nn.Module; name a model class or a factory"
+        )
     return model
 
 
@@ -272,7 +288,7 @@ def _load_weights(model: nn.Module, state: dict[str, Tensor], path: Path, arch: 
 
 
 def _without_common_prefix(state: dict[str, Tensor], expected: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Drop a first name component shared by every key (``model.`` of a LightningModule) when that makes the names match."""
+    """Drop a first name component shared by every key (a LightningModule's ``model.``) if the names then match."""
     if set(state) == set(expected):
         return state
     heads = {key.split(".", 1)[0] for key in state}

@@ -12,8 +12,9 @@ caller would have been refused.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any
 
 from ..arguments import (
     check_choice,
@@ -27,7 +28,6 @@ from ..condconv2d import ExpertInit
 from ..functional.condconv import STRATEGIES, Strategy
 from ..functional.routing import ROUTINGS, Routing
 
-KernelSize = Union[int, Sequence[int]]
 INITS: tuple[str, ...] = ("upcycle", "fresh")
 
 
@@ -61,8 +61,8 @@ class ConversionConfig:
     strategy: Strategy = field(default="auto", metadata={"help": "how CondConv2d layers execute"})
     init: ExpertInit = field(default="upcycle", metadata={"help": "upcycle (exact) or fresh experts"})
     perturbation: float = field(default=0.05, metadata={"help": "symmetry-breaking expert offsets, relative to std(W)"})
-    seed: Optional[int] = field(default=None, metadata={"help": "seed of the expert offsets"})
-    kernel_sizes: Optional[tuple[tuple[int, int], ...]] = field(
+    seed: int | None = field(default=None, metadata={"help": "seed of the expert offsets"})
+    kernel_sizes: tuple[tuple[int, int], ...] | None = field(
         default=None, metadata={"help": "convert only these kernel sizes, e.g. 3 or 1x3"}
     )
     min_channels: int = field(default=0, metadata={"help": "convert only convs with this many in and out channels"})
@@ -93,13 +93,15 @@ class ConversionConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ConversionConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> ConversionConfig:
         """Build from :meth:`to_dict`'s output; missing fields take their defaults, unknown ones are refused."""
         if not isinstance(data, Mapping):
             raise ValueError(f"conversion options must be a JSON object, got {type(data).__name__}")
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown conversion option(s) {', '.join(map(repr, unknown[:3]))}; known: {cls.field_names()}")
+            raise ValueError(
+                f"unknown conversion option(s) {', '.join(map(repr, unknown[:3]))}; known: {cls.field_names()}"
+            )
         return cls(**data)
 
     @classmethod
@@ -107,7 +109,7 @@ class ConversionConfig:
         return tuple(f.name for f in dataclasses.fields(cls))
 
 
-def kernel_pairs(kernel_sizes: object) -> Optional[tuple[tuple[int, int], ...]]:
+def kernel_pairs(kernel_sizes: object) -> tuple[tuple[int, int], ...] | None:
     """``kernel_sizes`` as a sorted tuple of ``(kh, kw)`` pairs (ints mean square kernels), or None."""
     if kernel_sizes is None:
         return None

@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import warnings
 import zlib
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -44,11 +45,11 @@ Plan = list[tuple[Candidate, LayerOptions]]
 def convert(
     model: nn.Module,
     layers: Selectors,
-    config: Optional[ConversionConfig] = None,
+    config: ConversionConfig | None = None,
     *,
-    exclude: Optional[Selectors] = None,
+    exclude: Selectors | None = None,
     allow_classes: Sequence[type] = (),
-    input_size: Optional[Sequence[int]] = None,
+    input_size: Sequence[int] | None = None,
     **options: Any,
 ) -> ConversionReport:
     """Replace the ``nn.Conv2d`` layers that ``layers`` selects by CondConv2d, in place.
@@ -133,7 +134,7 @@ def convert(
     return ConversionReport(converted, refused + skipped, already, spec, _size(input_size))
 
 
-def with_options(config: Optional[ConversionConfig], options: dict[str, Any]) -> ConversionConfig:
+def with_options(config: ConversionConfig | None, options: dict[str, Any]) -> ConversionConfig:
     """``config`` (default: the defaults) with ``options`` (its field names) replaced; validated."""
     unknown = sorted(set(options) - set(ConversionConfig.field_names()))
     if unknown:
@@ -145,7 +146,7 @@ def with_options(config: Optional[ConversionConfig], options: dict[str, Any]) ->
 
 
 def apply_spec(
-    model: nn.Module, spec: ConversionSpec, *, input_size: Optional[Sequence[int]] = None, upcycle: bool = True
+    model: nn.Module, spec: ConversionSpec, *, input_size: Sequence[int] | None = None, upcycle: bool = True
 ) -> ConversionReport:
     """Convert exactly the layers ``spec`` names, with their recorded options, in ``model`` (a fresh instance).
 
@@ -192,7 +193,7 @@ def describe(model: nn.Module) -> ConversionSpec:
 
 
 def _convert_planned(
-    model: nn.Module, plan: Plan, config: ConversionConfig, input_size: Optional[Sequence[int]]
+    model: nn.Module, plan: Plan, config: ConversionConfig, input_size: Sequence[int] | None
 ) -> list[ConvertedLayer]:
     """The one mechanism both entry points share: measure, build with ``from_conv``, replace.
 
@@ -233,18 +234,19 @@ def _recorded_conv(model: nn.Module, name: str) -> Candidate:
         if wanted in {strip(alias) for alias in candidate.aliases}:
             return candidate
     raise SelectorError(
-        f"spec layer {name!r} is not a convolution in this model (closest: {closest_names(name, [c.name for c in found])}); "
+        f"spec layer {name!r} is not a convolution in this model "
+        f"(closest: {closest_names(name, [c.name for c in found])}); "
         "apply the spec to the architecture it was made from"
     )
 
 
-def _layer_generator(seed: Optional[int], name: str) -> Optional[torch.Generator]:
+def _layer_generator(seed: int | None, name: str) -> torch.Generator | None:
     if seed is None:
         return None
     return torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % 2**63)
 
 
-def _refusal(module: nn.Module, allowed: tuple[type, ...]) -> Optional[str]:
+def _refusal(module: nn.Module, allowed: tuple[type, ...]) -> str | None:
     """Why a selected conv must not be converted, or None. Lazy convs are an error, not a skip."""
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         raise ValueError(
@@ -283,5 +285,5 @@ def _refuse_unconvertible_model(model: nn.Module) -> None:
             )
 
 
-def _size(input_size: Optional[Sequence[int]]) -> Optional[tuple[int, ...]]:
+def _size(input_size: Sequence[int] | None) -> tuple[int, ...] | None:
     return tuple(input_size) if input_size is not None else None

@@ -16,8 +16,8 @@ which runs code from the file, so :func:`load_converted` does it only with
 from __future__ import annotations
 
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -32,9 +32,9 @@ from ..io import (
     save_state_dict,
     torch_save,
 )
+from ..wrappers import strip, strip_keys
 from .convert import apply_spec, describe
 from .replace import modules_by_name, restore_modules
-from ..wrappers import strip, strip_keys
 from .spec import ConversionSpec
 
 FILE_FORMAT = "condconv_lightning.converted/1"
@@ -44,7 +44,7 @@ SPEC_KEY = "condconv_lightning.spec"
 def save_converted(
     model: nn.Module,
     path: PathLike,
-    spec: Optional[ConversionSpec] = None,
+    spec: ConversionSpec | None = None,
     *,
     as_module: bool = False,
     overwrite: bool = False,
@@ -66,7 +66,9 @@ def save_converted(
     target = Path(path)
     if as_module:
         if target.suffix in SAFETENSORS_SUFFIXES:
-            raise ValueError(f"{target}: a full module cannot be stored as safetensors; use a .pt path or as_module=False")
+            raise ValueError(
+                f"{target}: a full module cannot be stored as safetensors; use a .pt path or as_module=False"
+            )
         with atomic_write(target, overwrite=overwrite) as tmp:
             torch_save(model, tmp)
         return target
@@ -83,10 +85,10 @@ def save_converted(
 
 def load_converted(
     path: PathLike,
-    model: Optional[nn.Module] = None,
+    model: nn.Module | None = None,
     *,
     trust_pickle: bool = False,
-    map_location: Union[str, torch.device] = "cpu",
+    map_location: str | torch.device = "cpu",
 ) -> nn.Module:
     """Load what :func:`save_converted` wrote.
 
@@ -113,7 +115,9 @@ def load_converted(
         spec = _spec_or_error(source, _torch_spec(loaded))
         state = strip_keys(loaded["state_dict"])
     if model is None:
-        raise ValueError(f"{source} holds weights and a conversion spec; pass a fresh instance of its architecture as model")
+        raise ValueError(
+            f"{source} holds weights and a conversion spec; pass a fresh instance of its architecture as model"
+        )
     return load_into(model, spec, state, source)
 
 
@@ -146,7 +150,8 @@ def check_against_weights(spec: ConversionSpec, state: Mapping[str, torch.Tensor
             found = "no such tensor" if weight is None else f"a tensor of shape {list(weight.shape)}"
             raise ValueError(
                 f"{source}: the conversion spec gives layer {name!r} {options.num_experts} experts, but the weights "
-                f"hold {found} for it (expected [{options.num_experts}, P]); the spec and weights do not belong together"
+                f"hold {found} for it (expected [{options.num_experts}, P]); the spec and weights do not belong "
+                "together"
             )
 
 
@@ -158,7 +163,7 @@ def read_spec(path: PathLike) -> ConversionSpec:
     return _spec_or_error(source, _torch_spec(load_weights_only(source)))
 
 
-def _load_module(source: Path, map_location: Union[str, torch.device], trust_pickle: bool) -> nn.Module:
+def _load_module(source: Path, map_location: str | torch.device, trust_pickle: bool) -> nn.Module:
     if not trust_pickle:
         raise ValueError(
             f"{source} is a full pickled module: loading it runs code from the file; pass trust_pickle=True "
@@ -170,20 +175,20 @@ def _load_module(source: Path, map_location: Union[str, torch.device], trust_pic
     return module
 
 
-def _safetensors_spec(source: Path) -> Optional[str]:
+def _safetensors_spec(source: Path) -> str | None:
     from safetensors import safe_open
 
     with safe_open(str(source), framework="pt") as handle:
         return (handle.metadata() or {}).get(SPEC_KEY)
 
 
-def _torch_spec(loaded: object) -> Optional[str]:
+def _torch_spec(loaded: object) -> str | None:
     if isinstance(loaded, dict) and loaded.get("format") == FILE_FORMAT:
         return loaded.get("spec")
     return None
 
 
-def _spec_or_error(source: Path, text: Optional[str]) -> ConversionSpec:
+def _spec_or_error(source: Path, text: str | None) -> ConversionSpec:
     if text is None:
         raise ValueError(
             f"{source} holds no conversion spec (it was not written by save_converted); convert a fresh model with "
@@ -200,4 +205,3 @@ def _check_covers(spec: ConversionSpec, model: nn.Module) -> None:
             f"the spec does not cover the CondConv2d layers {', '.join(missing[:3])}; pass spec=None to describe "
             "every converted layer of the model (or merge the reports' specs)"
         )
-

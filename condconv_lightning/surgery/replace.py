@@ -46,4 +46,7 @@ def modules_by_name(model: nn.Module) -> dict[str, nn.Module]:
 def restore_modules(model: nn.Module, before: dict[str, nn.Module]) -> None:
     """Undo replacements made since ``before`` was taken: each name gets its module back."""
     now = modules_by_name(model)
-    replace_modules(model, {id(module): before[name] for name, module in now.items() if name in before and before[name] is not module})
+    replace_modules(
+        model,
+        {id(module): before[name] for name, module in now.items() if name in before and before[name] is not module},
+    )

@@ -12,8 +12,9 @@ shapes every layer sees) and are None otherwise.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -22,7 +23,6 @@ from rich.table import Table
 from rich.text import Text
 
 from ..modes import evaluating
-
 from .spec import ConversionSpec
 
 HW = tuple[int, int]
@@ -36,7 +36,7 @@ class LayerShapes:
     input_hw: HW
     output_hw: HW
     calls: int
-    strategy: Optional[str] = None
+    strategy: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,19 +54,24 @@ class ConvertedLayer:
     routing: str
     params_before: int
     params_after: int
-    input_hw: Optional[HW]
-    output_hw: Optional[HW]
-    calls: Optional[int]
-    conv_macs: Optional[int]
-    routing_macs: Optional[int]
+    input_hw: HW | None
+    output_hw: HW | None
+    calls: int | None
+    conv_macs: int | None
+    routing_macs: int | None
     mixing_macs: int
-    strategy: Optional[str] = None
+    strategy: str | None = None
 
     @classmethod
     def measure(
-        cls, name: str, aliases: Sequence[str], conv: nn.Conv2d, layer: nn.Module, shapes: Optional[LayerShapes],
-        probed: Optional[LayerShapes] = None,
-    ) -> "ConvertedLayer":
+        cls,
+        name: str,
+        aliases: Sequence[str],
+        conv: nn.Conv2d,
+        layer: nn.Module,
+        shapes: LayerShapes | None,
+        probed: LayerShapes | None = None,
+    ) -> ConvertedLayer:
         """Count parameters and per-sample MACs of ``conv`` and its replacement ``layer``
         (``probed``: ``layer`` seen in a forward pass, for the strategy it ran)."""
         k = layer.num_experts
@@ -119,8 +124,8 @@ class ConversionReport:
     skipped: list[SkippedLayer]
     already_converted: list[str]
     spec: ConversionSpec
-    input_size: Optional[tuple[int, ...]] = None
-    totals: dict[str, Optional[int]] = field(init=False)
+    input_size: tuple[int, ...] | None = None
+    totals: dict[str, int | None] = field(init=False)
 
     def __post_init__(self) -> None:
         self.totals = {
@@ -144,7 +149,7 @@ class ConversionReport:
             "spec": self.spec.to_dict(),
         }
 
-    def to_json(self, indent: Optional[int] = 2) -> str:
+    def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
     def __rich__(self) -> Table:
@@ -157,7 +162,15 @@ class ConversionReport:
             padding=(0, 0),  # ResNet-50's names with every column
         )
         t = self.totals
-        footers = ["total", "", "", _int(t["params_before"]), _int(t["params_after"]), _int(t["routing_macs"]), _int(t["mixing_macs"])]
+        footers = [
+            "total",
+            "",
+            "",
+            _int(t["params_before"]),
+            _int(t["params_after"]),
+            _int(t["routing_macs"]),
+            _int(t["mixing_macs"]),
+        ]
         rows = [
             [
                 r.name + (f" (= {', '.join(r.aliases[1:])})" if len(r.aliases) > 1 else ""),
@@ -177,14 +190,17 @@ class ConversionReport:
             headers, footers, rows = headers[:-1], footers[:-1], [row[:-1] for row in rows]
         for i, (header, footer) in enumerate(zip(headers, footers)):
             width = max([len(header), len(footer)] + [len(row[i]) for row in rows])
-            table.add_column(header, footer=footer, justify="left" if i == 0 else "right", min_width=width, overflow="fold")
+            table.add_column(
+                header, footer=footer, justify="left" if i == 0 else "right", min_width=width, overflow="fold"
+            )
         for row in rows:
             table.add_row(Text(row[0]), *row[1:])  # a layer name is text, never rich markup
         return table
 
-    def _caption(self, size: Optional[str]) -> str:
+    def _caption(self, size: str | None) -> str:
         parts = [
-            f"routing and mixing: extra MACs per sample at input {size}" if size
+            f"routing and mixing: extra MACs per sample at input {size}"
+            if size
             else "routing and mixing: extra MACs per sample (routing needs input_size)"
         ]
         conv = self.totals["conv_macs"]
@@ -245,12 +261,12 @@ def _lists(record: dict[str, Any]) -> dict[str, Any]:
     return {key: list(value) if isinstance(value, tuple) else value for key, value in record.items()}
 
 
-def _sum_or_none(values: Any) -> Optional[int]:
+def _sum_or_none(values: Any) -> int | None:
     values = list(values)
     return None if any(v is None for v in values) else sum(values)
 
 
-def _int(value: Optional[int]) -> str:
+def _int(value: int | None) -> str:
     """Counts for the table: exact below 10,000, else 3 significant digits with k/M/G (JSON keeps them exact)."""
     if value is None:
         return "-"

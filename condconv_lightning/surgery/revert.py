@@ -11,7 +11,6 @@ reverting with inputs gives back the original conv.
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -22,7 +21,7 @@ from ..modes import evaluating
 from .replace import carry_hooks, replace_modules
 
 
-def revert(model: nn.Module, inputs: Optional[Tensor] = None) -> nn.Module:
+def revert(model: nn.Module, inputs: Tensor | None = None) -> nn.Module:
     """Replace every CondConv2d in ``model`` by an ``nn.Conv2d`` in place, and return ``model``.
 
     Args:
@@ -82,5 +81,7 @@ def _mean_routing(model: nn.Module, layers: list[CondConv2d], inputs: Tensor) ->
             means[key] = sum(parts[0::2]) / sum(parts[1::2])
     unused = [name for name, m in model.named_modules() if isinstance(m, CondConv2d) and id(m) not in means]
     if unused:
-        warnings.warn(f"revert: the inputs never reached {', '.join(unused)}; those use the plain expert mean", stacklevel=3)
+        warnings.warn(
+            f"revert: the inputs never reached {', '.join(unused)}; those use the plain expert mean", stacklevel=3
+        )
     return means

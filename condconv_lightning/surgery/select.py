@@ -21,8 +21,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -31,7 +31,7 @@ from ..condconv2d import CondConv2d
 from ..wrappers import WRAPPER_PREFIXES
 from .config import ConversionConfig
 
-Selectors = Union[str, Sequence[str]]
+Selectors = str | Sequence[str]
 REGEX_PREFIX = "re:"
 GLOB_CHARS = frozenset("*?[")
 
@@ -159,7 +159,9 @@ def _match_exactly(selector: str, names: list[str], argument: str) -> list[str]:
         try:
             pattern = re.compile(selector[len(REGEX_PREFIX) :])
         except re.error as error:
-            raise SelectorError(f"{argument} selector {selector!r} is not a valid regular expression ({error})") from None
+            raise SelectorError(
+                f"{argument} selector {selector!r} is not a valid regular expression ({error})"
+            ) from None
         return [n for n in names if pattern.fullmatch(n)]
     if GLOB_CHARS & set(selector):
         return [n for n in names if fnmatch.fnmatchcase(n, selector)]

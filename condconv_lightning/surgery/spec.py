@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from ..arguments import check_choice, check_num_experts, check_temperature
 from ..functional.condconv import STRATEGIES
@@ -50,7 +51,7 @@ class LayerOptions:
     routing: str
     temperature: float
     strategy: str
-    source_class: Optional[str] = None
+    source_class: str | None = None
 
     def __post_init__(self) -> None:
         check_num_experts(self.num_experts)
@@ -90,11 +91,11 @@ class ConversionSpec:
             "layers": {name: asdict(options) for name, options in self.layers.items()},
         }
 
-    def to_json(self, indent: Optional[int] = 2) -> str:
+    def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_dict(cls, data: object) -> "ConversionSpec":
+    def from_dict(cls, data: object) -> ConversionSpec:
         """Rebuild and validate a spec from :meth:`to_dict`'s output (or a file's).
 
         Raises:
@@ -102,7 +103,9 @@ class ConversionSpec:
                 offending field), or one of a newer format.
         """
         if not isinstance(data, Mapping) or not isinstance(data.get("layers"), Mapping):
-            raise ValueError("not a conversion spec: expected a JSON object with a 'layers' object (ConversionSpec.to_dict)")
+            raise ValueError(
+                "not a conversion spec: expected a JSON object with a 'layers' object (ConversionSpec.to_dict)"
+            )
         spec_format = data.get("format", SPEC_FORMAT)
         if isinstance(spec_format, bool) or not isinstance(spec_format, int):
             raise ValueError(f"conversion spec format must be an integer, got {spec_format!r:.80}")
@@ -136,7 +139,7 @@ class ConversionSpec:
             raise ValueError(f"invalid conversion spec: {error}") from None
 
     @classmethod
-    def from_json(cls, text: str) -> "ConversionSpec":
+    def from_json(cls, text: str) -> ConversionSpec:
         try:
             data = json.loads(text)
         except ValueError as error:
