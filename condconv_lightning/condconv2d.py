@@ -88,7 +88,7 @@ class CondConv2d(nn.Module):
     ``[B, K]`` that the forward used. Detaching means no autograd graph outlives the
     step; the hook runs only if registered, so an unobserved layer pays nothing.
 
-    Example:
+    Examples:
         >>> layer = CondConv2d(16, 32, 3, padding=1, num_experts=4)
         >>> layer(torch.randn(2, 16, 8, 8)).shape
         torch.Size([2, 32, 8, 8])

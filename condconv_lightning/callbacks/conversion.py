@@ -54,7 +54,7 @@ class CondConvConversion(Callback):
         ValueError: at construction, on an invalid option; at setup, when ``submodule``
             does not exist, or (``SelectorError``) when a selector matches no convolution.
 
-    Example::
+    Examples:
 
         >>> from lightning.pytorch import Trainer
         >>> from condconv_lightning.callbacks import CondConvConversion

@@ -58,7 +58,7 @@ class RoutingEntropyMonitor(Callback):
         ValueError: a negative ``logging_interval``, a ``collapse_threshold`` outside
             ``[0, 1]``, or an empty ``prefix``.
 
-    Example::
+    Examples:
 
         >>> from lightning.pytorch import Trainer
         >>> from condconv_lightning.callbacks import RoutingEntropyMonitor

@@ -45,7 +45,7 @@ class RoutingTemperatureScheduler(Callback):
             ``interval``/``annealing``/``routing``; at training start, when the model
             has no CondConv2d layer with the selected routing.
 
-    Example::
+    Examples:
 
         >>> from lightning.pytorch import Trainer
         >>> from condconv_lightning.callbacks import RoutingTemperatureScheduler

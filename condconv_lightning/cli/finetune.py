@@ -7,7 +7,7 @@ and monitor routing (:class:`RoutingEntropyMonitor`). Any LightningDataModule ca
 replace the data by ``class_path``; a ``trainer.callbacks`` list in a config replaces
 the default callbacks (``--trainer.callbacks+=...`` appends to them instead).
 
-Example::
+Examples:
 
     condconv-finetune fit --trainer.max_steps 10
     condconv-finetune fit --config examples/configs/ddp.yaml --trainer.devices 8

@@ -139,7 +139,7 @@ class SyntheticImageDataModule(pl.LightningDataModule):
             processes by this module itself, and resumes where a checkpoint left it (:class:`ResumableDataLoader`).
         num_workers: DataLoader worker processes.
 
-    Example::
+    Examples:
 
         >>> data = SyntheticImageDataModule(train_size=64, val_size=16, batch_size=8)
         >>> data.setup("fit")

@@ -102,7 +102,7 @@ class ImageClassifier(pl.LightningModule):
     true``); Lightning converts the BatchNorm layers before wrapping the model in DDP.
     This module adds no option of its own for it. PyTorch's SyncBatchNorm runs on GPUs only.
 
-    Example::
+    Examples:
 
         >>> from condconv_lightning.demos import resnet_tiny
         >>> module = ImageClassifier(resnet_tiny(num_classes=4), num_classes=4, router_lr=1e-2)

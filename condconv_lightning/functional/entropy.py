@@ -90,7 +90,7 @@ def routing_entropy(routing: Tensor, validate_args: bool = True) -> dict[str, Te
     Raises:
         ValueError: ``routing`` is not a floating ``[..., K]`` tensor of finite, non-negative values.
 
-    Example:
+    Examples:
         >>> import torch
         >>> stats = routing_entropy(torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
         >>> [round(float(stats[k]), 4) for k in ("entropy", "usage_entropy")]

@@ -37,7 +37,7 @@ class RoutingEntropy(Metric):
         ValueError: ``num_experts`` is not a positive integer, or (with ``validate_args``)
             an update is not ``[..., num_experts]`` finite non-negative weights.
 
-    Example:
+    Examples:
         >>> import torch
         >>> metric = RoutingEntropy(num_experts=2)
         >>> metric.update(torch.tensor([[1.0, 0.0]]))

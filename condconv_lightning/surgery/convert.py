@@ -82,7 +82,7 @@ def convert(
     weight_norm/spectral_norm hook are skipped with a warning; layers that already are
     CondConv2d are listed in ``already_converted`` (converting twice changes nothing).
 
-    Example:
+    Examples:
         >>> model = resnet_tiny()
         >>> report = convert(model, ["layer3", "layer4"], num_experts=4, input_size=(3, 32, 32))
         >>> print(report.totals["layers"])

@@ -66,7 +66,7 @@ class LayerOptions:
 class ConversionSpec:
     """JSON-serializable record of a conversion; :func:`apply_spec` repeats it on a fresh model.
 
-    Example:
+    Examples:
         >>> spec = convert(model, "layer4").spec
         >>> fresh = resnet_tiny(); apply_spec(fresh, spec)
         >>> fresh.load_state_dict(model.state_dict())  # strict
