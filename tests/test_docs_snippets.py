@@ -2,7 +2,7 @@
 
 Per page, in a fresh temporary folder and in document order:
 
-- ```python blocks run in one namespace (as a reader pasting them into one session would);
+- ```python blocks run in one namespace (as a reader pasting them into one interpreter would);
 - ```bash / ```console blocks run with bash (the installed commands on PATH, ``examples/``
   of the checkout linked into the folder), after the python blocks above them;
 - a ```text block right after a code block is that block's printed output (stdout), compared

@@ -213,7 +213,7 @@ def test_killed_and_resumed_runs_match_an_uninterrupted_one(tmp_path: Path) -> N
             assert driver.wait(timeout=60) == 0
         finally:
             if driver.poll() is None:
-                os.killpg(driver.pid, signal.SIGKILL)  # the driver's session: it and the runs it forked
+                os.killpg(driver.pid, signal.SIGKILL)  # the driver's process group: it and the runs it forked
     expected = final_state(runs["uninterrupted"])
     assert_identical(final_state(runs["killed"]), expected)
     assert_identical(final_state(runs["epoch_end"]), expected)

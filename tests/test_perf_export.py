@@ -89,9 +89,9 @@ def test_onnx_export_runs_in_onnxruntime_at_two_batch_sizes(model, tmp_path):
     path = tmp_path / "model.onnx"
     batch_dim = torch.export.Dim("batch")  # unbounded
     torch.onnx.export(model, (torch.randn(3, 3, 12, 12),), path, dynamo=True, dynamic_shapes=({0: batch_dim},))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    runtime = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = runtime.get_inputs()[0].name
     for batch in (1, 5):
         x = torch.randn(batch, 3, 12, 12)
-        (out,) = session.run(None, {name: x.numpy()})
+        (out,) = runtime.run(None, {name: x.numpy()})
         torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), rtol=1e-5, atol=1e-5)
