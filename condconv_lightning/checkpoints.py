@@ -12,6 +12,7 @@ does when it reads hyperparameters for ``--ckpt_path``).
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Mapping
 from typing import IO, Any
 
@@ -61,11 +62,15 @@ def plain_hparams(hparams: object, source: object, flag: str) -> dict[str, Any]:
 
 
 def read_hparams(checkpoint: PathLike | IO[bytes]) -> object:
-    """The ``hyper_parameters`` of a checkpoint file, read weights-only (a file object is rewound afterwards)."""
+    """The ``hyper_parameters`` of a checkpoint file, read weights-only.
+
+    A file object is rewound afterwards; a zip file on disk is memory-mapped, so its
+    tensors are not read just to look at the hyperparameters.
+    """
     if hasattr(checkpoint, "read"):
         position = checkpoint.tell()  # type: ignore[union-attr]
         loaded = load_weights_only(checkpoint)  # type: ignore[arg-type]
         checkpoint.seek(position)  # type: ignore[union-attr]
     else:
-        loaded = load_weights_only(checkpoint)
+        loaded = load_weights_only(checkpoint, mmap=zipfile.is_zipfile(checkpoint))
     return loaded.get(HPARAMS_KEY, {}) if isinstance(loaded, Mapping) else {}

@@ -153,15 +153,20 @@ def torch_save(obj: object, path: Path) -> None:
         torch.save(obj, handle)
 
 
-def load_weights_only(path: PathLike | IO[bytes], map_location: str | torch.device = "cpu") -> object:
+def load_weights_only(
+    path: PathLike | IO[bytes], map_location: str | torch.device = "cpu", *, mmap: bool = False
+) -> object:
     """``torch.load(weights_only=True)``: tensors, containers and plain values; never runs code from the file.
+
+    ``mmap=True`` maps a ``torch.save`` zip file's tensors instead of reading them, for
+    callers that need only its small entries.
 
     Raises:
         UnsafeFileError: a zip record would inflate far beyond its stored size (a zip bomb).
         pickle.UnpicklingError: the file holds other Python objects (see :func:`load_trusted_pickle`).
     """
     check_not_zip_bomb(path)
-    return torch.load(path, map_location=map_location, weights_only=True)
+    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 def load_trusted_pickle(path: PathLike | IO[bytes], map_location: str | torch.device = "cpu") -> object:

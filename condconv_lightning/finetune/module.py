@@ -198,7 +198,9 @@ class ImageClassifier(pl.LightningModule):
         if not (trust_checkpoint or weights_only is False):
             plain_hparams(read_hparams(checkpoint_path), checkpoint_path, "trust_checkpoint=True")
             kwargs = {"_instantiator": None, "weights": None, "trust_pickle": False, **kwargs}
-        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
+        if weights_only is not None:  # a keyword of newer Lightning releases only
+            kwargs["weights_only"] = weights_only
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         spec = describe(self.model)
