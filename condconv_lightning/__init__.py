@@ -32,6 +32,7 @@ _LAZY = {
     "CondConvConversion": "condconv_lightning.callbacks",
     "RoutingTemperatureScheduler": "condconv_lightning.callbacks",
     "ImageClassifier": "condconv_lightning.finetune",
+    "ConversionCheckpointMixin": "condconv_lightning.finetune",
     "SyntheticImageDataModule": "condconv_lightning.demos",
 }
 
@@ -51,6 +52,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "CondConv2d",
     "CondConvConversion",
+    "ConversionCheckpointMixin",
     "ConversionConfig",
     "ConversionReport",
     "ConversionSpec",

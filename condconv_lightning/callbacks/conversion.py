@@ -21,6 +21,7 @@ from rich.console import Console
 from torch import nn
 from typing_extensions import override
 
+from ..finetune.checkpointing import save_conversion
 from ..surgery import ConversionConfig, ConversionReport, convert
 from ..surgery.convert import with_options
 
@@ -35,7 +36,9 @@ class CondConvConversion(Callback):
     are already ``CondConv2d`` (a second ``setup`` for ``validate``/``test``, or a model
     loaded from a converted file) are left as they are and reported as already
     converted. Every process converts its own replica; DDP then broadcasts rank zero's
-    parameters, so all ranks start identical.
+    parameters, so all ranks start identical. Checkpoints record the conversion; a
+    LightningModule with :class:`~condconv_lightning.finetune.ConversionCheckpointMixin`
+    rebuilds it in ``load_from_checkpoint`` and in a Trainer restore without this callback.
 
     Args:
         layers: selectors of the convolutions to convert (dotted names, prefixes such
@@ -87,6 +90,13 @@ class CondConvConversion(Callback):
         )
         if self.verbose:
             _print_report(self.report)
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
+    ) -> None:
+        # the spec travels with the weights even when the module does not save it itself
+        save_conversion(pl_module, checkpoint)
 
     def _target(self, pl_module: pl.LightningModule) -> nn.Module:
         if not self.submodule:

@@ -1,10 +1,19 @@
-"""Fine-tuning CondConv image classifiers with Lightning: the LightningModule and its parameter groups.
+"""Fine-tuning with Lightning: the image classifier, its parameter groups, checkpoints that carry the conversion.
 
 ``SyntheticImageDataModule`` and ``make_context_gratings`` live in
 :mod:`condconv_lightning.demos`; they are re-exported here, where they were first published.
 """
 
 from ..demos.data import SyntheticImageDataModule, make_context_gratings
+from .checkpointing import ConversionCheckpointMixin, restore_conversion, save_conversion
 from .module import ImageClassifier, parameter_groups
 
-__all__ = ["ImageClassifier", "SyntheticImageDataModule", "make_context_gratings", "parameter_groups"]
+__all__ = [
+    "ConversionCheckpointMixin",
+    "ImageClassifier",
+    "SyntheticImageDataModule",
+    "make_context_gratings",
+    "parameter_groups",
+    "restore_conversion",
+    "save_conversion",
+]

@@ -22,14 +22,13 @@ from torchmetrics.classification import MulticlassAccuracy
 from ..checkpoints import plain_hparams, read_hparams
 from ..condconv2d import CondConv2d
 from ..demos.models import resnet_tiny
-from ..surgery import ConversionSpec, apply_spec, describe, load_converted
-from ..surgery.persist import check_against_weights
+from ..surgery import load_converted
+from .checkpointing import CHECKPOINT_KEY, ConversionCheckpointMixin
 
 __all__ = ["ImageClassifier", "parameter_groups"]
 
-# Checkpoint entry holding the ConversionSpec of ``model``, so that a checkpoint of a
-# converted run loads into a freshly built, unconverted network.
-CONVERSION_KEY = "condconv_conversion_spec"
+LEGACY_KEY = "condconv_conversion_spec"
+"""Where the first release stored the spec of ``model`` (now :data:`CHECKPOINT_KEY`, for the whole module)."""
 
 
 def parameter_groups(
@@ -62,7 +61,7 @@ def parameter_groups(
     return [group for group in groups.values() if group["params"]]
 
 
-class ImageClassifier(pl.LightningModule):
+class ImageClassifier(ConversionCheckpointMixin, pl.LightningModule):
     """Image classification with cross-entropy and accuracy, for any network, CondConv or not.
 
     The network is ``self.model``; convert it in Python first, or let
@@ -202,19 +201,8 @@ class ImageClassifier(pl.LightningModule):
             kwargs["weights_only"] = weights_only
         return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, **kwargs)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        spec = describe(self.model)
-        if spec.layers:
-            checkpoint[CONVERSION_KEY] = spec.to_dict()
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Lightning calls this before load_state_dict; already converted layers are left alone.
-        if CONVERSION_KEY in checkpoint:
-            spec = ConversionSpec.from_dict(checkpoint[CONVERSION_KEY])
-            weights = {
-                name[len("model.") :]: tensor
-                for name, tensor in checkpoint.get("state_dict", {}).items()
-                if name.startswith("model.")
-            }
-            check_against_weights(spec, weights, "checkpoint")
-            apply_spec(self.model, spec, upcycle=False)
+        if LEGACY_KEY in checkpoint:  # written by the first release: layer names relative to ``model``
+            legacy = checkpoint.pop(LEGACY_KEY)
+            checkpoint[CHECKPOINT_KEY] = {**legacy, "layers": {f"model.{n}": o for n, o in legacy["layers"].items()}}
+        super().on_load_checkpoint(checkpoint)
