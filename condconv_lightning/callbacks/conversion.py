@@ -93,7 +93,7 @@ class CondConvConversion(Callback):
 
     @override
     def on_save_checkpoint(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         # the spec travels with the weights even when the module does not save it itself
         save_conversion(pl_module, checkpoint)
