@@ -32,6 +32,7 @@ _LAZY = {
     "CondConvConversion": "condconv_lightning.callbacks",
     "RoutingTemperatureScheduler": "condconv_lightning.callbacks",
     "ImageClassifier": "condconv_lightning.finetune",
+    "ImageFolderDataModule": "condconv_lightning.finetune",
     "ConversionCheckpointMixin": "condconv_lightning.finetune",
     "SyntheticImageDataModule": "condconv_lightning.demos",
 }
@@ -57,6 +58,7 @@ __all__ = [
     "ConversionReport",
     "ConversionSpec",
     "ImageClassifier",
+    "ImageFolderDataModule",
     "RoutingEntropy",
     "RoutingEntropyMonitor",
     "RoutingTemperatureScheduler",

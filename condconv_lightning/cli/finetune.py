@@ -10,6 +10,7 @@ the default callbacks (``--trainer.callbacks+=...`` appends to them instead).
 Examples:
 
     condconv-finetune fit --trainer.max_steps 10
+    condconv-finetune fit --data ImageFolderDataModule --data.root my_images --model.num_classes 3
     condconv-finetune fit --config examples/configs/ddp.yaml --trainer.devices 8
 """
 
@@ -23,6 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from ..callbacks import CondConvConversion, RoutingEntropyMonitor
 from ..checkpoints import UntrustedCheckpointError, plain_hparams, read_hparams
 from ..demos.data import SyntheticImageDataModule
+from ..finetune.image_folder import ImageFolderDataModule  # noqa: F401 (--data ImageFolderDataModule resolves it)
 from ..finetune.module import ImageClassifier
 
 __all__ = ["main"]

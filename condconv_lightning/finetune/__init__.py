@@ -6,11 +6,13 @@
 
 from ..demos.data import SyntheticImageDataModule, make_context_gratings
 from .checkpointing import ConversionCheckpointMixin, restore_conversion, save_conversion
+from .image_folder import ImageFolderDataModule
 from .module import ImageClassifier, parameter_groups
 
 __all__ = [
     "ConversionCheckpointMixin",
     "ImageClassifier",
+    "ImageFolderDataModule",
     "SyntheticImageDataModule",
     "make_context_gratings",
     "parameter_groups",
