@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from rich.console import Console
 
 from condconv_lightning import CondConv2d, __version__
-from condconv_lightning.demos import mobilenet_tiny, resnet_tiny
+from condconv_lightning.cli.listing import conv_rows, conv_table, mark_selection
+from condconv_lightning.demos import mobilenet_tiny, resnet50_like, resnet_tiny
 
 SMALL_INPUT = "2,3,32,32"
 TOLERANCE = 1e-5
@@ -282,8 +284,9 @@ def test_list_marks_what_layers_selects_and_writes_nothing(work: Path) -> None:
             "full.pt", "--trust-pickle", "--list", "--layers", "layer4", "--exclude", "layer4.0.downsample", cwd=work
         )
     ).stdout
-    rows = {cells[1]: line for line in table.splitlines() if line.startswith("│") and (cells := line.split())[1] != "│"}
-    assert set(rows) == {name for name, *_ in expected}  # every conv is listed
+    names = {name for name, *_ in expected}
+    rows = {cells[0]: line for line in table.splitlines() if (cells := line.split()) and cells[0] in names}
+    assert set(rows) == names  # every conv is listed
     assert sorted(name for name, line in rows.items() if "selected" in line) == ["layer4.0.conv1", "layer4.0.conv2"]
     assert sorted(os.listdir(work)) == before
 
@@ -526,6 +529,92 @@ def test_bad_arguments_in_process(
     for phrase in phrases:
         assert phrase in message, message
     assert {p: sha256(p) for p in work.iterdir() if p.is_file()} == before
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation: two convs on the globally pooled vector gate the channels."""
+
+    def __init__(self, channels: int, reduced: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, reduced, 1)
+        self.expand = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.expand(torch.relu(self.reduce(x.mean(dim=(2, 3), keepdim=True)))))
+        return x * gate
+
+
+def run_in_process(arguments: list[str], capsys) -> tuple[int, dict]:
+    from condconv_lightning.cli.convert import main
+
+    status = main(arguments)
+    return status, json.loads(capsys.readouterr().out)
+
+
+def test_filter_flags_generated_from_the_config_leave_layers_out(
+    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    torch.save(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), SqueezeExcite(8, 2)).eval(), tmp_path / "se.pt")
+    monkeypatch.chdir(tmp_path)
+    status, facts = run_in_process(
+        ["se.pt", "--trust-pickle", "--layers", "*", "--no-include-squeeze-excitation", "--dry-run", "--json"], capsys
+    )
+    conversion = facts["conversion"]
+    assert status == 0 and facts["check"]["passed"] and [r["name"] for r in conversion["converted"]] == ["0"]
+    assert {r["name"]: r["reason"] for r in conversion["skipped"]} == {
+        name: "squeeze-and-excitation conv (1x1 input) and include_squeeze_excitation=False"
+        for name in ("1.reduce", "1.expand")
+    }
+    assert conversion["spec"]["options"]["include_squeeze_excitation"] is False
+    monkeypatch.chdir(work)
+    status, facts = run_in_process(
+        ["mobile.pt", "--trust-pickle", "--layers", "features.2", "--no-include-depthwise", "--dry-run", "--json"],
+        capsys,
+    )
+    assert status == 0 and facts["conversion"]["skipped"] == [
+        {"name": "features.2.conv.3", "reason": "depthwise (groups == in_channels) and include_depthwise=False"}
+    ]
+
+
+def test_report_size_counts_macs_at_the_real_resolution_while_the_check_stays_small(
+    work: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from condconv_lightning.surgery import convert
+
+    monkeypatch.chdir(work)
+    arguments = ["full.pt", "--trust-pickle", "--layers", "layer4", "--dry-run", "--json"]
+    status, facts = run_in_process([*arguments, "--report-size", "128,96"], capsys)
+    assert status == 0 and facts["check"]["input_shape"] == [1, 3, 64, 64]
+    assert facts["conversion"]["input_size"] == [3, 128, 96]
+    expected = convert(torch.load("full.pt", weights_only=False), "layer4", input_size=(3, 128, 96)).totals
+    assert facts["conversion"]["totals"] == expected
+    # the table says which size its MACs were counted at
+    from condconv_lightning.cli.convert import main
+
+    assert main([*arguments[:-1], "--report-size", "128,96"]) == 0
+    assert "extra MACs per sample at input 3x128x96" in " ".join(capsys.readouterr().out.split())
+    # a size the model cannot take is one line that names the option
+    assert main(["fixed_head.pt", "--trust-pickle", "--layers", "0", "--dry-run", "--report-size", "100,100"]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "does not run at input 3x100x100" in error and "--report-size H,W" in error
+
+
+def test_list_table_keeps_resnet50_names_and_columns_whole_in_80_columns() -> None:
+    model = resnet50_like()
+    rows = conv_rows(model)
+    names = [row["name"] for row in rows]
+    selected = {name for name in names if name.startswith("layer4")} - {"layer4.0.downsample.0"}
+    mark_selection(rows, selected, {"layer4.0.downsample.0": "excluded by exclude"}, set())
+    console = Console(record=True, width=80)
+    console.print(conv_table(rows, title="resnet50_like.pt: full module, 53 convolutions"))
+    text = console.export_text()
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 80 and "…" not in text
+    listed = [line.split()[0] for line in lines if line.split() and line.split()[0] in set(names)]
+    assert listed == names  # every name whole, on its own row
+    assert {"name", "type", "in->out", "kernel", "stride", "groups", "params", "--layers"} <= set(text.split())
+    assert sum(line.split()[-1] == "selected" for line in lines) == 9
+    assert "excluded" in text.split()  # a note wraps; it is never cut short
 
 
 def test_pickle_payload_does_not_run_without_trust(tmp_path: Path) -> None:

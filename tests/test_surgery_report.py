@@ -9,6 +9,7 @@ import torch
 from rich.console import Console
 from zoo import zoo_model
 
+from condconv_lightning.demos import resnet50_like
 from condconv_lightning.functional import STRATEGIES
 from condconv_lightning.surgery import convert
 
@@ -136,3 +137,40 @@ def test_the_probe_forward_records_each_layers_strategy_and_only_it_shows_the_co
         console = Console(record=True, width=80)
         console.print(report)
         assert ("strategy" in console.export_text()) == shown
+
+
+def test_resnet50_report_keeps_every_name_and_column_in_80_columns() -> None:
+    report = convert(resnet50_like(), "*", input_size=(3, 64, 64))
+    console = Console(record=True, width=80)
+    console.print(report)
+    text = console.export_text()
+    assert max(map(len, text.splitlines())) <= 80 and "…" not in text
+    words = text.split()
+    assert all(r.name in words for r in report.converted) and "layer4.0.downsample.0" in words  # whole, never cut
+    assert {"layer", "conv", "K", "params", "after", "routing", "mixing", "strategy"} <= set(words)
+    assert "extra MACs per sample at input 3x64x64" in " ".join(words)  # the size the MACs were counted at
+
+
+def test_names_too_long_for_the_console_fold_instead_of_dropping_columns() -> None:
+    model = torch.nn.Sequential()
+    model.add_module("a_very_long_block_name_from_some_model", torch.nn.Sequential(torch.nn.Conv2d(3, 1024, 1)))
+    report = convert(model, "*", input_size=(3, 8, 8))
+    console = Console(record=True, width=60)
+    console.print(report)
+    text = console.export_text()
+    assert max(map(len, text.splitlines())) <= 60 and "…" not in text
+    lines = text.splitlines()
+    first = next(i for i, line in enumerate(lines) if "───" in line) + 1
+    body = lines[first : lines.index(" " * len(lines[first]), first)]  # the rows, up to the blank line
+    assert "".join(line.split()[0] for line in body) == "a_very_long_block_name_from_some_model.0"
+    assert {"routing", "mixing", "strategy"} <= set(text.split())
+    assert body[0].split()[1:] == [
+        "3->1024",
+        "1x1",
+        "4",
+        "4,096",
+        "16.4k",
+        "204",
+        "16.4k",
+        report.converted[0].strategy,
+    ]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from zoo import zoo_model
 
 from condconv_lightning import CondConv2d
-from condconv_lightning.surgery import SelectorError, convert, list_convs
+from condconv_lightning.surgery import ConversionSpec, SelectorError, convert, list_convs
 
 
 def converted_names(model: nn.Module) -> list[str]:
@@ -143,6 +143,19 @@ REJECTION_CASES = [
     ("layer3", {"kernel_sizes": [0]}, ValueError, r"^kernel_sizes must hold positive ints or \(kh, kw\) pairs, got 0$"),
     ("layer3", {"allow_classes": [nn.Linear]}, TypeError, r"^allow_classes must hold nn.Conv2d subclasses"),
     ("layer3", {"seed": 1.5}, ValueError, r"^seed must be an integer in \[0, 2\*\*63\) or None, got 1.5$"),
+    ("layer3", {"include_depthwise": "no"}, ValueError, r"^include_depthwise must be True or False, got 'no'$"),
+    (
+        "layer3",
+        {"include_squeeze_excitation": 0},
+        ValueError,
+        r"^include_squeeze_excitation must be True or False, got 0$",
+    ),
+    (
+        "layer3",
+        {"include_squeeze_excitation": False},
+        ValueError,
+        r"^include_squeeze_excitation=False needs input_size=\(C, H, W\): only a forward pass shows",
+    ),
 ]
 
 
@@ -254,3 +267,45 @@ def test_selector_reaching_into_a_scripted_submodule_is_refused() -> None:
     assert converted_names(model) == []
     convert(model, "0")  # the eager part still converts
     assert isinstance(model[0], CondConv2d)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018): two convs on the globally pooled vector gate the channels."""
+
+    def __init__(self, channels: int, reduced: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, reduced, 1)
+        self.expand = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d(x, 1)
+        return x * torch.sigmoid(self.expand(F.relu(self.reduce(pooled))))
+
+
+def se_net() -> nn.Sequential:
+    """A stem, an SE block and a 1x1 conv on the full map (a 1x1 kernel is not a 1x1 input)."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), SqueezeExcite(8, 2), nn.Conv2d(8, 8, 1))
+
+
+def test_squeeze_excitation_convs_are_left_out_on_request() -> None:
+    assert converted_names(m := se_net()) == [] and len(convert(m, "*").converted) == 4  # kept by default
+    model = se_net()
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    report = convert(model, "*", include_squeeze_excitation=False, input_size=(3, 8, 8))
+    assert converted_names(model) == ["0", "2"]
+    assert {s.name: s.reason for s in report.skipped} == {
+        name: "squeeze-and-excitation conv (1x1 input) and include_squeeze_excitation=False"
+        for name in ("1.reduce", "1.expand")
+    }
+    assert report.converted[1].input_hw == (8, 8)  # one probe served the filter and the MAC counts
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_spec_round_trips_the_squeeze_excitation_option_and_old_specs_default_it() -> None:
+    spec = convert(se_net(), "*", include_squeeze_excitation=False, input_size=(3, 8, 8)).spec
+    data = spec.to_dict()
+    assert data["options"]["include_squeeze_excitation"] is False
+    assert ConversionSpec.from_dict(data).config == spec.config
+    del data["options"]["include_squeeze_excitation"]  # a spec written before the option existed
+    assert ConversionSpec.from_dict(data).config.include_squeeze_excitation is True

@@ -43,6 +43,7 @@ from ..loading.check import (
     reference_run,
 )
 from ..surgery import ConversionReport, SelectorError, convert, save_converted
+from ..surgery.report import InputSizeError
 from ..version import __version__
 from .errors import CommandError
 from .listing import conv_rows, conv_table, mark_selection
@@ -167,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N,C,H,W",
         help="input of the check (default: 1, the first conv's in_channels, 64, 64; then 224, 224 if that fails)",
     )
+    parser.add_argument(
+        "--report-size",
+        type=_height_width,
+        metavar="H,W",
+        help="input height and width at which the report counts MACs, e.g. the model's real 224,224 "
+        "(default: the check's)",
+    )
     parser.add_argument("--no-check", action="store_true", help="skip comparing original and converted outputs")
     parser.add_argument(
         "--tolerance",
@@ -199,8 +207,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     # A model converted before needs a spec of all its CondConv2d layers, not only of this run's.
     spec_of_model = any(isinstance(m, CondConv2d) for m in model.modules())
     with err.status("Converting"):
-        sample_size = tuple(check_input.shape[1:]) if check_input is not None else _sample_size(args, model)
-        report = _convert(model, args, allow_classes, sample_size)
+        report = _convert(model, args, allow_classes, _sample_size(args, model, check_input))
     check = None
     if check_input is not None:
         with err.status("Running the converted model"):
@@ -233,14 +240,21 @@ def _convert(
     """Convert in place; an empty result is an error that says why each match was left alone."""
     with warnings.catch_warnings():  # skipped layers are reported from report.skipped, one line each
         warnings.simplefilter("ignore")
-        report = convert(
-            model,
-            args.layers,
-            config_from_args(args),
-            exclude=args.exclude,
-            allow_classes=allow_classes,
-            input_size=sample_size,
-        )
+        try:
+            report = convert(
+                model,
+                args.layers,
+                config_from_args(args),
+                exclude=args.exclude,
+                allow_classes=allow_classes,
+                input_size=sample_size,
+            )
+        except InputSizeError as error:
+            size, reason = "x".join(map(str, error.input_size)), " ".join(error.reason.split())
+            raise CommandError(
+                f"the model does not run at input {size} for the report's MAC counts ({reason}); "
+                "pass --report-size H,W (or --input-shape) with a size the model takes"
+            ) from None
     if not report.converted:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in report.skipped[:3])
         already = f"{len(report.already_converted)} already CondConv2d" if report.already_converted else ""
@@ -256,10 +270,19 @@ def _check_shapes(args: argparse.Namespace, model: nn.Module) -> list[tuple[int,
     return [args.input_shape] if args.input_shape else inferred_input_shapes(model)
 
 
-def _sample_size(args: argparse.Namespace, model: nn.Module) -> tuple[int, ...] | None:
-    """(C, H, W) of one sample for the report's MAC counts when no check ran: the first shape it would try."""
-    shapes = _check_shapes(args, model)
-    return tuple(shapes[0][1:]) if shapes else None
+def _sample_size(
+    args: argparse.Namespace, model: nn.Module, check_input: torch.Tensor | None = None
+) -> tuple[int, ...] | None:
+    """(C, H, W) of one sample for the report's MAC counts: the check's input (or, when no check ran,
+    the first shape it would try), with ``--report-size``'s height and width when given."""
+    if check_input is not None:
+        size = tuple(check_input.shape[1:])
+    else:
+        shapes = _check_shapes(args, model)
+        size = tuple(shapes[0][1:]) if shapes else None
+    if size is not None and args.report_size is not None:
+        size = size[:-2] + args.report_size
+    return size
 
 
 def _list(args: argparse.Namespace, loaded: LoadedModel, allow_classes: tuple[type, ...], out: Console) -> int:
@@ -404,6 +427,16 @@ def _shape(value: str) -> tuple[int, ...]:
     if len(shape) < 2 or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive sizes like 1,3,224,224, got {value!r}")
     return shape
+
+
+def _height_width(value: str) -> tuple[int, int]:
+    try:
+        size = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        size = ()
+    if len(size) != 2 or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"expected a height and width like 224,224, got {value!r}")
+    return size  # type: ignore[return-value]
 
 
 def _import_path(value: str) -> str:

@@ -49,6 +49,10 @@ class ConversionConfig:
         kernel_sizes: convert only convs with these kernel sizes (ints mean square kernels).
         min_channels: convert only convs with at least this many input and output channels.
         include_depthwise: whether depthwise convs (``groups == in_channels``) are converted.
+        include_squeeze_excitation: whether convs whose input is 1x1 spatially (the reduce and
+            expand convs of squeeze-and-excitation blocks, which act on a globally pooled
+            vector, where a per-sample kernel adds little) are converted. False needs
+            ``convert``'s ``input_size``: only a forward pass shows a conv's input size.
 
     Raises:
         ValueError: a field has a value out of range (or of the wrong type).
@@ -67,6 +71,9 @@ class ConversionConfig:
     )
     min_channels: int = field(default=0, metadata={"help": "convert only convs with this many in and out channels"})
     include_depthwise: bool = field(default=True, metadata={"help": "also convert depthwise convs"})
+    include_squeeze_excitation: bool = field(
+        default=True, metadata={"help": "also convert squeeze-and-excitation convs (1x1 input)"}
+    )
 
     def __post_init__(self) -> None:
         normalized = {
@@ -80,8 +87,9 @@ class ConversionConfig:
             "kernel_sizes": kernel_pairs(self.kernel_sizes),
             "min_channels": check_non_negative_int("min_channels", self.min_channels),
         }
-        if not isinstance(self.include_depthwise, bool):
-            raise ValueError(f"include_depthwise must be True or False, got {self.include_depthwise!r}")
+        for name in ("include_depthwise", "include_squeeze_excitation"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name, value in normalized.items():
             object.__setattr__(self, name, value)
 

@@ -26,7 +26,7 @@ from ..condconv2d import CondConv2d
 from ..wrappers import strip
 from .config import ConversionConfig
 from .replace import carry_hooks, replace_modules
-from .report import ConversionReport, ConvertedLayer, SkippedLayer, probe_shapes
+from .report import ConversionReport, ConvertedLayer, LayerShapes, SkippedLayer, probe_shapes
 from .select import (
     Candidate,
     SelectorError,
@@ -64,7 +64,8 @@ def convert(
         allow_classes: ``nn.Conv2d`` subclasses to convert although they are not plain
             ``nn.Conv2d``: only for subclasses whose forward is an ordinary convolution.
         input_size: ``(C, H, W)`` of one input sample; when given, one eval-mode
-            forward on zeros measures every layer's shapes for the report's MAC counts.
+            forward on zeros measures every layer's shapes for the report's MAC counts
+            (and for ``include_squeeze_excitation=False``, which needs it).
         **options: fields of :class:`ConversionConfig` (``num_experts=8, seed=0``), on
             top of ``config``.
 
@@ -98,7 +99,17 @@ def convert(
     excludes = as_selector_list(exclude, "exclude")
     chosen = resolve(model, selectors, "layers")
     excluded = resolve(model, excludes, "exclude") if excludes else {}
+    if not config.include_squeeze_excitation and input_size is None:
+        raise ValueError(
+            "include_squeeze_excitation=False needs input_size=(C, H, W): only a forward pass shows which convs "
+            "see a 1x1 input; pass the model's real input size"
+        )
     allowed = tuple(allow_classes)
+    for key, candidate in chosen.items():
+        if key not in excluded:
+            _refuse_lazy(candidate.module)  # before the probe, whose forward would materialize it
+    # one probe serves the filters (input sizes) and the report (MACs); it fails before anything changes
+    shapes = probe_shapes(model, [c.module for c in chosen.values()], input_size) if input_size is not None else {}
 
     plan: Plan = []
     skipped: list[SkippedLayer] = []
@@ -112,7 +123,7 @@ def convert(
             skipped.append(SkippedLayer(candidate.name, "excluded by exclude"))
         elif (reason := _refusal(module, allowed)) is not None:
             refused.append(SkippedLayer(candidate.name, reason))
-        elif (reason := filter_reason(module, config)) is not None:
+        elif (reason := filter_reason(module, config, _input_hw(shapes, module))) is not None:
             skipped.append(SkippedLayer(candidate.name, reason))
         else:
             layer_options = LayerOptions(
@@ -130,7 +141,7 @@ def convert(
         config=config,
         allow_classes=[class_path(c) for c in allowed],
     )
-    converted = _convert_planned(model, plan, config, input_size)
+    converted = _convert_planned(model, plan, config, input_size, shapes)
     return ConversionReport(converted, refused + skipped, already, spec, _size(input_size))
 
 
@@ -193,14 +204,19 @@ def describe(model: nn.Module) -> ConversionSpec:
 
 
 def _convert_planned(
-    model: nn.Module, plan: Plan, config: ConversionConfig, input_size: Sequence[int] | None
+    model: nn.Module,
+    plan: Plan,
+    config: ConversionConfig,
+    input_size: Sequence[int] | None,
+    shapes: dict[int, LayerShapes] | None = None,
 ) -> list[ConvertedLayer]:
     """The one mechanism both entry points share: measure, build with ``from_conv``, replace.
 
-    With ``input_size``, the model is probed before (shapes; a failure changes nothing)
-    and after the replacement (the strategy each CondConv2d ran in that forward).
+    With ``input_size``, the model is probed before (shapes, unless the caller measured them;
+    a failure changes nothing) and after the replacement (the strategy each CondConv2d ran).
     """
-    shapes = probe_shapes(model, [c.module for c, _ in plan], input_size) if input_size is not None and plan else {}
+    if shapes is None:
+        shapes = probe_shapes(model, [c.module for c, _ in plan], input_size) if input_size is not None and plan else {}
     replacements: dict[int, nn.Module] = {}
     built: list[tuple[Candidate, nn.Module, CondConv2d]] = []
     for candidate, options in plan:
@@ -219,7 +235,7 @@ def _convert_planned(
         replacements[id(conv)] = layer
         built.append((candidate, conv, layer))
     replace_modules(model, replacements)
-    ran = probe_shapes(model, [layer for *_, layer in built], input_size) if shapes else {}
+    ran = probe_shapes(model, [layer for *_, layer in built], input_size) if input_size is not None and built else {}
     return [
         ConvertedLayer.measure(c.name, c.aliases, conv, layer, shapes.get(id(conv)), ran.get(id(layer)))
         for c, conv, layer in built
@@ -246,13 +262,18 @@ def _layer_generator(seed: int | None, name: str) -> torch.Generator | None:
     return torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % 2**63)
 
 
-def _refusal(module: nn.Module, allowed: tuple[type, ...]) -> str | None:
-    """Why a selected conv must not be converted, or None. Lazy convs are an error, not a skip."""
+def _refuse_lazy(module: nn.Module) -> None:
+    """Lazy convs are an error, not a skip: converting them later is the user's fix."""
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         raise ValueError(
             f"cannot convert a lazy {type(module).__name__} before its shapes are known; run one forward pass "
             "through the model first so it materializes, then convert"
         )
+
+
+def _refusal(module: nn.Module, allowed: tuple[type, ...]) -> str | None:
+    """Why a selected conv must not be converted, or None."""
+    _refuse_lazy(module)
     if type(module) is not nn.Conv2d and type(module) not in allowed:
         overrides = [m for m in ("forward", "_conv_forward") if getattr(type(module), m) is not getattr(nn.Conv2d, m)]
         what = f"overrides {' and '.join(overrides)}" if overrides else "may change what the conv computes"
@@ -283,6 +304,11 @@ def _refuse_unconvertible_model(model: nn.Module) -> None:
                 "gradient hooks when it was built, so converted layers would not be synchronized; convert the inner "
                 "model (ddp.module) first, then wrap it in DDP"
             )
+
+
+def _input_hw(shapes: dict[int, LayerShapes], module: nn.Module) -> tuple[int, int] | None:
+    measured = shapes.get(id(module))
+    return measured.input_hw if measured is not None else None
 
 
 def _size(input_size: Sequence[int] | None) -> tuple[int, ...] | None:

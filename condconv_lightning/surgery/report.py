@@ -189,10 +189,10 @@ class ConversionReport:
         if not any(r.strategy for r in self.converted):  # known from the probe forward (input_size) only
             headers, footers, rows = headers[:-1], footers[:-1], [row[:-1] for row in rows]
         for i, (header, footer) in enumerate(zip(headers, footers)):
-            width = max([len(header), len(footer)] + [len(row[i]) for row in rows])
-            table.add_column(
-                header, footer=footer, justify="left" if i == 0 else "right", min_width=width, overflow="fold"
-            )
+            # only the names may fold (never truncate): the other columns are short, and a fixed width
+            # (min_width) would push the table past the console, which then crops whole columns
+            justify = "left" if i == 0 else "right"
+            table.add_column(header, footer=footer, justify=justify, no_wrap=i > 0, overflow="fold")
         for row in rows:
             table.add_row(Text(row[0]), *row[1:])  # a layer name is text, never rich markup
         return table
@@ -216,11 +216,26 @@ class ConversionReport:
         return "; ".join(parts)
 
 
+class InputSizeError(ValueError):
+    """The model's forward fails on zeros of the ``input_size`` a conversion was given.
+
+    ``input_size`` and ``reason`` (the forward's error) let a caller phrase its own advice.
+    """
+
+    def __init__(self, input_size: tuple[int, ...], reason: str) -> None:
+        super().__init__(
+            f"input_size={input_size} does not fit the model ({reason}); pass the (C, H, W) of one input sample, "
+            "or input_size=None to skip the spatial MAC counts"
+        )
+        self.input_size = input_size
+        self.reason = reason
+
+
 def probe_shapes(model: nn.Module, convs: Sequence[nn.Module], input_size: Sequence[int]) -> dict[int, LayerShapes]:
     """Run one probing forward (:func:`~condconv_lightning.modes.evaluating`) on zeros of ``(1, *input_size)``.
 
     Raises:
-        ValueError: the model's forward fails on that input.
+        InputSizeError: the model's forward fails on that input (a ValueError).
     """
     seen: dict[int, list[tuple[HW, HW]]] = {id(m): [] for m in convs}
 
@@ -235,10 +250,7 @@ def probe_shapes(model: nn.Module, convs: Sequence[nn.Module], input_size: Seque
         with evaluating(model):
             model(torch.zeros(1, *input_size, **factory))
     except Exception as error:
-        raise ValueError(
-            f"input_size={tuple(input_size)} does not fit the model ({type(error).__name__}: {error}); pass the "
-            "(C, H, W) of one input sample, or input_size=None to skip the spatial MAC counts"
-        ) from None
+        raise InputSizeError(tuple(input_size), f"{type(error).__name__}: {error}") from None
     finally:
         for handle in handles:
             handle.remove()

@@ -98,8 +98,11 @@ def resolve(model: nn.Module, selectors: Sequence[str], argument: str = "layers"
     return {id(c.module): c for c in found if id(c.module) in selected}
 
 
-def filter_reason(conv: nn.Conv2d, config: ConversionConfig) -> str | None:
-    """Why the shape filters of ``config`` leave ``conv`` alone, or None if they keep it."""
+def filter_reason(conv: nn.Conv2d, config: ConversionConfig, input_hw: tuple[int, int] | None = None) -> str | None:
+    """Why the shape filters of ``config`` leave ``conv`` alone, or None if they keep it.
+
+    ``input_hw`` is the spatial size of the conv's input in a probing forward (None: not measured).
+    """
     kernel = tuple(conv.kernel_size)
     if config.kernel_sizes is not None and kernel not in config.kernel_sizes:
         return f"kernel size {kernel} is not in kernel_sizes {list(config.kernel_sizes)}"
@@ -107,6 +110,8 @@ def filter_reason(conv: nn.Conv2d, config: ConversionConfig) -> str | None:
         return f"{conv.in_channels} -> {conv.out_channels} channels is below min_channels={config.min_channels}"
     if not config.include_depthwise and is_depthwise(conv):
         return "depthwise (groups == in_channels) and include_depthwise=False"
+    if not config.include_squeeze_excitation and input_hw == (1, 1):
+        return "squeeze-and-excitation conv (1x1 input) and include_squeeze_excitation=False"
     return None
 
 
