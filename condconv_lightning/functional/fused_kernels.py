@@ -53,42 +53,13 @@ _ADD = JITFunction(_add)
 
 
 def _forward(
-    x_ptr,
-    w_ptr,
-    r_ptr,
-    bias_ptr,
-    y_ptr,
-    H,
-    W,
-    OH,
-    OW,
-    G,
-    CIN_G,
-    COUT_G,
-    NUM_EXPERTS,
-    sxb,
-    sxc,
-    sxh,
-    sxw,
-    syb,
-    syc,
-    syh,
-    syw,
-    SH: tl.constexpr,
-    SW: tl.constexpr,
-    PH: tl.constexpr,
-    PW: tl.constexpr,
-    DH: tl.constexpr,
-    DW: tl.constexpr,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    CHANNELS_INNER: tl.constexpr,
-    PRECISION: tl.constexpr,
-    INTERPRETER: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    x_ptr, w_ptr, r_ptr, bias_ptr, y_ptr,
+    H, W, OH, OW, G, CIN_G, COUT_G, NUM_EXPERTS,
+    sxb, sxc, sxh, sxw, syb, syc, syh, syw,
+    SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, CHANNELS_INNER: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -141,40 +112,13 @@ def _forward(
 
 
 def _input_grad(
-    dy_ptr,
-    w_ptr,
-    r_ptr,
-    dx_ptr,
-    H,
-    W,
-    OH,
-    OW,
-    G,
-    CIN_G,
-    COUT_G,
-    NUM_EXPERTS,
-    sdb,
-    sdc,
-    sdh,
-    sdw,
-    sxb,
-    sxc,
-    sxh,
-    sxw,
-    SH: tl.constexpr,
-    SW: tl.constexpr,
-    PH: tl.constexpr,
-    PW: tl.constexpr,
-    DH: tl.constexpr,
-    DW: tl.constexpr,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    CHANNELS_INNER: tl.constexpr,
-    PRECISION: tl.constexpr,
-    INTERPRETER: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    dy_ptr, w_ptr, r_ptr, dx_ptr,
+    H, W, OH, OW, G, CIN_G, COUT_G, NUM_EXPERTS,
+    sdb, sdc, sdh, sdw, sxb, sxc, sxh, sxw,
+    SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    CHANNELS_INNER: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -207,16 +151,8 @@ def _input_grad(
         tw = iw[:, None] + PW - kw[None, :] * DW
         oh = th // SH
         ow = tw // SW
-        dy_mask = (
-            m_mask[:, None]
-            & j_mask[None, :]
-            & (th >= 0)
-            & (tw >= 0)
-            & (th % SH == 0)
-            & (tw % SW == 0)
-            & (oh < OH)
-            & (ow < OW)
-        )
+        dy_mask = (m_mask[:, None] & j_mask[None, :] & (th >= 0) & (tw >= 0)
+                   & (th % SH == 0) & (tw % SW == 0) & (oh < OH) & (ow < OW))
         dy_tile = tl.load(dy_base + o[None, :] * sdc + oh * sdh + ow * sdw, mask=dy_mask, other=0.0)
         w_offs = ((g * COUT_G + o) * (CIN_G * KH * KW) + kh * KW + kw)[:, None] + offs_n[None, :] * (KH * KW)
         w_mask = j_mask[:, None] & n_mask[None, :]
@@ -227,50 +163,18 @@ def _input_grad(
         if INTERPRETER:
             dy_tile = dy_tile.to(tl.float32)
         acc = tl.dot(dy_tile, w_tile.to(dy_tile.dtype), acc, input_precision=PRECISION)
-    dx_offs = b.to(tl.int64) * sxb + (g * CIN_G + offs_n)[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw
+    dx_offs = (b.to(tl.int64) * sxb + (g * CIN_G + offs_n)[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw)
     tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 def _weight_grad(
-    x_ptr,
-    dy_ptr,
-    w_ptr,
-    r_ptr,
-    dw_part_ptr,
-    dr_part_ptr,
-    B,
-    H,
-    W,
-    OH,
-    OW,
-    G,
-    CIN_G,
-    COUT_G,
-    NUM_EXPERTS,
-    SAMPLES_PER_CHUNK,
-    sxb,
-    sxc,
-    sxh,
-    sxw,
-    sdb,
-    sdc,
-    sdh,
-    sdw,
-    SH: tl.constexpr,
-    SW: tl.constexpr,
-    PH: tl.constexpr,
-    PW: tl.constexpr,
-    DH: tl.constexpr,
-    DW: tl.constexpr,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    CHANNELS_INNER: tl.constexpr,
-    PRECISION: tl.constexpr,
-    INTERPRETER: tl.constexpr,
-    EXPERTS_POW2: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    x_ptr, dy_ptr, w_ptr, r_ptr, dw_part_ptr, dr_part_ptr,
+    B, H, W, OH, OW, G, CIN_G, COUT_G, NUM_EXPERTS, SAMPLES_PER_CHUNK,
+    sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
+    SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    CHANNELS_INNER: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, EXPERTS_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     g = tl.program_id(1)
@@ -312,11 +216,8 @@ def _weight_grad(
             s_mask = s < OH * OW
             oh = s // OW
             ow = s % OW
-            dy_tile = tl.load(
-                dy_base + co[:, None] * sdc + oh[None, :] * sdh + ow[None, :] * sdw,
-                mask=m_mask[:, None] & s_mask[None, :],
-                other=0.0,
-            )
+            dy_tile = tl.load(dy_base + co[:, None] * sdc + oh[None, :] * sdh + ow[None, :] * sdw,
+                              mask=m_mask[:, None] & s_mask[None, :], other=0.0)
             ih = oh[:, None] * SH - PH + kh[None, :] * DH
             iw = ow[:, None] * SW - PW + kw[None, :] * DW
             x_mask = s_mask[:, None] & j_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
