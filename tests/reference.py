@@ -8,6 +8,8 @@ kernel, so padding modes, 'same' padding, dilation and groups come from PyTorch 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -58,3 +60,39 @@ def reference_forward(layer, x: Tensor, params: dict[str, Tensor]) -> Tensor:
             tensors["bias"] = (r[b].view(-1, 1) * params["bias"]).sum(0)
         outputs.append(functional_call(conv, tensors, (x[b : b + 1],)))
     return torch.cat(outputs)
+
+
+def assert_close_scaled(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = (actual.double() - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert err <= tol * max(scale, 1e-6), f"{what}: max error {err:.3g} exceeds {tol} x {scale:.3g}"
+
+
+def check_against_reference(layer, x: Tensor, tol: float, autocast_dtype=None) -> Tensor:
+    """Compare ``layer``'s output and every gradient with the float64 loop, scaled by the largest reference value.
+
+    Runs under autocast when ``autocast_dtype`` is given; returns the layer's output.
+    """
+    params = reference_parameters(layer)
+    x_ref = x.detach().double().requires_grad_(True)
+    expected = reference_forward(layer, x_ref, params)
+    grad_out = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad((expected * grad_out).sum(), [x_ref, *params.values()])
+
+    x = x.detach().requires_grad_(True)
+    ctx = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with ctx:
+        y = layer(x)
+    if autocast_dtype is not None:
+        assert y.dtype == autocast_dtype, f"autocast output dtype {y.dtype}, expected {autocast_dtype}"
+    assert_close_scaled(y.detach(), expected.detach(), tol, "output")
+    (y.double() * grad_out).sum().backward()
+    names = ["input", *params.keys()]
+    actual_grads = [x.grad, layer.weight.grad, layer.router.weight.grad, layer.router.bias.grad]
+    if layer.bias is not None:
+        actual_grads.append(layer.bias.grad)
+    for name, actual, expected_grad in zip(names, actual_grads, expected_grads):
+        assert_close_scaled(actual.reshape(expected_grad.shape), expected_grad, tol, f"grad of {name}")
+    return y

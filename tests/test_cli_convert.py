@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn as nn
 from rich.console import Console
+from zoo import SqueezeExcite
 
 from condconv_lightning import CondConv2d, __version__
 from condconv_lightning.cli.listing import conv_rows, conv_table, mark_selection
@@ -529,19 +530,6 @@ def test_bad_arguments_in_process(
     for phrase in phrases:
         assert phrase in message, message
     assert {p: sha256(p) for p in work.iterdir() if p.is_file()} == before
-
-
-class SqueezeExcite(nn.Module):
-    """Squeeze-and-excitation: two convs on the globally pooled vector gate the channels."""
-
-    def __init__(self, channels: int, reduced: int) -> None:
-        super().__init__()
-        self.reduce = nn.Conv2d(channels, reduced, 1)
-        self.expand = nn.Conv2d(reduced, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = torch.sigmoid(self.expand(torch.relu(self.reduce(x.mean(dim=(2, 3), keepdim=True)))))
-        return x * gate
 
 
 def run_in_process(arguments: list[str], capsys) -> tuple[int, dict]:

@@ -8,14 +8,12 @@ exact only to ~4e-3 and K-way mixing plus accumulation adds more).
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from conftest import CUDA_PARAM
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import reference_forward, reference_parameters
+from reference import check_against_reference
 
 from condconv_lightning import CondConv2d
 
@@ -88,37 +86,6 @@ def build(case: dict, strategy: str, device: str, seed: int = 0):
         layer.router.bias.normal_(0.0, 0.5)
     x = torch.randn(batch, layer.in_channels, *size, device=device)
     return layer, x
-
-
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    err = (actual.double() - expected).abs().max().item()
-    scale = expected.abs().max().item()
-    assert err <= tol * max(scale, 1e-6), f"{what}: max error {err:.3g} exceeds {tol} x {scale:.3g}"
-
-
-def check_against_reference(layer, x: torch.Tensor, tol: float, autocast_dtype=None) -> None:
-    params = reference_parameters(layer)
-    x_ref = x.detach().double().requires_grad_(True)
-    expected = reference_forward(layer, x_ref, params)
-    grad_out = torch.randn_like(expected)
-    expected_grads = torch.autograd.grad((expected * grad_out).sum(), [x_ref, *params.values()])
-
-    x = x.detach().requires_grad_(True)
-    ctx = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-    with ctx:
-        y = layer(x)
-    if autocast_dtype is not None:
-        assert y.dtype == autocast_dtype, f"autocast output dtype {y.dtype}, expected {autocast_dtype}"
-    assert_close_scaled(y.detach(), expected.detach(), tol, "output")
-    (y.double() * grad_out).sum().backward()
-    names = ["input", *params.keys()]
-    actual_grads = [x.grad, layer.weight.grad, layer.router.weight.grad, layer.router.bias.grad]
-    if layer.bias is not None:
-        actual_grads.append(layer.bias.grad)
-    for name, actual, expected_grad in zip(names, actual_grads, expected_grads):
-        assert_close_scaled(actual.reshape(expected_grad.shape), expected_grad, tol, f"grad of {name}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

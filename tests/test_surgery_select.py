@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from zoo import zoo_model
+from zoo import SqueezeExcite, zoo_model
 
 from condconv_lightning import CondConv2d
 from condconv_lightning.surgery import ConversionSpec, SelectorError, convert, list_convs
@@ -267,19 +267,6 @@ def test_selector_reaching_into_a_scripted_submodule_is_refused() -> None:
     assert converted_names(model) == []
     convert(model, "0")  # the eager part still converts
     assert isinstance(model[0], CondConv2d)
-
-
-class SqueezeExcite(nn.Module):
-    """Squeeze-and-excitation (Hu et al. 2018): two convs on the globally pooled vector gate the channels."""
-
-    def __init__(self, channels: int, reduced: int) -> None:
-        super().__init__()
-        self.reduce = nn.Conv2d(channels, reduced, 1)
-        self.expand = nn.Conv2d(reduced, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = F.adaptive_avg_pool2d(x, 1)
-        return x * torch.sigmoid(self.expand(F.relu(self.reduce(pooled))))
 
 
 def se_net() -> nn.Sequential:

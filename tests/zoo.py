@@ -20,6 +20,19 @@ from torch import Tensor
 from condconv_lightning.demos import mobilenet_tiny, resnet_tiny
 
 
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018): two convs on the globally pooled vector gate the channels."""
+
+    def __init__(self, channels: int, reduced: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, reduced, 1)
+        self.expand = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d(x, 1)
+        return x * torch.sigmoid(self.expand(F.relu(self.reduce(pooled))))
+
+
 class PlainCNN(nn.Module):
     """Convs with biases, ReLU and pooling, then a linear head: the simplest case."""
 
