@@ -7,7 +7,9 @@ function that builds the module) and ``class_path`` / ``_class_path`` entries
 file). A checkpoint from anywhere is untrusted: such entries are refused unless the
 caller says it trusts the file, and Lightning's own ``instantiate_module`` is
 dropped, so ``__init__`` receives the plain values only (what LightningCLI itself
-does when it reads hyperparameters for ``--ckpt_path``).
+does when it reads hyperparameters for ``--ckpt_path``). An ``arch`` entry names code
+when it is an import path (``module.path:callable``); registry names such as
+``timm:resnet50`` and the built-in model names are data.
 """
 
 from __future__ import annotations
@@ -21,6 +23,15 @@ from .io import PathLike, load_weights_only
 LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 CLASS_PATH_KEYS = frozenset({"class_path", "_class_path"})
 HPARAMS_KEY = "hyper_parameters"
+ARCH_KEY = "arch"
+REGISTRIES = ("timm", "torchvision")
+"""Registries an architecture may name as ``REGISTRY:NAME`` (:mod:`condconv_lightning.loading.architectures`)."""
+
+
+def is_import_path(arch: str) -> bool:
+    """Whether ``arch`` imports code it names (``module.path:callable``), not a registry or built-in model name."""
+    registry, separator, _ = arch.rpartition(":")
+    return bool(separator) and registry not in REGISTRIES
 
 
 class UntrustedCheckpointError(ValueError):
@@ -33,7 +44,11 @@ def code_references(hparams: object, where: str = HPARAMS_KEY) -> list[str]:
     if isinstance(hparams, Mapping):
         for key, value in hparams.items():
             here = f"{where}.{key}"
-            if key in CLASS_PATH_KEYS or (key == "_instantiator" and value != LIGHTNING_INSTANTIATOR):
+            if (
+                key in CLASS_PATH_KEYS
+                or (key == "_instantiator" and value != LIGHTNING_INSTANTIATOR)
+                or (key == ARCH_KEY and isinstance(value, str) and is_import_path(value))
+            ):
                 found.append(f"{here}={value!r}")
             else:
                 found.extend(code_references(value, here))

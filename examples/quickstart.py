@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         timer = StepTimer()
         logger = CSVLogger(args.out, name="logs", version=name)
         start_acc = validate(module, data, config)
-        callbacks = [timer, RoutingEntropyMonitor(logging_interval=config.log_every)] if name == "condconv" else [timer]
+        callbacks = [timer, RoutingEntropyMonitor()] if name == "condconv" else [timer]
         trainer = fit(module, data, config.finetune_steps, config, callbacks, logger)
         final = trainer.validate(module, datamodule=data, verbose=False)[0]
         results[name] = {

@@ -62,12 +62,14 @@ def test_logged_values_equal_the_routing_of_the_batches_since_the_last_log(tmp_p
     torch.manual_seed(0)
     net = TinyNet()
     data = tiny_data()
-    monitor = RoutingEntropyMonitor(logging_interval=2)
-    t = trainer(tmp_path, [monitor], max_steps=4, limit_val_batches=1, num_sanity_val_steps=1)
+    monitor = RoutingEntropyMonitor()
+    t = trainer(tmp_path, [monitor], max_steps=4, limit_val_batches=1, num_sanity_val_steps=1, log_every_n_steps=2)
     t.fit(ImageClassifier(net, optimizer=frozen_optimizer), data)
 
     rows = [r for r in csv_rows(t) if r.get("routing/model.conv1/entropy")]
     assert [int(r["step"]) for r in rows] == [1, 3]  # the steps Lightning logs its own values at
+    assert all(r.get("train_loss") for r in rows), "routing values share the rows of the loss of the same step"
+    assert len([r for r in csv_rows(t) if r.get("train_loss")]) == 2, "no rows of routing values alone"
     batches = [images for images, _ in data.train_dataloader()]  # same seed: same order as in fit
     with torch.no_grad():
         for row, (first, second) in zip(rows, [(0, 1), (2, 3)]):
@@ -82,7 +84,14 @@ def test_logged_values_equal_the_routing_of_the_batches_since_the_last_log(tmp_p
             assert float(row["routing/entropy"]) == pytest.approx(sum(layer_means) / 2, abs=1e-6)
     validation = [r for r in csv_rows(t) if r.get("val_routing/entropy")]
     assert len(validation) == 1, "one validation epoch logged; the sanity check is not"
+    assert validation[0].get("val_loss"), "validation routing shares the row of val_loss"
     assert all(not layer._routing_hooks for layer in (net.conv1, net.conv2)), "hooks must be removed in teardown"
+
+
+def test_a_logging_interval_other_than_the_trainers_is_refused(tmp_path: Path) -> None:
+    t = trainer(tmp_path, [RoutingEntropyMonitor(logging_interval=2)], max_steps=1, log_every_n_steps=1)
+    with pytest.raises(ValueError, match=r"set Trainer\(log_every_n_steps=2\) and leave logging_interval None"):
+        t.fit(ImageClassifier(TinyNet()), tiny_data())
 
 
 def test_tensorboard_and_bf16_mixed(tmp_path: Path) -> None:

@@ -45,7 +45,9 @@ class CondConvConversion(Callback):
             as ``"layer3"``, globs, regexes), relative to ``submodule``.
         config: the conversion's options (YAML: a ``config:`` mapping of its fields).
         exclude: selectors of convolutions to leave alone.
-        input_size: input shape ``(C, H, W)`` used to report extra MACs per sample.
+        input_size: input shape ``(C, H, W)`` for the report's MACs per sample and for
+            ``include_squeeze_excitation=False``; None takes the data module's
+            ``input_size`` (both built-in data modules have one), if any.
         submodule: dotted path of the module to convert inside the LightningModule
             (``"model"`` for :class:`~condconv_lightning.finetune.ImageClassifier`);
             None converts the LightningModule itself (names then start with its attributes).
@@ -85,8 +87,9 @@ class CondConvConversion(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        input_size = self.input_size or getattr(trainer.datamodule, "input_size", None)
         self.report = convert(
-            self._target(pl_module), self.layers, self.config, exclude=self.exclude, input_size=self.input_size
+            self._target(pl_module), self.layers, self.config, exclude=self.exclude, input_size=input_size
         )
         if self.verbose:
             _print_report(self.report)

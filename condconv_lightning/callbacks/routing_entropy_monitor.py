@@ -4,9 +4,9 @@
 Logs how CondConv layers route (Yang et al., NeurIPS 2019, arXiv:1904.04971): per-sample
 routing entropy, expert-usage entropy and per-expert mean routing, for every
 ``CondConv2d`` and averaged over layers, and warns when a layer collapses onto one
-expert. Built like Lightning's ``LearningRateMonitor``: it writes to every logger of
-the Trainer, in training every ``logging_interval`` optimizer steps and once per
-validation epoch.
+expert. Values are logged with ``LightningModule.log``, so Lightning writes them in the
+same rows as the module's own metrics (``train_loss`` of the same step, ``val_loss``
+of the same validation), to every logger of the Trainer.
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ class RoutingEntropyMonitor(Callback):
     Hooks are registered at fit/validation start and removed in ``teardown``.
 
     Args:
-        logging_interval: log training statistics every this many optimizer steps;
-            ``None`` follows the Trainer's ``log_every_n_steps``, 0 logs no training values.
+        logging_interval: ``None`` logs training statistics when Lightning logs its own
+            (every ``log_every_n_steps`` optimizer steps), 0 logs no training values. A
+            positive value must equal the Trainer's ``log_every_n_steps``: the values share
+            the rows of Lightning's metrics, so the Trainer sets their cadence.
         collapse_threshold: warn once per layer, on rank zero, when its usage entropy
             falls below this value (0 disables). For K = 4, one expert taking 90% of the
             routing weight gives about 0.3; two experts used evenly give 0.5.
@@ -95,6 +97,12 @@ class RoutingEntropyMonitor(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._attach(pl_module)
+        if self.logging_interval and self.logging_interval != trainer.log_every_n_steps:
+            raise ValueError(
+                f"RoutingEntropyMonitor(logging_interval={self.logging_interval}) differs from the Trainer's "
+                f"log_every_n_steps={trainer.log_every_n_steps}: routing values share the rows of Lightning's own "
+                f"metrics; set Trainer(log_every_n_steps={self.logging_interval}) and leave logging_interval None"
+            )
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -115,7 +123,7 @@ class RoutingEntropyMonitor(Callback):
         step = _logging_step(trainer)
         if interval and (step + 1) % interval == 0 and step != self._last_logged_step:
             self._last_logged_step = step
-            self._log(trainer, self._train, self.prefix)
+            self._log(trainer, pl_module, self._train, self.prefix, in_training=True)
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -127,7 +135,7 @@ class RoutingEntropyMonitor(Callback):
         if trainer.sanity_checking:
             _reset(self._val)
         else:
-            self._log(trainer, self._val, f"val_{self.prefix}")
+            self._log(trainer, pl_module, self._val, f"val_{self.prefix}", in_training=False)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -161,8 +169,15 @@ class RoutingEntropyMonitor(Callback):
         if self._active is not None:
             self._active[name].update(routing)
 
-    def _log(self, trainer: pl.Trainer, metrics: dict[str, RoutingEntropy], prefix: str) -> None:
-        """Compute (synchronized across processes), log to every logger, check collapse, reset."""
+    def _log(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        metrics: dict[str, RoutingEntropy],
+        prefix: str,
+        in_training: bool,
+    ) -> None:
+        """Compute (synchronized across processes), log beside the module's metrics, check collapse, reset."""
         if not trainer.loggers or not metrics or any(m.update_count == 0 for m in metrics.values()):
             _reset(metrics)
             return
@@ -182,8 +197,8 @@ class RoutingEntropyMonitor(Callback):
         values += [torch.stack(entropies).mean(), torch.stack(usages).mean()]
         logged = dict(zip(names, torch.stack(values).tolist()))  # the one host read of this log
         _reset(metrics)
-        for logger in trainer.loggers:
-            logger.log_metrics(logged, step=_logging_step(trainer))
+        # already summed over processes: no sync_dist; rank zero's loggers write them
+        pl_module.log_dict(logged, on_step=in_training, on_epoch=not in_training, sync_dist=False)
         self._warn_on_collapse(logged, prefix)
 
     def _warn_on_collapse(self, logged: dict[str, float], prefix: str) -> None:
@@ -199,7 +214,7 @@ class RoutingEntropyMonitor(Callback):
 
 
 def _logging_step(trainer: pl.Trainer) -> int:
-    """The step Lightning itself logs with (as its ``LearningRateMonitor`` does), so rows line up in every logger."""
+    """The step count Lightning decides its logging with (``_LoggerConnector.should_update_logs``)."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 

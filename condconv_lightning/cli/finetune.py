@@ -7,16 +7,24 @@ and monitor routing (:class:`RoutingEntropyMonitor`). Any LightningDataModule ca
 replace the data by ``class_path``; a ``trainer.callbacks`` list in a config replaces
 the default callbacks (``--trainer.callbacks+=...`` appends to them instead).
 
+A run bounded by ``--trainer.max_steps`` alone (no epoch limit, validation and logging
+left at Lightning's defaults) logs every ``max_steps // 10`` steps (at most every 50) and
+validates at its last step, so a short first run shows its metrics. Errors in the
+options, the model or the data are one line (exit status 2); ``--help`` is short and
+``--help_full`` lists every option.
+
 Examples:
 
     condconv-finetune fit --trainer.max_steps 10
     condconv-finetune fit --data ImageFolderDataModule --data.root my_images --model.num_classes 3
-    condconv-finetune fit --config examples/configs/ddp.yaml --trainer.devices 8
+    condconv-finetune fit --config examples/configs/pretrained_folder.yaml
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -26,6 +34,9 @@ from ..checkpoints import UntrustedCheckpointError, plain_hparams, read_hparams
 from ..demos.data import SyntheticImageDataModule
 from ..finetune.image_folder import ImageFolderDataModule  # noqa: F401 (--data ImageFolderDataModule resolves it)
 from ..finetune.module import ImageClassifier
+from ..loading.errors import one_line
+from ..loading.imports import make_cwd_importable
+from .parser import FinetuneParser
 
 __all__ = ["main"]
 
@@ -51,12 +62,41 @@ class FinetuneCLI(LightningCLI):
                 "trainer.callbacks": [
                     {
                         "class_path": _class_path(CondConvConversion),
-                        "init_args": {"layers": ["layer3", "layer4"], "submodule": "model", "input_size": [3, 32, 32]},
+                        "init_args": {"layers": ["layer3", "layer4"], "submodule": "model"},
                     },
                     {"class_path": _class_path(RoutingEntropyMonitor)},
                 ],
             }
         )
+
+    def before_instantiate_classes(self) -> None:
+        """Let a short step-bounded run log and validate (see the module docstring)."""
+        trainer = self._settings().get("trainer")
+        if trainer is None:
+            return
+        max_steps = trainer.get("max_steps") or -1
+        if max_steps <= 0 or trainer.get("max_epochs") is not None:
+            return
+        if trainer.get("log_every_n_steps") is None:
+            trainer["log_every_n_steps"] = min(50, max(1, max_steps // 10))
+        if trainer.get("val_check_interval") is None and trainer.get("check_val_every_n_epoch") == 1:
+            trainer["val_check_interval"] = max_steps
+            trainer["check_val_every_n_epoch"] = None
+
+    def instantiate_classes(self) -> None:
+        """Build model, data and Trainer; a bad value in them is a one-line error, not a traceback."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, ImportError) as error:
+            _exit_with(one_line(error) if not isinstance(error, ValueError) else " ".join(str(error).split()))
+        classes = getattr(self.datamodule, "num_classes", None)
+        outputs = getattr(self.model, "hparams", {}).get("num_classes")
+        if isinstance(classes, int) and isinstance(outputs, int) and classes != outputs:
+            _exit_with(f"the data has {classes} classes but --model.num_classes is {outputs}: pass {classes}")
+
+    def _settings(self) -> Any:
+        subcommand = self.config.get("subcommand")
+        return self.config.get(subcommand) if subcommand else self.config
 
     def _parse_ckpt_path(self) -> None:
         """Use an untrusted checkpoint's hyperparameters as model defaults, as plain values only."""
@@ -79,10 +119,26 @@ def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _exit_with(message: str) -> None:
+    print(f"condconv-finetune: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``condconv-finetune`` (``args`` replaces ``sys.argv[1:]``, for tests and notebooks)."""
+    """Entry point of ``condconv-finetune`` (``args`` replaces ``sys.argv[1:]``, for tests and notebooks).
+
+    The current folder is importable, as for ``python -m``, so ``--data mydata.MyDataModule``
+    and ``--model.arch mymodels:Net`` find the user's own modules.
+    """
+    make_cwd_importable()
     FinetuneCLI(
-        ImageClassifier, LightningDataModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True}, args=args
+        ImageClassifier,
+        LightningDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        parser_class=FinetuneParser,
+        auto_configure_optimizers=False,
+        args=args,
     )
 
 

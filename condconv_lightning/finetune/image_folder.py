@@ -192,9 +192,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
             ``seed_everything`` and of the number of workers. Training resumes where a checkpoint left it.
 
     Raises:
-        ValueError: a missing ``root``, no class folders, a class folder without images, fewer than 2
-            classes, ``train/`` and ``val/`` with different classes, a ``val_split`` outside (0, 1), fewer
-            training images than ``batch_size``, or a model whose ``num_classes`` is below the classes found.
+        ValueError: at construction, a missing ``root``, no class folders, fewer than 2 classes, ``train/``
+            and ``val/`` with different classes, or a ``val_split`` outside (0, 1); in ``setup``, a class
+            folder without images, fewer training images than ``batch_size``, or a model whose
+            ``num_classes`` differs from the number of classes found.
     """
 
     def __init__(
@@ -229,14 +230,30 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.mean, self.std = tuple(mean), tuple(std)
         self.seed = seed
-        self.classes: list[str] = []
+        if not self.root.is_dir():
+            raise ValueError(
+                f"image folder {self.root} does not exist: pass a folder with one subfolder of images per class"
+            )
+        train_dir, val_dir = self.root / "train", self.root / "val"
+        self.has_val_folder = train_dir.is_dir() and val_dir.is_dir()
+        self.classes = self._classes(train_dir if self.has_val_folder else self.root)
+        if self.has_val_folder and (val_classes := self._classes(val_dir)) != self.classes:
+            raise ValueError(
+                f"{val_dir} has classes {val_classes} but {train_dir} has {self.classes}: give both the same class "
+                "folders"
+            )
         self.train_set: ImageFolderDataset | None = None
         self.val_set: ImageFolderDataset | None = None
 
     @property
     def num_classes(self) -> int:
-        """Number of classes (known after ``setup``)."""
+        """Number of classes: the class folders found when the module was created."""
         return len(self.classes)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images the model sees (read by ``CondConvConversion`` for its report)."""
+        return (3, self.image_size, self.image_size)
 
     @property
     def class_to_idx(self) -> dict[str, int]:
@@ -273,27 +290,16 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         if self.train_set is None:
-            if not self.root.is_dir():
-                raise ValueError(
-                    f"image folder {self.root} does not exist: pass a folder with one subfolder of images per class"
-                )
-            train_dir, val_dir = self.root / "train", self.root / "val"
-            if train_dir.is_dir() and val_dir.is_dir():
-                self.classes = self._classes(train_dir)
-                if (val_classes := self._classes(val_dir)) != self.classes:
-                    raise ValueError(
-                        f"{val_dir} has classes {val_classes} but {train_dir} has {self.classes}: "
-                        "give both the same class folders"
-                    )
-                train, val = find_samples(train_dir, self.classes), find_samples(val_dir, self.classes)
+            if self.has_val_folder:
+                train = find_samples(self.root / "train", self.classes)
+                val = find_samples(self.root / "val", self.classes)
             else:
-                self.classes = self._classes(self.root)
                 train, val = self._split(find_samples(self.root, self.classes))
             self.train_set = ImageFolderDataset(train, TrainTransform(self.image_size, self.mean, self.std), self.seed)
             self.val_set = ImageFolderDataset(val, ValTransform(self.image_size, self.mean, self.std), self.seed)
         model = self.trainer.lightning_module if self.trainer is not None else None
         outputs = getattr(model, "hparams", {}).get("num_classes")
-        if isinstance(outputs, int) and outputs < self.num_classes:
+        if isinstance(outputs, int) and outputs != self.num_classes:
             raise ValueError(
                 f"{self.root} has {self.num_classes} classes but the model has num_classes={outputs}: "
                 f"pass --model.num_classes {self.num_classes}"

@@ -21,8 +21,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..checkpoints import plain_hparams, read_hparams
 from ..condconv2d import CondConv2d
-from ..demos.models import resnet_tiny
-from ..surgery import load_converted
+from ..loading.architectures import accepts, build_with, resolve_architecture
+from ..loading.model_file import load_pretrained
 from .checkpointing import CHECKPOINT_KEY, ConversionCheckpointMixin
 
 __all__ = ["ImageClassifier", "parameter_groups"]
@@ -61,6 +61,15 @@ def parameter_groups(
     return [group for group in groups.values() if group["params"]]
 
 
+def _network(arch: str | None, arch_kwargs: dict[str, Any] | None, num_classes: int) -> nn.Module:
+    """The network ``arch`` names (default ``resnet_tiny``), given ``num_classes`` when it takes that argument."""
+    builder = resolve_architecture(arch or "resnet_tiny", "arch")
+    kwargs = dict(arch_kwargs or {})
+    if "num_classes" not in kwargs and accepts(builder, "num_classes"):
+        kwargs["num_classes"] = num_classes
+    return build_with(builder, arch or "resnet_tiny", kwargs, "arch")
+
+
 class ImageClassifier(ConversionCheckpointMixin, pl.LightningModule):
     """Image classification with cross-entropy and accuracy, for any network, CondConv or not.
 
@@ -70,12 +79,18 @@ class ImageClassifier(ConversionCheckpointMixin, pl.LightningModule):
 
     Args:
         model: the network (images ``[B, C, H, W]`` -> logits ``[B, num_classes]``).
-            None builds :func:`condconv_lightning.demos.resnet_tiny` for ``num_classes``
-            (unless ``weights`` is a whole-module file).
-        weights: a file written by ``condconv-convert`` / ``save_converted``, loaded with
-            :func:`condconv_lightning.surgery.load_converted` (weights and conversion spec
-            are applied to ``model``; a whole pickled module replaces it and needs
-            ``trust_pickle``).
+            None builds ``arch``, else :func:`condconv_lightning.demos.resnet_tiny`.
+        arch: the network by name, built without downloading weights: ``timm:NAME``,
+            ``torchvision:NAME``, a built-in model (``resnet_tiny``) or
+            ``module.path:ClassOrFactory``
+            (:mod:`condconv_lightning.loading.architectures`); ``num_classes`` is passed
+            to it when it takes that argument.
+        arch_kwargs: more keyword arguments for ``arch`` (they win over ``num_classes``).
+        weights: a local weights file to start from, loaded before any conversion
+            (:func:`condconv_lightning.loading.load_pretrained`): a pretrained state dict,
+            safetensors or Lightning ``.ckpt`` (a classifier of another size is left out
+            and the new one kept, with a warning), or a file written by
+            ``condconv-convert``/``save_converted`` (its conversion spec is applied first).
         trust_pickle: allow ``weights`` to be a pickled module (unpickling runs code: only
             for files you trust). Neither ``weights`` nor ``trust_pickle`` is saved with
             the hyperparameters: a checkpoint holds the weights and the conversion spec
@@ -90,7 +105,9 @@ class ImageClassifier(ConversionCheckpointMixin, pl.LightningModule):
         label_smoothing: passed to ``F.cross_entropy``.
 
     Raises:
-        ValueError: ``num_classes`` below 2 or a non-positive ``expert_lr``/``router_lr``.
+        ValueError: ``num_classes`` below 2, a non-positive ``expert_lr``/``router_lr``, both
+            ``model`` and ``arch``, or (``ModelFileError``) an ``arch`` or ``weights`` that
+            cannot be used, said in one line.
 
     Checkpoints record which layers of ``model`` are CondConv (a
     :class:`~condconv_lightning.surgery.ConversionSpec`), and loading a checkpoint applies
@@ -110,6 +127,8 @@ class ImageClassifier(ConversionCheckpointMixin, pl.LightningModule):
     def __init__(
         self,
         model: nn.Module | None = None,
+        arch: str | None = None,
+        arch_kwargs: dict[str, Any] | None = None,
         weights: str | Path | None = None,
         trust_pickle: bool = False,
         num_classes: int = 4,
@@ -128,10 +147,17 @@ class ImageClassifier(ConversionCheckpointMixin, pl.LightningModule):
                 raise ValueError(f"{name} must be positive or None (use the optimizer's), got {lr!r}")
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        if model is not None and arch is not None:
+            raise ValueError(f"pass either model or arch ({arch!r}), not both")
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "weights", "trust_pickle"])
+        if model is None:
+            model = _network(arch, arch_kwargs, num_classes)
         if weights is not None:
-            model = load_converted(weights, model, trust_pickle=trust_pickle)
-        self.model = model if model is not None else resnet_tiny(num_classes=num_classes)
+            label = f"arch {arch}" if arch is not None else f"the model ({type(model).__name__})"
+            model = load_pretrained(
+                weights, model, trust_pickle=trust_pickle, label=label, trust_flag="trust_pickle=True"
+            )
+        self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.scheduler_interval = scheduler_interval

@@ -7,22 +7,19 @@ when the caller passes ``trust_pickle=True`` (``--trust-pickle``), and otherwise
 refused with the globals it would import, read from its opcodes without executing
 anything (:func:`~condconv_lightning.loading.formats.pickled_globals`).
 
-Weights (a state dict, safetensors, a Lightning ``.ckpt``) need the architecture as an
-import path ``module.path:callable`` (a class or a factory), as ``uvicorn`` and
-``gunicorn`` name applications; a LightningModule class loads a ``.ckpt`` through its
-own ``load_from_checkpoint``.
+Weights (a state dict, safetensors, a Lightning ``.ckpt``) need the architecture, named
+as :mod:`.architectures` describes (``timm:NAME``, ``torchvision:NAME``, a built-in model or
+``module.path:callable``); a LightningModule class loads a ``.ckpt`` through its own
+``load_from_checkpoint``. :func:`load_pretrained` loads such weights into a model the
+caller built (pretrained weights before conversion and fine-tuning).
 """
 
 from __future__ import annotations
 
-import importlib
-import json
-import os
 import pickle
-import sys
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +33,10 @@ from ..io import SAFETENSORS_SUFFIXES, UnsafeFileError, load_state_dict, load_tr
 from ..surgery import load_converted, read_spec
 from ..surgery.persist import FILE_FORMAT as CONVERTED_FILE_FORMAT
 from ..wrappers import strip_keys, unwrap
+from .architectures import build_with, resolve_architecture
 from .errors import ModelFileError, one_line
 from .formats import FileFormat, detect_format, pickled_globals
+from .imports import make_cwd_importable
 
 MAX_NAMES_SHOWN = 3
 
@@ -66,20 +65,7 @@ def load_model(
             architecture does not import or does not match the weights.
     """
     file_format = detect_format(path)
-    if file_format is FileFormat.TORCHSCRIPT:
-        raise ModelFileError(
-            f"{path} is a TorchScript archive (torch.jit.save): it holds compiled code, not the Python modules "
-            "to convert; pass torch.save(model.state_dict()) with --arch, or a torch.save(model) file"
-        )
-    if file_format is FileFormat.TORCH_EXPORT:
-        raise ModelFileError(
-            f"{path} is a torch.export archive: its graph has no Conv2d modules to convert; pass "
-            "torch.save(model.state_dict()) with --arch, or a torch.save(model) file"
-        )
-    if file_format is FileFormat.SAFETENSORS:
-        content: object = load_state_dict(path)
-    else:
-        content = _torch_load(path, file_format, trust_pickle)
+    content = _read(path, file_format, trust_pickle)
     if isinstance(content, nn.Module):
         if arch is not None:
             raise ModelFileError(
@@ -91,18 +77,13 @@ def load_model(
     holds = f"{'Lightning checkpoint' if checkpoint else 'state dict'} ({len(state)} tensors)"
     if arch is None:
         raise ModelFileError(
-            f"{path} holds a {holds} but no architecture; pass "
-            "--arch module.path:ClassOrFactory (and --arch-kwargs JSON if it takes arguments)"
+            f"{path} holds a {holds} but no architecture; pass --arch timm:NAME, torchvision:NAME or "
+            "module.path:ClassOrFactory (and --arch-kwargs JSON if it takes arguments)"
         )
-    builder = import_object(arch, "--arch")
+    builder = resolve_architecture(arch, "--arch")
     if _is_converted(path, content):
         # Written by this command or save_converted: its spec converts the fresh model first.
-        try:
-            model = load_converted(path, _build(builder, arch, arch_kwargs or {}))
-        except (ValueError, TypeError, RuntimeError, KeyError) as error:
-            raise ModelFileError(
-                f"the converted weights in {path} do not load into --arch {arch}: {one_line(error)}"
-            ) from None
+        model = _load_converted(path, build_with(builder, arch, arch_kwargs or {}), f"--arch {arch}")
         return LoadedModel(model, False, f"converted weights + spec ({len(state)} tensors)", file_format)
     if checkpoint and _is_lightning_module_class(builder):
         if not trust_pickle:
@@ -112,46 +93,90 @@ def load_model(
                 raise ModelFileError(str(error)) from None
         model = _load_lightning_checkpoint(builder, path, arch, arch_kwargs or {}, trust_pickle)
     else:
-        model = _build(builder, arch, arch_kwargs or {})
-    _load_weights(model, state, path, arch)
+        model = build_with(builder, arch, arch_kwargs or {})
+    _load_weights(model, state, path, f"--arch {arch}")
     return LoadedModel(model, False, holds, file_format)
 
 
-def import_object(target: str, flag: str) -> Callable[..., Any]:
-    """Import ``module.path:attribute`` (the current folder is importable, as for ``python -m``)."""
-    module_name, _, attribute = target.partition(":")
-    make_cwd_importable()
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ModelFileError(
-            f"{flag} {target}: cannot import {module_name!r} ({error}); check the name, or run from the folder "
-            "that contains it"
-        ) from None
-    except Exception as error:  # the module's own code failed while importing
-        raise ModelFileError(f"{flag} {target}: importing {module_name!r} raised {one_line(error)}") from None
-    for part in attribute.split("."):
-        if not hasattr(obj, part):
-            raise ModelFileError(
-                f"{flag} {target}: {module_name!r} has no attribute {attribute!r}; check the name after ':'"
-            )
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ModelFileError(f"{flag} {target} is a {type(obj).__name__}, not a class or function")
-    return obj
+def load_pretrained(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    trust_pickle: bool = False,
+    label: str = "the model",
+    trust_flag: str = "trust_pickle=True",
+) -> nn.Module:
+    """Load the weights in ``path`` into ``model`` before conversion or fine-tuning; returns the model to use.
 
+    ``path`` may hold a state dict (``.pt``/``.pth``/``.bin``), safetensors, a Lightning
+    ``.ckpt`` (keys with one common prefix such as ``model.`` are matched), or weights plus
+    a conversion spec written by ``condconv-convert``/``save_converted`` (the spec converts
+    ``model`` first). Loading is strict, with one exception a fine-tuning user expects: when
+    only the classifier differs in shape (a 1000-class pretrained head, a 3-class task), the
+    model keeps its new head and a warning names the keys left out, as timm does for
+    ``pretrained=True, num_classes=N``. A pickled whole module replaces ``model`` only
+    with ``trust_pickle=True`` (errors name ``trust_flag`` as the way to allow it).
 
-def make_cwd_importable() -> None:
-    """Let ``--arch`` and trusted pickles import the user's modules from the current folder.
-
-    A console script's ``sys.path`` starts at its own folder, unlike ``python -m``; the
-    current folder is appended, so it cannot shadow installed packages.
+    Raises:
+        ModelFileError: the file is unusable, or its weights do not match ``model`` (``label`` names it).
     """
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())
+    path = Path(path)
+    file_format = detect_format(path)
+    content = _read(path, file_format, trust_pickle, trust_flag)
+    if isinstance(content, nn.Module):
+        return unwrap(content)
+    state, _ = _weights_in(content, path)
+    if _is_converted(path, content):
+        return _load_converted(path, model, label)
+    head = classifier_name(model)
+    left_out = _load_weights(model, state, path, label, new_head=head)
+    if left_out:
+        warnings.warn(
+            f"{path}: kept the model's new classifier {head!r} ({', '.join(left_out)} differ in shape from the "
+            "pretrained ones, which were left out)",
+            stacklevel=2,
+        )
+    return model
 
 
-def _torch_load(path: Path, file_format: FileFormat, trust_pickle: bool) -> object:
+def classifier_name(model: nn.Module) -> str | None:
+    """The dotted name of the model's classifier: timm's ``get_classifier()``, else the last ``nn.Linear``."""
+    get_classifier = getattr(model, "get_classifier", None)
+    classifier = get_classifier() if callable(get_classifier) else None
+    last = None
+    for name, module in model.named_modules():
+        if module is classifier:
+            return name
+        if isinstance(module, nn.Linear):
+            last = name
+    return last
+
+
+def _read(path: Path, file_format: FileFormat, trust_pickle: bool, trust_flag: str = "--trust-pickle") -> object:
+    """What ``path`` holds: a state dict, a checkpoint mapping, or (trusted pickles only) a module."""
+    if file_format is FileFormat.TORCHSCRIPT:
+        raise ModelFileError(
+            f"{path} is a TorchScript archive (torch.jit.save): it holds compiled code, not the Python modules "
+            "to convert; pass torch.save(model.state_dict()) with --arch, or a torch.save(model) file"
+        )
+    if file_format is FileFormat.TORCH_EXPORT:
+        raise ModelFileError(
+            f"{path} is a torch.export archive: its graph has no Conv2d modules to convert; pass "
+            "torch.save(model.state_dict()) with --arch, or a torch.save(model) file"
+        )
+    if file_format is FileFormat.SAFETENSORS:
+        return load_state_dict(path)
+    return _torch_load(path, file_format, trust_pickle, trust_flag)
+
+
+def _load_converted(path: Path, model: nn.Module, label: str) -> nn.Module:
+    try:
+        return load_converted(path, model)
+    except (ValueError, TypeError, RuntimeError, KeyError) as error:
+        raise ModelFileError(f"the converted weights in {path} do not load into {label}: {one_line(error)}") from None
+
+
+def _torch_load(path: Path, file_format: FileFormat, trust_pickle: bool, trust_flag: str) -> object:
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols it reads fine
             warnings.simplefilter("ignore", UserWarning)
@@ -165,7 +190,7 @@ def _torch_load(path: Path, file_format: FileFormat, trust_pickle: bool) -> obje
             more = f" (and {len(foreign) - 1} more globals)" if len(foreign) > 1 else ""
             raise ModelFileError(
                 f"{path} holds pickled Python objects: loading it imports {foreign[0]}{more} and can run code "
-                "from the file; nothing was loaded. If you trust its source, pass --trust-pickle"
+                f"from the file; nothing was loaded. If you trust its source, pass {trust_flag}"
             ) from None
     except UnsafeFileError as error:
         raise ModelFileError(str(error)) from None
@@ -249,27 +274,25 @@ def _load_lightning_checkpoint(
         ) from None
 
 
-def _build(builder: Callable[..., Any], arch: str, arch_kwargs: Mapping[str, Any]) -> nn.Module:
-    try:
-        model = builder(**arch_kwargs)
-    except Exception as error:
-        raise ModelFileError(
-            f"--arch {arch} with --arch-kwargs {json.dumps(dict(arch_kwargs))} raised {one_line(error)}"
-        ) from None
-    if not isinstance(model, nn.Module):
-        raise ModelFileError(
-            f"--arch {arch} returned a {type(model).__name__}, not an nn.Module; name a model class or a factory"
-        )
-    return model
+def _load_weights(
+    model: nn.Module, state: dict[str, Tensor], path: Path, label: str, new_head: str | None = None
+) -> list[str]:
+    """Load strictly, or fail with one line naming the missing, unexpected and reshaped keys.
 
-
-def _load_weights(model: nn.Module, state: dict[str, Tensor], path: Path, arch: str) -> None:
-    """Load strictly, or fail with one line naming the missing, unexpected and reshaped keys."""
+    Keys of the module ``new_head`` may differ in shape (all of them keep the model's values);
+    they are returned.
+    """
     expected = model.state_dict()
     state = _without_common_prefix(state, expected)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    head_keys = [k for k in expected if new_head is not None and k.startswith(f"{new_head}.")]
+    left_out: list[str] = []
+    if reshaped and not missing and not unexpected and set(reshaped) <= set(head_keys):
+        left_out = head_keys
+        state = {**state, **{k: expected[k] for k in head_keys}}
+        reshaped = []
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing ({_names(missing)})")
@@ -280,11 +303,13 @@ def _load_weights(model: nn.Module, state: dict[str, Tensor], path: Path, arch: 
         shapes = f"{first}: file {list(state[first].shape)}, model {list(expected[first].shape)}"
         problems.append(f"{len(reshaped)} with another shape ({shapes})")
     if problems:
+        arguments = "--arch-kwargs" if label.startswith("--") else "arch_kwargs"
         raise ModelFileError(
-            f"the weights in {path} do not match --arch {arch}: {', '.join(problems)}; "
-            "pass the architecture (and --arch-kwargs) they were saved from"
+            f"the weights in {path} do not match {label}: {', '.join(problems)}; "
+            f"pass the architecture (and {arguments}) they were saved from"
         )
     model.load_state_dict(state, strict=True)
+    return left_out
 
 
 def _without_common_prefix(state: dict[str, Tensor], expected: Mapping[str, Tensor]) -> dict[str, Tensor]:

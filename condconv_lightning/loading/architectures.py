@@ -1,0 +1,106 @@
+"""Models by name, as ``timm.create_model`` and ``torchvision.models.get_model`` name them.
+
+An architecture is one of
+
+- ``timm:NAME``: ``timm.create_model(NAME, pretrained=False, **kwargs)``;
+- ``torchvision:NAME``: ``torchvision.models.get_model(NAME, weights=None, **kwargs)``;
+- a built-in demo model by its bare name (``resnet_tiny``, ``resnet50_like``, ``mobilenet_tiny``);
+- ``module.path:callable``, a model class or factory imported from an installed module or the
+  current folder (as ``uvicorn`` and ``gunicorn`` name applications).
+
+Nothing is downloaded: registry models are built without weights, and pretrained weights
+come from a local file (:func:`~condconv_lightning.loading.load_pretrained`). A registry or
+built-in name selects a constructor that is already registered, so it is data; only the
+``module.path:callable`` form imports code named by the string (see
+:func:`condconv_lightning.checkpoints.is_import_path`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+from torch import nn
+
+from ..checkpoints import REGISTRIES, is_import_path
+from ..demos import models as builtin_models
+from .errors import ModelFileError, one_line
+from .imports import import_object
+
+__all__ = ["BUILTIN_MODELS", "accepts", "build_architecture", "resolve_architecture"]
+
+BUILTIN_MODELS = ("mobilenet_tiny", "resnet50_like", "resnet_tiny")
+"""Bare names of the demo models in :mod:`condconv_lightning.demos`."""
+
+EXAMPLES = "timm:NAME, torchvision:NAME, resnet_tiny or module.path:ClassOrFactory"
+
+
+def resolve_architecture(arch: str, flag: str = "--arch") -> Callable[..., Any]:
+    """The constructor ``arch`` names (registry models come without weights); see the module docstring.
+
+    Raises:
+        ModelFileError: the registry is not installed, has no such model, or the import path fails.
+    """
+    if is_import_path(arch):
+        return import_object(arch, flag)
+    registry, _, name = arch.rpartition(":")
+    if not registry:
+        if name in BUILTIN_MODELS:
+            return getattr(builtin_models, name)
+        raise ModelFileError(
+            f"{flag} {arch}: not a built-in model ({', '.join(BUILTIN_MODELS)}); name one as {EXAMPLES}"
+        )
+    assert registry in REGISTRIES
+    try:
+        package = importlib.import_module(registry)
+    except Exception as error:  # ImportError, or a package that fails beside this torch build
+        raise ModelFileError(
+            f"{flag} {arch} needs {registry}, which does not import here ({one_line(error)}); "
+            f"install it (pip install {registry}) or name another model"
+        ) from None
+    if registry == "timm":
+        if not package.is_model(name):
+            raise ModelFileError(
+                f"{flag} {arch}: timm has no model {name!r}; timm.list_models('*{name}*') lists close names"
+            )
+        return partial(package.create_model, name, pretrained=False)
+    if name not in package.models.list_models():
+        raise ModelFileError(
+            f"{flag} {arch}: torchvision has no model {name!r}; torchvision.models.list_models() lists them"
+        )
+    return partial(package.models.get_model_builder(name), weights=None)
+
+
+def accepts(builder: Callable[..., Any], keyword: str) -> bool:
+    """Whether ``builder`` takes ``keyword`` (by name, or through ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return any(p.name == keyword or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def build_architecture(arch: str, kwargs: Mapping[str, Any] | None = None, flag: str = "--arch") -> nn.Module:
+    """``resolve_architecture(arch)(**kwargs)``, checked to be an ``nn.Module``.
+
+    Raises:
+        ModelFileError: ``arch`` does not resolve, the constructor raises, or it returns no module.
+    """
+    builder = resolve_architecture(arch, flag)
+    return build_with(builder, arch, kwargs or {}, flag)
+
+
+def build_with(builder: Callable[..., Any], arch: str, kwargs: Mapping[str, Any], flag: str = "--arch") -> nn.Module:
+    """Call ``builder(**kwargs)`` and check that it returns a module, with one-line errors naming ``flag``."""
+    try:
+        model = builder(**kwargs)
+    except Exception as error:
+        raise ModelFileError(f"{flag} {arch} with arguments {dict(kwargs)} raised {one_line(error)}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelFileError(
+            f"{flag} {arch} returned a {type(model).__name__}, not an nn.Module; name a model class or a factory"
+        )
+    return model

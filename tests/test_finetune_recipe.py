@@ -1,0 +1,133 @@
+"""``condconv-finetune`` as a user meets it: the main recipe with DDP, the first run, the help, one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_image_folder import make_images
+
+from condconv_lightning.condconv2d import CondConv2d
+from condconv_lightning.finetune import ImageClassifier
+from condconv_lightning.loading import build_architecture
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "examples" / "configs" / "pretrained_folder.yaml"
+
+
+def recipe_arch() -> str:
+    """A timm or torchvision ResNet-18 where one imports here, else the built-in ResNet (same layer names)."""
+    for registry in ("timm", "torchvision"):
+        try:
+            importlib.import_module(registry)
+        except Exception:
+            continue
+        return f"{registry}:resnet18"
+    return "resnet_tiny"
+
+
+def finetune(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CONDCONV_TUNE": "0"}
+    command = [sys.executable, "-m", "condconv_lightning.cli.finetune", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_main_recipe_pretrained_weights_image_folder_ddp(tmp_path: Path) -> None:
+    """Pretrained weights file -> convert layer3+layer4 -> fine-tune on an image folder, 2 DDP processes, no Python."""
+    images = make_images(tmp_path / "images", per_class=8)
+    arch = recipe_arch()
+    torch.manual_seed(0)
+    pretrained = build_architecture(arch, {"num_classes": 10})  # another head, as an ImageNet checkpoint has
+    torch.save(pretrained.state_dict(), tmp_path / "pretrained.pth")
+    done = finetune(
+        "fit", "--config", str(RECIPE), "--model.arch", arch, "--model.weights", "pretrained.pth",
+        "--data.root", str(images), "--model.num_classes", "3", "--trainer.accelerator", "cpu",
+        "--trainer.devices", "2", "--trainer.max_steps", "3", "--data.init_args.image_size", "32",
+        "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
+        "--model.optimizer.init_args.lr", "0",  # the network stays as loaded; experts and routers train
+        "--model.expert_lr", "0.001", "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "MEMBER: 2/2" in done.stderr  # two processes
+    assert "kept the model's new classifier 'fc'" in done.stderr
+    assert "layer3.0.conv1" in done.stdout and "layer4.0.conv1" in done.stdout  # the conversion report
+
+    last = next(tmp_path.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+    module = ImageClassifier.load_from_checkpoint(last)
+    assert module.hparams["arch"] == arch
+    assert isinstance(module.model.layer3[0].conv1, CondConv2d) and isinstance(module.model.layer4[0].conv1, CondConv2d)
+    assert not isinstance(module.model.layer2[0].conv1, CondConv2d)
+    assert module.model.fc.out_features == 3
+    torch.testing.assert_close(module.model.conv1.weight, pretrained.conv1.weight, rtol=0, atol=0)
+    assert module.model.layer3[0].conv1.router.weight.abs().sum() > 0, "routers (zero when converted) trained"
+
+
+def test_the_first_documented_command_logs_and_validates_within_its_steps(tmp_path: Path) -> None:
+    done = finetune(
+        "fit", "--trainer.max_steps", "10", "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", ".",
+        "--trainer.enable_progress_bar", "false", "--data.train_size", "256", "--data.val_size", "64", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(next(tmp_path.glob("lightning_logs/version_0/metrics.csv"))) as file:
+        rows = list(csv.DictReader(file))
+    training = [row for row in rows if row["train_loss"]]
+    assert [int(row["step"]) for row in training] == list(range(10))
+    assert all(row["routing/entropy"] for row in training), "routing values share the loss's rows"
+    validation = [row for row in rows if row["val_acc"]]
+    assert len(validation) == 1 and validation[0]["val_routing/entropy"]
+
+
+def test_help_is_short_and_the_full_help_is_there(tmp_path: Path) -> None:
+    short = finetune("fit", "--help", cwd=tmp_path)
+    assert short.returncode == 0
+    lines = short.stdout.splitlines()
+    assert len(lines) < 160, len(lines)
+    for option in ("--model.arch", "--model.weights", "--data", "--trainer.max_steps", "--help_full"):
+        assert any(line.lstrip().startswith(option) for line in lines), option
+    assert "--trainer.limit_train_batches" not in short.stdout
+    full = finetune("fit", "--help_full", cwd=tmp_path)
+    assert full.returncode == 0 and "--trainer.limit_train_batches" in full.stdout
+    assert len(full.stdout.splitlines()) > 3 * len(lines)
+
+
+def test_custom_classes_import_from_the_current_folder_or_fail_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "mydata.py").write_text(
+        "from condconv_lightning.demos import SyntheticImageDataModule\n\n\n"
+        "class MyData(SyntheticImageDataModule):\n    pass\n"
+    )
+    common = ["--trainer.max_steps", "1", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false"]
+    common += ["--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]"]
+    ok = finetune(
+        "fit", "--data", "mydata.MyData", "--data.train_size", "64", "--data.val_size", "16", *common, cwd=tmp_path
+    )
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    missing = finetune("fit", "--data", "nodata.MyData", *common, cwd=tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1] == (
+        "condconv-finetune: error: --data: cannot use nodata.MyData (No module named 'nodata'); check the name, "
+        "or run from the folder that contains its module"
+    )
+
+
+def test_mismatched_classes_and_bad_weights_are_one_line_errors(tmp_path: Path) -> None:
+    images = make_images(tmp_path / "images")
+    common = ["--data", "ImageFolderDataModule", "--data.root", str(images), "--trainer.max_steps", "1"]
+    mismatch = finetune("fit", *common, "--model.num_classes", "2", cwd=tmp_path)
+    assert mismatch.returncode == 2
+    assert mismatch.stderr.strip().splitlines()[-1] == (
+        "condconv-finetune: error: the data has 3 classes but --model.num_classes is 2: pass 3"
+    )
+    torch.save({"not": torch.zeros(1)}, tmp_path / "other.pt")
+    bad = finetune("fit", *common, "--model.num_classes", "3", "--model.weights", "other.pt", cwd=tmp_path)
+    assert bad.returncode == 2
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("condconv-finetune: error: the weights in other.pt do not match the model (ResNet): ")
+    assert "Traceback" not in bad.stderr
