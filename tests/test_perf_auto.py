@@ -25,6 +25,7 @@ RULES = [
     ("r50.layer3.3x3 B=128 (chunked)", 256, 256, 3, 1, 14, 128, False, "grouped"),
     ("r50.layer3.1x1", 1024, 256, 1, 1, 14, 32, False, "bmm"),
     ("r50.layer3.1x1 channels_last", 1024, 256, 1, 1, 14, 32, True, "bmm"),
+    ("r50.layer3.1x1 expansion (kernel 5.2x input)", 256, 1024, 1, 1, 14, 32, False, "bmm"),
     ("r50.layer4.1x1 (kernel 10x input)", 2048, 512, 1, 1, 7, 128, False, "mixture"),
     ("r50.layer2.1x1", 512, 128, 1, 1, 28, 128, False, "bmm"),
     ("effb0.dw3x3", 144, 144, 3, 144, 56, 32, False, "grouped"),

@@ -50,11 +50,13 @@ this many times as many elements as its input (measured on 2 CPU cores: ResNet-5
 layer1 0.2x, layer2 1.5x, layer3 12x yes; layer4 94x no, grouped 9-13x the static conv)."""
 
 
-_POINTWISE_KERNEL_RATIO = 4.0
+_POINTWISE_KERNEL_RATIO = 8.0
 """``bmm`` beats ``mixture`` on dense 1x1 convs while a sample's kernel has at most this many
 times as many elements as its input (measured on 2 CPU cores, quiet, repeats 3: ResNet-50
-layer1..layer3 1x1 at 0.06x-1.3x bmm wins; layer4 1x1 at 10x mixture ran 3.9-4.0x the
-static conv against bmm's 5.1-8.0x in fp32 and bf16 at B = 32 and 128, with K = 4)."""
+layer1..layer3 1x1 at 0.06x-1.3x bmm wins, and so does the layer3 expansion 256 -> 1024 at
+5.2x, where mixture ran 5.2x the static conv and bmm 1.0x (B = 32, K = 4, fp32); layer4 1x1
+at 10x mixture ran 3.9-4.0x the static conv against bmm's 5.1-8.0x in fp32 and bf16 at
+B = 32 and 128, with K = 4)."""
 
 _POINTWISE_MIXTURE_MAX_EXPERTS = 4
 """``mixture`` costs K static convs: at K = 8 the same layer4 1x1 ran 8.3-9.4x under it in
