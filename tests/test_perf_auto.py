@@ -26,7 +26,7 @@ RULES = [
     ("r50.layer3.1x1", 1024, 256, 1, 1, 14, 32, False, "bmm"),
     ("r50.layer3.1x1 channels_last", 1024, 256, 1, 1, 14, 32, True, "bmm"),
     ("r50.layer3.1x1 expansion (kernel 5.2x input)", 256, 1024, 1, 1, 14, 32, False, "bmm"),
-    ("r50.layer4.1x1 (kernel 10x input)", 2048, 512, 1, 1, 7, 128, False, "mixture"),
+    ("r50.layer4.1x1 (kernel 10x input)", 2048, 512, 1, 1, 7, 128, False, "bmm"),
     ("r50.layer2.1x1", 512, 128, 1, 1, 28, 128, False, "bmm"),
     ("effb0.dw3x3", 144, 144, 3, 144, 56, 32, False, "grouped"),
     ("r50.layer4.3x3 B=1", 512, 512, 3, 1, 7, 1, False, "grouped"),
@@ -43,9 +43,10 @@ def meta_call(cin, cout, k, groups, size, batch, channels_last, experts=4):
     return x, weight, (1, 1), (k // 2, k // 2), (1, 1), groups
 
 
-def test_large_pointwise_kernels_use_mixture_only_for_few_experts():
-    assert choose_strategy(*meta_call(2048, 512, 1, 1, 7, 32, False, experts=4)) == "mixture"
-    assert choose_strategy(*meta_call(2048, 512, 1, 1, 7, 32, False, experts=8)) == "bmm"
+def test_dense_pointwise_convs_use_bmm_whatever_the_kernel_size_and_experts():
+    for cin, cout in ((2048, 512), (512, 2048), (192, 1152)):
+        for experts in (4, 8):
+            assert choose_strategy(*meta_call(cin, cout, 1, 1, 7, 32, False, experts=experts)) == "bmm"
 
 
 @pytest.mark.parametrize("case", RULES, ids=[c[0] for c in RULES])

@@ -16,9 +16,10 @@ experts (the static conv costs B*P*S multiply-adds; mixing the kernels adds B*K*
 - B = 1: ``grouped`` is one conv with the mixed kernel, the static conv's cost plus
   the K*P mixing; nothing is faster.
 - 1x1 dense convs: ``bmm``, a batched matrix product that reads NCHW and NHWC
-  without a copy (on CPU often faster than oneDNN's own 1x1 conv), unless the
-  per-sample kernels are much larger than the activations (ResNet-50 layer4) and
-  K <= 4: then ``mixture``.
+  without a copy (on CPU often faster than oneDNN's own 1x1 conv). It won or tied
+  every dense 1x1 of the suite at B = 32, K = 4 and 8, fp32 and bf16, including the
+  7x7 ones whose per-sample kernels are 10-40x their input (ResNet-50 layer4,
+  EfficientNet-B0's last stages), where ``mixture`` ran 1.1-3.5x slower.
 - depthwise and other grouped convs: ``grouped`` (``mixture`` multiplies the tiny
   depthwise conv by K, ``bmm`` goes through a k^2-times ``unfold``).
 - other k x k convs: ``grouped`` while the per-sample kernels are not much larger
@@ -48,19 +49,6 @@ _SMALL_KERNEL_RATIO = 32.0
 """``grouped`` beats ``mixture`` on k x k dense convs while a sample's kernel has at most
 this many times as many elements as its input (measured on 2 CPU cores: ResNet-50
 layer1 0.2x, layer2 1.5x, layer3 12x yes; layer4 94x no, grouped 9-13x the static conv)."""
-
-
-_POINTWISE_KERNEL_RATIO = 8.0
-"""``bmm`` beats ``mixture`` on dense 1x1 convs while a sample's kernel has at most this many
-times as many elements as its input (measured on 2 CPU cores, quiet, repeats 3: ResNet-50
-layer1..layer3 1x1 at 0.06x-1.3x bmm wins, and so does the layer3 expansion 256 -> 1024 at
-5.2x, where mixture ran 5.2x the static conv and bmm 1.0x (B = 32, K = 4, fp32); layer4 1x1
-at 10x mixture ran 3.9-4.0x the static conv against bmm's 5.1-8.0x in fp32 and bf16 at
-B = 32 and 128, with K = 4)."""
-
-_POINTWISE_MIXTURE_MAX_EXPERTS = 4
-"""``mixture`` costs K static convs: at K = 8 the same layer4 1x1 ran 8.3-9.4x under it in
-bf16 against bmm's 3.9-4.8x (fp32: a tie, 6.4x against 6.6x), so larger K stays on bmm."""
 
 
 def is_exporting() -> bool:
@@ -98,8 +86,7 @@ def choose_strategy(
     if batch == 1 or groups > 1:
         return "grouped"
     if pointwise:
-        large_kernel = kernel > _POINTWISE_KERNEL_RATIO * sample
-        return "mixture" if large_kernel and weight.shape[0] <= _POINTWISE_MIXTURE_MAX_EXPERTS else "bmm"
+        return "bmm"
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and in_channels > 1
     small_kernel = kernel <= _SMALL_KERNEL_RATIO * sample
     return "grouped" if small_kernel and not channels_last else "mixture"
