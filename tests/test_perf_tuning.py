@@ -184,7 +184,7 @@ def test_cost_model_leaves_out_clear_losers_and_a_lone_candidate_is_not_timed(ti
     inner = autotune._fastest
     monkeypatch.setattr(autotune, "_fastest", lambda candidates, *a: seen.append(candidates) or inner(candidates, *a))
     weight, r = torch.randn(4, 16, 16, 1, 1), torch.rand(2, 4)
-    condconv2d(torch.randn(2, 16, 32, 32), weight, r)  # dense 1x1 at 1024 positions: bmm only
+    condconv2d(torch.randn(2, 16, 64, 64), weight, r)  # dense 1x1 at 4096 positions: bmm only
     assert not seen and not timings and list(tuning_cache().values()) == ["bmm"]
     condconv2d(torch.randn(2, 16, 7, 7), weight, r)  # 49 positions: mixture is worth a try, grouped is not
     assert seen == [["bmm", "mixture"]]

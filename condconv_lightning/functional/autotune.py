@@ -27,10 +27,13 @@ margin, the rules' choice included (the rules know nothing of what timing costs)
 rules' choice, if left, is timed first; a problem left with one candidate is not timed
 at all (with none, the rules decide):
 
-- ``mixture`` when ``(K - 1) * S`` exceeds :data:`MIXTURE_MAX_EXTRA_POSITIONS` of the
-  device (S = output positions): its K convs then cost far more than per-sample kernels,
-  whose cost relative to the conv falls as 1/S (on CPU, whose arithmetic per byte is
-  lower than a GPU's, sooner: ResNet-50 layer3 at S = 196 already lost to them);
+- ``mixture`` when ``(K - 1) * S`` exceeds :data:`MIXTURE_MAX_EXTRA_POSITIONS`
+  (S = output positions): its K convs then cost far more than per-sample kernels,
+  whose cost relative to the conv falls as 1/S (ResNet-50 layer1's 3x3 at S = 3136:
+  mixture 3.9x the static conv, grouped 1.2x). Below it mixture can win, also on CPU:
+  ResNet-50 layer3's strided 3x3 (S = 196) and EfficientNet-B0's strided depthwise 5x5
+  (S = 784) ran 1.09x and 0.92x under mixture against grouped's 1.24x and 1.37x (bf16,
+  B = 32, K = 4, 2 CPU cores);
 - ``grouped`` and ``bmm`` when the batch's per-sample kernels exceed
   ``auto.KERNEL_BUDGET_BYTES`` (the call would run in recomputed chunks);
 - ``grouped`` on dense 1x1 convs: ``bmm`` does the same products as one batched matrix
@@ -64,9 +67,8 @@ Runner = Callable[[str, Tensor, Tensor, Tensor | None, Tensor], Tensor]
 CANDIDATES: tuple[str, ...] = ("grouped", "mixture", "bmm")
 TIMED_RUNS = 3
 DROP_FACTOR = 1.5
-MIXTURE_MAX_EXTRA_POSITIONS: dict[str, int] = {"cpu": 512, "cuda": 4096}
-"""``mixture`` is timed while ``(K - 1) * S`` is at most this (other devices: the CUDA value).
-At K = 4: S <= 170 on CPU (ResNet-50 layer4, 7x7), S <= 1365 on CUDA (down to 28x28)."""
+MIXTURE_MAX_EXTRA_POSITIONS = 4096
+"""``mixture`` is timed while ``(K - 1) * S`` is at most this: at K = 4, S <= 1365 (down to 28x28)."""
 
 _KEY_FIELDS = (
     ("device", str),
@@ -240,8 +242,7 @@ def _worth_timing(strategy: str, x: Tensor, weight: Tensor, key: tuple) -> bool:
     (kh, kw), (sh, sw), (ph, pw), (dh, dw), groups = key[8:13]
     positions = ((height + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((width + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
     if strategy == "mixture":
-        limit = MIXTURE_MAX_EXTRA_POSITIONS.get(x.device.type, MIXTURE_MAX_EXTRA_POSITIONS["cuda"])
-        return (weight.shape[0] - 1) * positions <= limit
+        return (weight.shape[0] - 1) * positions <= MIXTURE_MAX_EXTRA_POSITIONS
     if batch * auto.per_sample_kernel_bytes(x, weight) > auto.KERNEL_BUDGET_BYTES:
         return False
     pointwise = (kh, kw) == (1, 1) and groups == 1
