@@ -228,6 +228,8 @@ def test_conversion_in_setup_gives_the_optimizer_the_new_parameters(tmp_path: Pa
         "routers start at zero and were trained"
     )
 
+    assert conversion.report.input_size == (3, 8, 8), "MACs counted at the data module's input_size"
+
     # A second setup (validate after fit) converts nothing twice and keeps the trained layers.
     t.validate(module, tiny_data(train_size=16), verbose=False)
     assert {name: m for name, m in module.model.named_modules() if isinstance(m, CondConv2d)} == layers

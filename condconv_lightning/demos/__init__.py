@@ -10,7 +10,11 @@ from typing import Any
 
 from .models import MobileNet, ResNet, mobilenet_tiny, resnet50_like, resnet_tiny
 
-_LAZY = {"SyntheticImageDataModule": ".data", "make_context_gratings": ".data"}
+_LAZY = {
+    "SyntheticImageDataModule": ".data",
+    "make_context_gratings": ".data",
+    "make_multicontext_gratings": ".data",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -26,6 +30,7 @@ __all__ = [
     "ResNet",
     "SyntheticImageDataModule",
     "make_context_gratings",
+    "make_multicontext_gratings",
     "mobilenet_tiny",
     "resnet50_like",
     "resnet_tiny",

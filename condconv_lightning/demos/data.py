@@ -8,7 +8,9 @@ cool ones; the other grating is a distractor of independent orientation. So the 
 filter depends on a global property of the image, the situation CondConv targets
 (Yang et al., NeurIPS 2019, arXiv:1904.04971): its router sees exactly such global
 statistics (the average-pooled input) and can pick different kernels per image.
-Generated in memory from a seed: no downloads.
+:func:`make_multicontext_gratings` is a harder variant with more contexts, in which the
+same orientation stands for a different class in every context. Generated in memory
+from a seed: no downloads.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-__all__ = ["EpochShuffleSampler", "ResumableDataLoader", "SyntheticImageDataModule", "make_context_gratings"]
+__all__ = [
+    "EpochShuffleSampler",
+    "ResumableDataLoader",
+    "SyntheticImageDataModule",
+    "make_context_gratings",
+    "make_multicontext_gratings",
+]
 
 # Colour cast per context (R, G, B offsets), visible to a global average pool, and the
 # channel whose grating decides the class in that context.
@@ -69,6 +77,54 @@ def make_context_gratings(
         [torch.where(warm, signal, other), torch.zeros_like(signal), torch.where(warm, other, signal)], dim=1
     )
     images = images + _CASTS[context][:, :, None, None] + noise * torch.randn(images.shape, generator=generator)
+    return images, labels, context, distractor
+
+
+def multicontext_casts(num_contexts: int) -> Tensor:
+    """``[num_contexts, 3]`` colour casts of amplitude 0.6, evenly spaced around the gray axis (zero mean colour).
+
+    Two contexts give the warm/cool pair of :func:`make_context_gratings` (``_CASTS`` up to rounding).
+    """
+    angle = 2 * math.pi * torch.arange(num_contexts, dtype=torch.float64) / num_contexts
+    first = torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64) / math.sqrt(2)
+    second = torch.tensor([-1.0, 2.0, -1.0], dtype=torch.float64) / math.sqrt(6)
+    return (0.6 * math.sqrt(2) * (angle.cos()[:, None] * first + angle.sin()[:, None] * second)).float()
+
+
+def make_multicontext_gratings(
+    num_samples: int,
+    num_classes: int = 4,
+    num_contexts: int = 4,
+    image_size: int = 16,
+    noise: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A harder context task: images ``[N, 3, S, S]``, labels, contexts and distractor orientations (each ``[N]``).
+
+    Context ``c`` has a colour cast of its own (:func:`multicontext_casts`), a signal channel of its own
+    (``c mod 3``; the distractor grating is in the next channel) and an orientation code of its own: class ``y``
+    is drawn as the grating at orientation ``(y + c) mod num_classes``. The same orientation thus stands for a
+    different class in different contexts (and contexts ``c`` and ``c + 3`` share a channel), so no single set of
+    kernels reads the class from local evidence alone; a kernel chosen by the global cast (what a CondConv router
+    sees) can. With ``num_contexts=num_classes`` each orientation stands for every class in some context.
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    if num_contexts < 1:
+        raise ValueError(f"num_contexts must be a positive integer, got {num_contexts}")
+    if image_size < 8:
+        raise ValueError(f"image_size must be at least 8 pixels to hold a grating, got {image_size}")
+    labels = torch.randint(num_classes, (num_samples,), generator=generator)
+    distractor = torch.randint(num_classes, (num_samples,), generator=generator)
+    context = torch.randint(num_contexts, (num_samples,), generator=generator)
+    signal = _gratings((labels + context) % num_classes, num_classes, image_size, generator)
+    other = _gratings(distractor, num_classes, image_size, generator)
+    rows = torch.arange(num_samples)
+    images = torch.zeros(num_samples, 3, image_size, image_size)
+    images[rows, context % 3] = 0.5 * signal
+    images[rows, (context + 1) % 3] = 0.5 * other
+    images = images + multicontext_casts(num_contexts)[context][:, :, None, None]
+    images = images + noise * torch.randn(images.shape, generator=generator)
     return images, labels, context, distractor
 
 
@@ -174,6 +230,11 @@ class SyntheticImageDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images (read by ``CondConvConversion`` for its report)."""
+        return (3, self.image_size, self.image_size)
 
     def setup(self, stage: str) -> None:
         if self.train_set is not None:

@@ -1,0 +1,135 @@
+"""The upcycling study's data, router-init option and tool (``tools/upcycling_study.py --quick``)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from condconv_lightning.demos import make_context_gratings, make_multicontext_gratings
+from condconv_lightning.demos.data import _CASTS, multicontext_casts
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "upcycling_study.py"
+
+
+def test_make_context_gratings_default_draw_is_unchanged() -> None:
+    # Recorded before the multi-context generator was added to demos/data.py: the default task must not move.
+    images, labels, contexts, distractor = make_context_gratings(64, generator=torch.Generator().manual_seed(7))
+    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in (labels, contexts, distractor))).hexdigest()
+    assert digest[:16] == "6a72bd7e5d468386"
+    assert images.shape == (64, 3, 32, 32) and images.dtype == torch.float32
+    assert float(images.double().sum()) == pytest.approx(353.2202530495824, rel=1e-9)
+    assert images[3, 1, 5, :4].tolist() == pytest.approx(
+        [-0.03677711263298988, -0.10976257175207138, -0.001450924202799797, -0.18328897655010223], abs=1e-6
+    )
+
+
+def test_multicontext_gratings_shapes_and_determinism() -> None:
+    draw = lambda: make_multicontext_gratings(96, 6, 6, 16, 0.5, generator=torch.Generator().manual_seed(3))
+    images, labels, contexts, distractor = draw()
+    assert images.shape == (96, 3, 16, 16) and images.dtype == torch.float32
+    assert labels.shape == contexts.shape == distractor.shape == (96,)
+    assert int(labels.max()) < 6 and int(contexts.max()) < 6 and int(distractor.max()) < 6
+    assert all(torch.equal(a, b) for a, b in zip(draw(), (images, labels, contexts, distractor)))
+    assert not torch.equal(make_multicontext_gratings(96, 6, 6, 16, 0.5, torch.Generator().manual_seed(4))[0], images)
+
+
+def test_multicontext_gratings_cast_marks_the_context() -> None:
+    # Without noise, an image's mean colour is its context's cast (the gratings average out to about zero).
+    images, _, contexts, _ = make_multicontext_gratings(
+        64, 4, 4, 32, noise=0.0, generator=torch.Generator().manual_seed(0)
+    )
+    casts = multicontext_casts(4)
+    assert torch.allclose(images.mean(dim=(2, 3)), casts[contexts], atol=0.1)
+    assert torch.allclose(multicontext_casts(2), _CASTS, atol=1e-6)  # two contexts: the warm/cool pair
+    assert torch.allclose(casts.sum(dim=1), torch.zeros(4), atol=1e-6)  # no overall brightness change
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_classes": 1}, "num_classes must be at least 2"),
+        ({"num_contexts": 0}, "num_contexts must be a positive integer"),
+        ({"image_size": 4}, "image_size must be at least 8"),
+    ],
+)
+def test_multicontext_gratings_rejects_bad_sizes(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_multicontext_gratings(8, **kwargs)
+
+
+def _tool(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("upcycling_study", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_unknown_variant_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _tool(monkeypatch).main(["--variants", "static,nope"])
+    assert exit_info.value.code == 2
+    assert "unknown variant ['nope']" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    # A subprocess: the tool sets torch's thread count, which must not leak into the other tests.
+    out = tmp_path_factory.mktemp("study") / "out"
+    completed = subprocess.run(
+        [sys.executable, str(TOOL), "--quick", "--out", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "ETA" in completed.stdout  # progress lines
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_quick_study_writes_every_run_and_artifact(quick: tuple[Path, dict]) -> None:
+    out, results = quick
+    assert results["mode"] == "quick" and results["seeds"] == 2
+    assert {"platform", "cpu_count", "torch", "date"} <= set(results["machine"])
+    assert set(results["tasks"]) == {"gratings", "digits"}
+    assert {"static", "default", "router_random"} <= set(results["variants_run"])
+    runs = {(r["task"], r["variant"], r["seed"]) for r in results["runs"]}
+    expected = {(t, v, s) for t in results["tasks"] for v in results["variants_run"] for s in range(2)}
+    assert runs == expected and len(results["runs"]) == len(expected)
+    for run in results["runs"]:
+        accuracies = [
+            run["final_val_acc"],
+            run["step0"]["val_acc"],
+            run["acc_at_static_time"],
+            *run["curve"]["val_acc"],
+        ]
+        assert all(0.0 <= a <= 1.0 for a in accuracies)
+        assert run["curve"]["steps"][0] == 0 and run["curve"]["steps"][-1] == results["config"]["steps"]
+        assert run["step_ms_median"] > 0 and run["params"] > 0
+        if run["variant"] == "static":
+            assert run["routing"] is None and run["step_time_ratio"] == 1.0
+        else:
+            routing = run["routing"]
+            assert all(0.0 <= routing[key] <= 1.0 + 1e-6 for key in ("entropy", "usage_entropy", "group_tv"))
+    for task in results["tasks"]:
+        for name in (f"accuracy_vs_steps_{task}", f"accuracy_vs_time_{task}", f"delta_vs_static_{task}"):
+            assert (out / f"{name}.png").stat().st_size > 10_000
+    summary = (out / "summary.md").read_text()
+    assert "| static |" in summary and "| default |" in summary and "## digits" in summary
+
+
+def test_default_conversion_is_exact_and_random_routers_are_not(quick: tuple[Path, dict]) -> None:
+    _, results = quick
+    by_key = {(r["task"], r["variant"], r["seed"]): r for r in results["runs"]}
+    for task in results["tasks"]:
+        for seed in range(results["seeds"]):
+            static = by_key[task, "static", seed]["step0"]
+            default = by_key[task, "default", seed]["step0"]
+            assert default["max_rel_diff"] <= 1e-5
+            assert default["val_acc"] == static["val_acc"]
+            assert by_key[task, "router_random", seed]["step0"]["max_rel_diff"] > 1e-3
