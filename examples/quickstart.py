@@ -11,12 +11,19 @@
    --arch condconv_lightning.demos:resnet_tiny`` command (weights + conversion spec out,
    no pickled code in either file);
 3. fine-tunes the converted model with Lightning (``ImageClassifier`` +
-   ``RoutingEntropyMonitor`` + ``CSVLogger``) and, as the control, the unconverted model
-   for the same number of steps with the same optimizer and data order;
+   ``RoutingEntropyMonitor`` + ``CSVLogger``) with the library's defaults, the recipe the
+   upcycling study (``tools/upcycling_study.py``) found no reason to change, and, as the
+   control, the unconverted model for the same number of steps with the same optimizer
+   and data order, printing progress as it goes;
 4. prints a table (accuracy, parameters, training step time, routing entropy), writes
    ``routing_entropy.png`` (per-layer routing entropy over steps, from the CSV log),
    ``routing_heatmap.png`` (mean routing weight per context, class and expert) and
    ``summary.json`` into ``--out``.
+
+Every number but the times is the same in every run on a machine: the seeds are fixed,
+Lightning runs with ``deterministic=True``, and CondConv layers pick their strategy by
+rules, not by timing (measured ``auto`` may pick another strategy in another run, whose
+float rounding differs in the last bits, and training amplifies that).
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from condconv_lightning.callbacks import RoutingEntropyMonitor
 from condconv_lightning.condconv2d import CondConv2d
 from condconv_lightning.demos import SyntheticImageDataModule, make_context_gratings, resnet_tiny
 from condconv_lightning.finetune import ImageClassifier
+from condconv_lightning.functional import set_tuning
 from condconv_lightning.io import atomic_write, save_state_dict
 
 matplotlib.use("Agg")  # files only, no display needed
@@ -77,8 +85,8 @@ class QuickstartConfig:
     finetune_steps: int = 300
     num_experts: int = 4
     lr: float = 2e-3
-    router_lr: float = 1e-2
     log_every: int = 10
+    progress_every: int = 50  # print a progress line every this many steps
     seed: int = 0
 
 
@@ -93,7 +101,25 @@ QUICK = replace(
     pretrain_steps=8,
     finetune_steps=8,
     log_every=2,
+    progress_every=4,
 )
+
+
+class Progress(Callback):
+    """One line every ``every`` training steps (step, loss, elapsed time), so a long run never sits silent."""
+
+    def __init__(self, console: Console, every: int, total: int) -> None:
+        self.console, self.every, self.total = console, every, total
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step % self.every == 0 or step == self.total:
+            loss = float(outputs["loss"]) if isinstance(outputs, dict) else float("nan")
+            elapsed = time.perf_counter() - self._start
+            self.console.print(f"  step {step:>4}/{self.total}  train_loss {loss:.3f}  {elapsed:5.0f} s")
 
 
 class StepTimer(Callback):
@@ -135,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec|Experiment logs directory).*")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the steps below say what runs
     started = time.perf_counter()
+    set_tuning(False)  # reproducible numbers: strategies by rules, not by timing (module docstring)
 
     data = SyntheticImageDataModule(
         config.num_classes,
@@ -153,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data,
         config.pretrain_steps,
         config,
+        console,
     )
     original_path = save_state_dict(original.state_dict(), args.out / "original.pt", overwrite=True)
     console.print(f"saved {original_path}")
@@ -197,7 +225,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 weights=converted_path,
                 num_classes=config.num_classes,
                 optimizer=optimizer(config.lr),
-                router_lr=config.router_lr,
             )
         else:
             model.load_state_dict(torch.load(original_path, weights_only=True))
@@ -206,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger = CSVLogger(args.out, name="logs", version=name)
         start_acc = validate(module, data, config)
         callbacks = [timer, RoutingEntropyMonitor()] if name == "condconv" else [timer]
-        trainer = fit(module, data, config.finetune_steps, config, callbacks, logger)
+        trainer = fit(module, data, config.finetune_steps, config, console, callbacks, logger)
         final = trainer.validate(module, datamodule=data, verbose=False)[0]
         results[name] = {
             "val_acc_before": start_acc,
@@ -289,10 +316,12 @@ def fit(
     data: SyntheticImageDataModule,
     steps: int,
     config: QuickstartConfig,
+    console: Console,
     callbacks: Sequence[Callback] = (),
     logger: Any = False,
 ) -> pl.Trainer:
-    trainer = trainer_for(config, steps, callbacks, logger)
+    progress = Progress(console, config.progress_every, steps)
+    trainer = trainer_for(config, steps, [*callbacks, progress], logger)
     trainer.fit(module, datamodule=data)
     return trainer
 

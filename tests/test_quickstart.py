@@ -22,8 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart.py"
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def run_quickstart(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("quickstart") / "out"  # not created yet: the script makes it
     completed = subprocess.run(
         [sys.executable, str(QUICKSTART), "--quick", "--out", str(out)],
@@ -35,6 +34,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return out, completed.stdout
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    return run_quickstart(tmp_path_factory)
 
 
 def _finite_numbers(value: object) -> list[float]:
@@ -73,6 +77,21 @@ def test_summary_is_complete_and_finite(run: tuple[Path, str]) -> None:
         routing = np.array(table)
         assert routing.shape == (2 * 4, 4)  # (warm, cool) x 4 classes, 4 experts
         assert ((routing > 0) & (routing < 1)).all()  # sigmoid routing
+
+
+def test_a_second_run_gives_the_same_numbers_and_prints_progress(
+    run: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    def reproducible(summary: dict) -> dict:
+        timing = ("step_ms", "metrics_csv")
+        results = {n: {k: v for k, v in r.items() if k not in timing} for n, r in summary["results"].items()}
+        return {"results": results, "routing": summary["routing_by_context_class"], "config": summary["config"]}
+
+    out, stdout = run
+    again, _ = run_quickstart(tmp_path_factory)
+    first, second = (json.loads((o / "summary.json").read_text()) for o in (out, again))
+    assert reproducible(first) == reproducible(second)
+    assert "step    8/8  train_loss" in stdout  # progress lines during every fit
 
 
 def test_converted_file_came_from_the_cli_and_loads(run: tuple[Path, str]) -> None:
