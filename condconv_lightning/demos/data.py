@@ -50,6 +50,21 @@ def _gratings(orientation: Tensor, num_classes: int, image_size: int, generator:
     return torch.sin(2 * math.pi * frequency[:, None, None] * position + phase[:, None, None]).float()
 
 
+def _draw_codes(
+    num_samples: int, num_classes: int, num_contexts: int, image_size: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Check the sizes, then draw labels, distractor orientations and contexts (in this order), each ``[N]``."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    if num_contexts < 1:
+        raise ValueError(f"num_contexts must be a positive integer, got {num_contexts}")
+    if image_size < 8:
+        raise ValueError(f"image_size must be at least 8 pixels to hold a grating, got {image_size}")
+    labels = torch.randint(num_classes, (num_samples,), generator=generator)
+    distractor = torch.randint(num_classes, (num_samples,), generator=generator)
+    return labels, distractor, torch.randint(num_contexts, (num_samples,), generator=generator)
+
+
 def make_context_gratings(
     num_samples: int,
     num_classes: int = 4,
@@ -63,13 +78,7 @@ def make_context_gratings(
     cast): the blue grating's. The other of the two channels holds a grating with the
     distractor orientation, drawn independently of the label.
     """
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-    if image_size < 8:
-        raise ValueError(f"image_size must be at least 8 pixels to hold a grating, got {image_size}")
-    labels = torch.randint(num_classes, (num_samples,), generator=generator)
-    distractor = torch.randint(num_classes, (num_samples,), generator=generator)
-    context = torch.randint(2, (num_samples,), generator=generator)
+    labels, distractor, context = _draw_codes(num_samples, num_classes, 2, image_size, generator)
     signal = _gratings(labels, num_classes, image_size, generator)
     other = _gratings(distractor, num_classes, image_size, generator)
     warm = (context == 0)[:, None, None]
@@ -108,15 +117,7 @@ def make_multicontext_gratings(
     kernels reads the class from local evidence alone; a kernel chosen by the global cast (what a CondConv router
     sees) can. With ``num_contexts=num_classes`` each orientation stands for every class in some context.
     """
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-    if num_contexts < 1:
-        raise ValueError(f"num_contexts must be a positive integer, got {num_contexts}")
-    if image_size < 8:
-        raise ValueError(f"image_size must be at least 8 pixels to hold a grating, got {image_size}")
-    labels = torch.randint(num_classes, (num_samples,), generator=generator)
-    distractor = torch.randint(num_classes, (num_samples,), generator=generator)
-    context = torch.randint(num_contexts, (num_samples,), generator=generator)
+    labels, distractor, context = _draw_codes(num_samples, num_classes, num_contexts, image_size, generator)
     signal = _gratings((labels + context) % num_classes, num_classes, image_size, generator)
     other = _gratings(distractor, num_classes, image_size, generator)
     rows = torch.arange(num_samples)
