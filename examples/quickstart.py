@@ -154,8 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="a reduced run (tiny data, a few steps) that checks the pipeline, not the result",
     )
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULT.seed, help="seeds the data, the models and the training order (default: 0)"
+    )
     args = parser.parse_args(argv)
-    config = QUICK if args.quick else DEFAULT
+    config = replace(QUICK if args.quick else DEFAULT, seed=args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     console = Console(highlight=False)
     warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec|Experiment logs directory).*")
