@@ -52,7 +52,7 @@ def test_main_recipe_pretrained_weights_image_folder_ddp(tmp_path: Path) -> None
         "--trainer.devices", "2", "--trainer.max_steps", "3", "--data.init_args.image_size", "32",
         "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
         "--model.optimizer.init_args.lr", "0",  # the network stays as loaded; experts and routers train
-        "--model.expert_lr", "0.001", "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+        "--model.expert_lr", "0.001", "--model.router_lr", "0.001", "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
         cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
