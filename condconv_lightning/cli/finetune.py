@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -101,7 +101,7 @@ class FinetuneCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Use an untrusted checkpoint's hyperparameters as model defaults, as plain values only."""
         subcommand = self.config.get("subcommand")
-        settings = self.config.get(subcommand) if subcommand else None
+        settings = self._settings() if subcommand else None
         ckpt_path = settings.get("ckpt_path") if settings else None
         if not ckpt_path or not Path(ckpt_path).is_file() or settings.get("trust_checkpoint"):
             super()._parse_ckpt_path()
@@ -119,7 +119,7 @@ def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _exit_with(message: str) -> None:
+def _exit_with(message: str) -> NoReturn:
     print(f"condconv-finetune: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
