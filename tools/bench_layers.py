@@ -4,8 +4,12 @@ For every suite shape, batch, K, dtype and device, the static conv and CondConv2
 ``grouped``, ``mixture``, ``bmm``, tuned ``auto`` (the default: each problem timed once,
 see ``condconv_lightning.functional.autotune``) and rules-only ``auto`` (tuning off)
 (and timm's CondConv2d when timm is importable) run interleaved, so that caches, clocks
-and other load hit them alike. Reported per variant (the fastest of ``--repeats``
-interleaved runs, since other processes on a shared machine only ever add time):
+and other load hit them alike. Each run calls the variant until it has taken at least
+:data:`MIN_SAMPLE_MS` (a single call of a small layer, a few ms, is at the mercy of
+the scheduler: one depthwise conv ran 0.78x-2.21x the static conv from one call to the
+next under the same strategy) and counts the mean per call. Reported per variant (the
+fastest of ``--repeats`` interleaved runs, since other processes on a shared machine
+only ever add time):
 forward+backward time (training step of the layer: input and weights require grad)
 and forward-only time (``torch.no_grad``, the inference case CondConv was designed
 for), each over the static conv's, and the peak memory the forward+backward allocates
@@ -83,8 +87,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_ms(fn: Callable[[], None], device: torch.device) -> float:
-    """Wall time of one call in ms; CUDA work is bracketed by events after a synchronize."""
+MIN_SAMPLE_MS = 50.0
+"""Each timed run of a variant repeats its call until this many ms have passed (timeit's autorange idea)."""
+
+
+def timed_ms(fn: Callable[[], None], device: torch.device, min_ms: float = 0.0) -> float:
+    """Mean wall time per call in ms over as many calls as take ``min_ms`` (at least one call).
+
+    CUDA work is bracketed by events after a synchronize.
+    """
+    calls, total = 0, 0.0
+    while calls == 0 or total < min_ms:
+        total += _one_call_ms(fn, device)
+        calls += 1
+    return total / calls
+
+
+def _one_call_ms(fn: Callable[[], None], device: torch.device) -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         synchronize(device)
@@ -213,8 +232,8 @@ def measure(
         picks[name] = (picked, getattr(modules[name], "last_strategy", "") if name in AUTO_VARIANTS else "")
     for _ in range(repeats):
         for name in modules:
-            train[name].append(timed_ms(train_step(name), device))
-            infer[name].append(timed_ms(infer_step(name), device))
+            train[name].append(timed_ms(train_step(name), device, MIN_SAMPLE_MS))
+            infer[name].append(timed_ms(infer_step(name), device, MIN_SAMPLE_MS))
     peaks = {}
     for name, module in modules.items():  # gradients start unallocated, so each peak counts them once
         module.zero_grad(set_to_none=True)
