@@ -191,6 +191,16 @@ def test_cost_model_leaves_out_clear_losers_and_a_lone_candidate_is_not_timed(ti
     assert "fused" not in autotune.CANDIDATES
 
 
+def test_chunked_strategies_are_timed_only_when_mixture_runs_many_convs():
+    """ResNet-50 layer4's strided 3x3 at B = 32 in fp32: its per-sample kernels exceed the budget."""
+    x = torch.empty(32, 512, 14, 14, device="meta")
+    for experts, timed in ((4, False), (autotune.CHUNKED_MIN_EXPERTS, True)):
+        weight = torch.empty(experts, 512, 512, 3, 3, device="meta")
+        key = autotune.problem_key(x, weight, None, torch.empty(32, experts, device="meta"), (2, 2), (1, 1), (1, 1), 1)
+        assert autotune._worth_timing("bmm", x, weight, key) is timed
+        assert autotune._worth_timing("grouped", x, weight, key) is timed
+
+
 def test_cache_round_trips_through_json(tmp_path, timings):
     layer = layer3x3()
     layer(torch.randn(4, 8, 6, 6))

@@ -35,7 +35,10 @@ at all (with none, the rules decide):
   (S = 784) ran 1.09x and 0.92x under mixture against grouped's 1.24x and 1.37x (bf16,
   B = 32, K = 4, 2 CPU cores);
 - ``grouped`` and ``bmm`` when the batch's per-sample kernels exceed
-  ``auto.KERNEL_BUDGET_BYTES`` (the call would run in recomputed chunks);
+  ``auto.KERNEL_BUDGET_BYTES`` (the call would run in recomputed chunks) and K is below
+  :data:`CHUNKED_MIN_EXPERTS`: at K = 4 mixture's four convs beat the chunks (ResNet-50
+  layer4's strided 3x3, fp32, B = 32: 3.7x the static conv against 5.8-6.0x), at K = 8
+  the chunks win (bmm 6.3x against mixture's 12.4x), so from K = 8 on they are timed;
 - ``grouped`` on dense 1x1 convs: ``bmm`` does the same products as one batched matrix
   product (and won every ResNet-50 1x1 on CPU);
 - ``bmm`` on other kernels when its ``unfold`` buffer exceeds the budget too.
@@ -67,6 +70,8 @@ Runner = Callable[[str, Tensor, Tensor, Tensor | None, Tensor], Tensor]
 CANDIDATES: tuple[str, ...] = ("grouped", "mixture", "bmm")
 TIMED_RUNS = 3
 DROP_FACTOR = 1.5
+CHUNKED_MIN_EXPERTS = 8
+"""From this K on, ``grouped``/``bmm`` are timed even when they would run in chunks (module docstring)."""
 MIXTURE_MAX_EXTRA_POSITIONS = 4096
 """``mixture`` is timed while ``(K - 1) * S`` is at most this: at K = 4, S <= 1365 (down to 28x28)."""
 
@@ -243,7 +248,8 @@ def _worth_timing(strategy: str, x: Tensor, weight: Tensor, key: tuple) -> bool:
     positions = ((height + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((width + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
     if strategy == "mixture":
         return (weight.shape[0] - 1) * positions <= MIXTURE_MAX_EXTRA_POSITIONS
-    if batch * auto.per_sample_kernel_bytes(x, weight) > auto.KERNEL_BUDGET_BYTES:
+    chunked = batch * auto.per_sample_kernel_bytes(x, weight) > auto.KERNEL_BUDGET_BYTES
+    if chunked and weight.shape[0] < CHUNKED_MIN_EXPERTS:
         return False
     pointwise = (kh, kw) == (1, 1) and groups == 1
     if strategy == "grouped":
