@@ -77,3 +77,17 @@ def test_bench_model_quick_reports_throughput_and_memory_ratios(tmp_path, capsys
     assert result["throughput_ratio"] > 0 and result["peak_ratio"] > 0
     assert all(v > 0 for v in result["images_per_s"].values())
     assert "converted/static" in capsys.readouterr().out
+
+
+def test_bench_layers_runs_cells_from_the_smallest_batch_and_k_up():
+    args = bench_layers.parse_args(["--batch", "128", "1", "--experts", "8", "4", "--dtype", "fp32", "bf16"])
+    args.devices = ["cpu"]
+    cells = list(dict.fromkeys((b, k, d) for _, b, k, d, _ in bench_layers.configurations(args)))
+    assert cells == [(b, k, d) for b in (1, 128) for k in (4, 8) for d in ("fp32", "bf16")]
+
+
+def test_bench_layers_stops_repeating_a_strategy_only_when_it_is_slow_in_training_and_inference():
+    train = {"static": [1.0], "grouped": [2.0], "mixture": [4.1], "bmm": [3.0], "auto": [9.0], "timm": [9.0]}
+    infer = {"static": [1.0], "grouped": [1.0], "mixture": [2.1], "bmm": [2.5], "auto": [9.0], "timm": [1.5]}
+    out = {name for name in train if bench_layers.out_of_the_race(name, train, infer)}
+    assert out == {"mixture"}  # bmm is within 2x in training, timm in inference; static and auto always run

@@ -84,6 +84,20 @@ def test_first_call_of_a_problem_times_later_calls_reuse(timings):
     assert [key[-1] for key in tuning_cache()] == [True, True, False]
 
 
+def test_a_cached_problem_costs_a_lookup_and_not_the_rules(timings, monkeypatch):
+    layer = layer3x3()
+    x = torch.randn(4, 8, 6, 6)
+    layer(x)
+
+    def no_rules(*args):
+        raise AssertionError("the rules ran for a cached problem")
+
+    monkeypatch.setattr(autotune.auto, "choose_strategy", no_rules)
+    count = len(timings)
+    layer(x)
+    assert len(timings) == count and layer.last_strategy == next(iter(tuning_cache().values()))
+
+
 @pytest.mark.parametrize("slow", ["grouped", "bmm"])
 def test_the_fastest_strategy_wins_and_is_recorded(slow, monkeypatch):
     slow_down(monkeypatch, slow)

@@ -7,7 +7,13 @@ see ``condconv_lightning.functional.autotune``) and rules-only ``auto`` (tuning 
 and other load hit them alike. Each run calls the variant until it has taken at least
 :data:`MIN_SAMPLE_MS` (a single call of a small layer, a few ms, is at the mercy of
 the scheduler: one depthwise conv ran 0.78x-2.21x the static conv from one call to the
-next under the same strategy) and counts the mean per call. Reported per variant (the
+next under the same strategy) and counts the mean per call. The order of the variants
+rotates from one round to the next, so that none always runs right after the same one
+(a call that follows a memory-hungry strategy starts with cold caches). A fixed
+strategy (or timm) more than :data:`SLOW` times slower than the fastest in its first
+round sits out the other rounds (``samples`` in the JSON): it cannot be the fastest,
+and at B = 128 such runs would take most of the time. Cells run from the smallest
+batch and K up, so a run cut short keeps complete cells. Reported per variant (the
 fastest of ``--repeats`` interleaved runs, since other processes on a shared machine
 only ever add time):
 forward+backward time (training step of the layer: input and weights require grad)
@@ -78,6 +84,7 @@ class Result:
     train_ms: float
     infer_ms: float
     peak_bytes: int
+    samples: int
     auto_picks: str = ""
     auto_picks_infer: str = ""
 
@@ -87,6 +94,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+SLOW = 2.0
+"""A fixed strategy (or timm) whose first timed run takes more than this times the fastest fixed
+strategy's, in training and inference, is not run again: its ratio comes from that one run."""
 MIN_SAMPLE_MS = 50.0
 """Each timed run of a variant repeats its call until this many ms have passed (timeit's autorange idea)."""
 
@@ -230,10 +240,14 @@ def measure(
         picked = getattr(modules[name], "last_strategy", "") if name in AUTO_VARIANTS else ""
         infer_step(name)()
         picks[name] = (picked, getattr(modules[name], "last_strategy", "") if name in AUTO_VARIANTS else "")
-    for _ in range(repeats):
-        for name in modules:
+    order, racing = list(modules), list(modules)
+    for repeat in range(repeats):
+        order = order[1:] + order[:1]  # rotated: no variant always runs right after the same one
+        for name in (name for name in order if name in racing):
             train[name].append(timed_ms(train_step(name), device, MIN_SAMPLE_MS))
             infer[name].append(timed_ms(infer_step(name), device, MIN_SAMPLE_MS))
+        if repeat == 0:
+            racing = [name for name in modules if not out_of_the_race(name, train, infer)]
     peaks = {}
     for name, module in modules.items():  # gradients start unallocated, so each peak counts them once
         module.zero_grad(set_to_none=True)
@@ -250,6 +264,7 @@ def measure(
             train_ms=min(train[name]),
             infer_ms=min(infer[name]),
             peak_bytes=peaks[name],
+            samples=len(train[name]),
             auto_picks=picks[name][0],
             auto_picks_infer=picks[name][1],
         )
@@ -257,15 +272,25 @@ def measure(
     ]
 
 
+def out_of_the_race(name: str, train: dict[str, list[float]], infer: dict[str, list[float]]) -> bool:
+    """Whether a comparator's first run was more than :data:`SLOW` times the fastest fixed strategy's,
+    for training and inference alike: repeating it cannot make it the fastest."""
+    if name == "static" or name in AUTO_VARIANTS:
+        return False
+    fixed = [s for s in FIXED_STRATEGIES if s in train]
+    return all(times[name][0] > SLOW * min(times[s][0] for s in fixed) for times in (train, infer))
+
+
 def configurations(args: argparse.Namespace) -> Iterator[tuple[Shape, int, int, str, torch.device]]:
+    """Cells (batch, K, device, dtype) from the smallest batch and K up, so that a run cut short keeps
+    complete cells of the cheap sizes."""
     shapes = QUICK_SUITE if args.quick else suite()
-    for device in args.devices:
-        for dtype_name in args.dtype:
-            for batch in args.batch:
-                for experts in args.experts:
+    shapes = [shape for shape in shapes if not args.only or any(part in shape.name for part in args.only)]
+    for batch in sorted(args.batch):
+        for experts in sorted(args.experts):
+            for device in args.devices:
+                for dtype_name in args.dtype:
                     for shape in shapes:
-                        if args.only and not any(part in shape.name for part in args.only):
-                            continue
                         yield shape, batch, experts, dtype_name, torch.device(device)
 
 

@@ -210,14 +210,18 @@ def tuned_strategy(
     groups: int,
     run: Runner,
 ) -> str:
-    """The strategy ``auto`` runs for this call: cached, else timed now, else the rules' choice."""
-    rules = auto.choose_strategy(x, weight, stride, padding, dilation, groups)
+    """The strategy ``auto`` runs for this call: cached, else timed now, else the rules' choice.
+
+    A cached problem costs one key and one lookup (about 10 us on CPU); the rules are
+    consulted only for a problem not in the cache.
+    """
     if not _enabled or auto.is_exporting():  # exporting: sizes may be symbolic, so no key and no lookup
-        return rules
+        return auto.choose_strategy(x, weight, stride, padding, dilation, groups)
     key = problem_key(x, weight, bias, routing_weights, stride, padding, dilation, groups)
     cached = _cache.get(key)
     if cached is not None:
         return cached
+    rules = auto.choose_strategy(x, weight, stride, padding, dilation, groups)
     if not _can_time(x):
         return rules
     order = [rules] + [s for s in CANDIDATES if s != rules]
