@@ -43,6 +43,31 @@ def test_bench_layers_quick_reports_every_variant_against_static(tmp_path, capsy
         assert set(summary[f"{variant}_over_best"]["misses"]) <= shapes
     printed = capsys.readouterr().out
     assert "fwd+bwd" in printed and "tiny.dw3x3" in printed and "auto-rules/best" in printed
+    assert bench_layers.main(["--from-json", str(out), "--markdown"]) == json.loads(out.read_text())
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cpu | fp32 | 2 | 4 |")]
+    tuned = summary["auto"]
+    assert table[0].split(" | ")[7] == f"{tuned['geomean']:.2f}x / {tuned['worst']:.2f}x"  # the tuned auto column
+    assert len(table) == 1 + len(bench_layers.miss_rows(rows))
+
+
+def test_bench_layers_markdown_lists_each_miss_of_auto_against_the_fastest_strategy():
+    def row(variant, ms, pick=""):
+        return {
+            "device": "cpu",
+            "dtype": "fp32",
+            "shape": "s",
+            "batch": 1,
+            "experts": 4,
+            "variant": variant,
+            "train_ms": ms,
+            "train_ratio": ms / 2,
+            "auto_picks": pick,
+        }
+
+    rows = [row("grouped", 2.0), row("mixture", 1.0), row("bmm", 3.0), row("auto", 1.2, "mixture")]
+    assert bench_layers.miss_rows(rows) == [(rows[3], rows[1])]
+    rows[3]["train_ms"] = 1.05
+    assert bench_layers.miss_rows(rows) == []
 
 
 def test_bench_layers_suite_is_every_distinct_conv_of_three_architectures():

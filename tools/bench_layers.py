@@ -350,19 +350,24 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+def by_configuration(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """Rows keyed by (device, dtype, shape, B, K), then by variant, in the order measured."""
+    configs: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        configs.setdefault((row["device"], row["dtype"], row["shape"], row["batch"], row["experts"]), {})[
+            row["variant"]
+        ] = row
+    return configs
+
+
 def render(rows: list[dict], summaries: list[dict], console: Console) -> None:
     """One row per configuration, in sections by model and stage; then the summary per (dtype, B, K)."""
     names = [v for v in (*STRATEGY_VARIANTS, "timm") if any(r["variant"] == v for r in rows)]
     table = Table(title="CondConv2d fwd+bwd time / nn.Conv2d's (same shape, same run); auto: (strategy chosen)")
     for column in ("device", "dtype", "shape", "B", "K", "static ms", *names, "auto fwd", "auto peak"):
         table.add_column(column, justify="left" if column in ("device", "dtype", "shape") else "right")
-    configs: dict[tuple, dict[str, dict]] = {}
-    for row in rows:
-        configs.setdefault((row["device"], row["dtype"], row["shape"], row["batch"], row["experts"]), {})[
-            row["variant"]
-        ] = row
     group = None
-    for (device, dtype, shape, batch, experts), by_variant in configs.items():
+    for (device, dtype, shape, batch, experts), by_variant in by_configuration(rows).items():
         if group is not None and shape.split(" ")[0] != group:
             table.add_section()
         group = shape.split(" ")[0]
@@ -410,6 +415,57 @@ def render(rows: list[dict], summaries: list[dict], console: Console) -> None:
     console.print(overview)
 
 
+def markdown(report: dict) -> str:
+    """The summary and every miss of ``auto`` as Markdown tables, for the docs (numbers as measured)."""
+    m = report["machine"]
+    lines = [
+        f"Measured {m.get('started', '?')} to {m['date']}: {m['cpu']}, {m['threads']} threads, torch {m['torch']}"
+        + (f", {m['gpu']}" if "gpu" in m else "")
+        + (", channels_last" if report["channels_last"] else "")
+        + ".",
+        "",
+        "| device | dtype | B | K | grouped | mixture | bmm | tuned `auto` | rules-only `auto` | fastest fixed, "
+        "per shape | tuned / fastest (misses) | rules / fastest (misses) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in report["summary"]:
+        cells = [f"{s[v]['geomean']:.2f}x / {s[v]['worst']:.2f}x" if v in s else "-" for v in STRATEGY_VARIANTS]
+        gaps = [
+            f"{g['geomean']:.2f} / {g['worst']:.2f} ({len(g['misses'])})" if g else "-"
+            for g in (s.get(f"{v}_over_best") for v in AUTO_VARIANTS)
+        ]
+        cell = [s["device"], s["dtype"], str(s["batch"]), str(s["experts"])]
+        lines.append("| " + " | ".join([*cell, *cells, f"{s['best_per_shape_geomean']:.2f}x", *gaps]) + " |")
+    misses = miss_rows(report["rows"])
+    if misses:
+        lines += [
+            "",
+            f"Shapes where tuned `auto` took more than {MISS:.2f}x the fastest fixed strategy:",
+            "",
+            "| device | dtype | B | K | shape | tuned `auto` | fastest fixed | tuned / fastest |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for auto, best in misses:
+            lines.append(
+                f"| {auto['device']} | {auto['dtype']} | {auto['batch']} | {auto['experts']} | `{auto['shape']}` "
+                f"| {auto['auto_picks']} {auto['train_ratio']:.2f}x | {best['variant']} {best['train_ratio']:.2f}x "
+                f"| {auto['train_ms'] / best['train_ms']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def miss_rows(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(tuned auto's row, the fastest fixed strategy's row) wherever auto took more than MISS times as long."""
+    out = []
+    for by_variant in by_configuration(rows).values():
+        fixed = [by_variant[s] for s in FIXED_STRATEGIES if s in by_variant]
+        if "auto" in by_variant and fixed:
+            best = min(fixed, key=lambda r: r["train_ms"])
+            if by_variant["auto"]["train_ms"] > MISS * best["train_ms"]:
+                out.append((by_variant["auto"], best))
+    return out
+
+
 def machine() -> dict:
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -439,6 +495,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rules", action="store_true", help="of the two auto variants, measure rules-only auto only")
     parser.add_argument("--quick", action="store_true", help="CI-sized run: two tiny shapes, B=2, K=4, 1 repeat")
     parser.add_argument("--json", type=Path, help="also write every measurement and the summary to this JSON file")
+    parser.add_argument("--markdown", action="store_true", help="print the summary and auto's misses as Markdown")
+    parser.add_argument(
+        "--from-json", type=Path, metavar="JSON", help="measure nothing: print the tables of a run saved with --json"
+    )
     args = parser.parse_args(argv)
     args.dtype = args.dtype or (["fp32"] if args.quick else ["fp32", "bf16"])
     if args.quick:
@@ -453,22 +513,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 150)
+    if args.from_json:
+        try:
+            report = json.loads(args.from_json.read_text())
+        except (OSError, ValueError) as error:
+            sys.exit(f"cannot read {args.from_json}: {error}; pass a file written by --json")
+    else:
+        report = run(args, console)
+    if args.markdown:
+        print(markdown(report))
+    else:
+        render(report["rows"], report["summary"], console)
+    return report
+
+
+def run(args: argparse.Namespace, console: Console) -> dict:
+    started = machine()["date"]
     results: list[Result] = []
     for shape, batch, experts, dtype_name, device in configurations(args):
         console.log(f"{device} {dtype_name} {shape.name} B={batch} K={experts}")
         results.extend(
             measure(shape, batch, experts, dtype_name, device, args.repeats, args.channels_last, args.variants)
         )
-        report = write_report(results, args)  # after every configuration: a run cut short keeps what it measured
+        report = write_report(results, args, started)  # after every configuration: a run cut short keeps it
     if not results:
         sys.exit("no configuration selected: check --only against the suite's shape names")
-    render(report["rows"], report["summary"], console)
     return report
 
 
-def write_report(results: list[Result], args: argparse.Namespace) -> dict:
+def write_report(results: list[Result], args: argparse.Namespace, started: str) -> dict:
     rows = ratios(results)
-    report = {"machine": machine(), "channels_last": args.channels_last, "rows": rows, "summary": summary(rows)}
+    report = {
+        "machine": {**machine(), "started": started},
+        "channels_last": args.channels_last,
+        "rows": rows,
+        "summary": summary(rows),
+    }
     if args.json:
         with atomic_write(args.json, overwrite=True) as tmp:
             Path(tmp).write_text(json.dumps(report, indent=1))
