@@ -338,6 +338,14 @@ def summary(rows: list[dict]) -> list[dict]:
                 best[m["shape"]] = min(best.get(m["shape"], math.inf), m["train_ms"])
         static = {m["shape"]: m["static_train_ms"] for m in members}
         entry["best_per_shape_geomean"] = geomean([best[shape] / static[shape] for shape in best])
+        fixed = {(m["shape"], m["variant"]): m["train_ms"] for m in members if m["variant"] in FIXED_STRATEGIES}
+        same_code = [
+            max(m["train_ms"] / fixed[key], fixed[key] / m["train_ms"])
+            for m in members
+            if m["variant"] == "auto-rules" and (key := (m["shape"], m["auto_picks"])) in fixed
+        ]
+        if same_code:  # the run's own noise: the same code timed twice, as rules-only auto and as its strategy
+            entry["same_code_worst"] = max(same_code)
         for variant in AUTO_VARIANTS:
             gaps = {m["shape"]: m["train_ms"] / best[m["shape"]] for m in members if m["variant"] == variant}
             if gaps and best:
@@ -425,8 +433,8 @@ def markdown(report: dict) -> str:
         + ".",
         "",
         "| device | dtype | B | K | grouped | mixture | bmm | tuned `auto` | rules-only `auto` | fastest fixed, "
-        "per shape | tuned / fastest (misses) | rules / fastest (misses) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "per shape | tuned / fastest (misses) | rules / fastest (misses) | same code, worst |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["summary"]:
         cells = [f"{s[v]['geomean']:.2f}x / {s[v]['worst']:.2f}x" if v in s else "-" for v in STRATEGY_VARIANTS]
@@ -435,21 +443,23 @@ def markdown(report: dict) -> str:
             for g in (s.get(f"{v}_over_best") for v in AUTO_VARIANTS)
         ]
         cell = [s["device"], s["dtype"], str(s["batch"]), str(s["experts"])]
-        lines.append("| " + " | ".join([*cell, *cells, f"{s['best_per_shape_geomean']:.2f}x", *gaps]) + " |")
+        noise = f"{s['same_code_worst']:.2f}" if "same_code_worst" in s else "-"
+        lines.append("| " + " | ".join([*cell, *cells, f"{s['best_per_shape_geomean']:.2f}x", *gaps, noise]) + " |")
     misses = miss_rows(report["rows"])
     if misses:
         lines += [
             "",
             f"Shapes where tuned `auto` took more than {MISS:.2f}x the fastest fixed strategy:",
             "",
-            "| device | dtype | B | K | shape | tuned `auto` | fastest fixed | tuned / fastest |",
-            "|---|---|---|---|---|---|---|---|",
+            "| device | dtype | B | K | shape | tuned `auto` | fastest fixed | tuned / fastest | same strategy |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for auto, best in misses:
+            same = "yes" if auto["auto_picks"] == best["variant"] else "no"
             lines.append(
                 f"| {auto['device']} | {auto['dtype']} | {auto['batch']} | {auto['experts']} | `{auto['shape']}` "
                 f"| {auto['auto_picks']} {auto['train_ratio']:.2f}x | {best['variant']} {best['train_ratio']:.2f}x "
-                f"| {auto['train_ms'] / best['train_ms']:.2f} |"
+                f"| {auto['train_ms'] / best['train_ms']:.2f} | {same} |"
             )
     return "\n".join(lines)
 
@@ -516,8 +526,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.from_json:
         try:
             report = json.loads(args.from_json.read_text())
-        except (OSError, ValueError) as error:
-            sys.exit(f"cannot read {args.from_json}: {error}; pass a file written by --json")
+            report["summary"] = summary(report["rows"])  # recomputed: a run saved by an older script gains new columns
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            sys.exit(f"cannot read {args.from_json}: {error!r}; pass a file written by --json")
     else:
         report = run(args, console)
     if args.markdown:
