@@ -38,6 +38,7 @@ def test_bench_layers_quick_reports_every_variant_against_static(tmp_path, capsy
         assert picks and all({train, infer} <= set(bench_layers.FIXED_STRATEGIES) for train, infer in picks)
     (summary,) = report["summary"]
     assert (summary["batch"], summary["experts"]) == (2, 4)
+    assert math.isfinite(summary["same_code_worst"]) and summary["same_code_worst"] >= 1
     for variant in bench_layers.AUTO_VARIANTS:
         assert summary[variant]["geomean"] > 0 and summary[f"{variant}_over_best"]["worst"] > 0
         assert set(summary[f"{variant}_over_best"]["misses"]) <= shapes
