@@ -45,13 +45,14 @@ def fresh_tuning():
 def timings(monkeypatch) -> list[float]:
     """Every timed run (warm-ups included) while tuning."""
     runs: list[float] = []
-    inner = autotune._timed_ms
+    inner = autotune.timed_ms
 
-    def counted(call, device):
-        runs.append(inner(call, device))
+    def counted(call, device, min_ms=0.0):
+        assert min_ms == autotune.MIN_SAMPLE_MS  # every sample of the tuner runs that long, not one call
+        runs.append(inner(call, device, min_ms))
         return runs[-1]
 
-    monkeypatch.setattr(autotune, "_timed_ms", counted)
+    monkeypatch.setattr(autotune, "timed_ms", counted)
     return runs
 
 
@@ -105,6 +106,12 @@ def test_the_fastest_strategy_wins_and_is_recorded(slow, monkeypatch):
     layer(torch.randn(4, 8, 6, 6))
     assert layer.last_strategy != slow and layer.last_strategy in ("grouped", "mixture", "bmm")
     assert list(tuning_cache().values()) == [layer.last_strategy]
+
+
+def test_a_timed_sample_repeats_a_short_call_and_reports_the_mean_per_call():
+    calls: list[None] = []
+    ms = autotune.timed_ms(lambda: calls.append(time.sleep(0.001)), torch.device("cpu"), min_ms=20)
+    assert len(calls) >= 2 and ms >= 1.0 and ms * len(calls) >= 20
 
 
 def test_without_tuning_auto_applies_the_rules(timings):
@@ -202,6 +209,8 @@ def test_cost_model_leaves_out_clear_losers_and_a_lone_candidate_is_not_timed(ti
     assert not seen and not timings and list(tuning_cache().values()) == ["bmm"]
     condconv2d(torch.randn(2, 16, 7, 7), weight, r)  # 49 positions: mixture is worth a try, grouped is not
     assert seen == [["bmm", "mixture"]]
+    condconv2d(torch.randn(1, 16, 64, 64), weight, r[:1])  # at B = 1 grouped is a plain conv: timed
+    assert seen[-1] == ["grouped", "bmm"]
     assert "fused" not in autotune.CANDIDATES
 
 

@@ -5,17 +5,19 @@ For every suite shape, batch, K, dtype and device, the static conv and CondConv2
 see ``condconv_lightning.functional.autotune``) and rules-only ``auto`` (tuning off)
 (and timm's CondConv2d when timm is importable) run interleaved, so that caches, clocks
 and other load hit them alike. Each run calls the variant until it has taken at least
-:data:`MIN_SAMPLE_MS` (a single call of a small layer, a few ms, is at the mercy of
-the scheduler: one depthwise conv ran 0.78x-2.21x the static conv from one call to the
-next under the same strategy) and counts the mean per call. The order of the variants
-rotates from one round to the next, so that none always runs right after the same one
-(a call that follows a memory-hungry strategy starts with cold caches). A fixed
-strategy (or timm) more than :data:`SLOW` times slower than the fastest in its first
-round sits out the other rounds (``samples`` in the JSON): it cannot be the fastest,
-and at B = 128 such runs would take most of the time. Cells run from the smallest
-batch and K up, so a run cut short keeps complete cells. Reported per variant (the
-fastest of ``--repeats`` interleaved runs, since other processes on a shared machine
-only ever add time):
+:data:`MIN_SAMPLE_MS` and counts the mean per call; rounds go on past ``--repeats``
+until each variant has run :data:`MIN_TOTAL_MS` (a small layer thus gets some twenty
+short runs, of which the fastest is kept: one call, or one long run, of a 1 ms layer
+is at the mercy of the scheduler). The order of the variants rotates from one round
+to the next, so that none always runs right after the same one (a call that follows
+a memory-hungry strategy starts with cold caches). A fixed strategy (or timm) more
+than :data:`SLOW` times slower than the fastest in its first round sits out the other
+rounds (``samples`` in the JSON): it cannot be the fastest, and at B = 128 such runs
+would take most of the time. Cells run from the smallest batch and K up, so a run cut
+short keeps complete cells. Each cell reports its own noise floor: rules-only ``auto``
+against the fixed strategy it ran, the same code timed twice. Reported per variant
+(the fastest of its runs, since other processes on a shared machine only ever add
+time):
 forward+backward time (training step of the layer: input and weights require grad)
 and forward-only time (``torch.no_grad``, the inference case CondConv was designed
 for), each over the static conv's, and the peak memory the forward+backward allocates
@@ -49,7 +51,6 @@ import math
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ from rich.table import Table
 
 from condconv_lightning import CondConv2d
 from condconv_lightning.functional import tuning
+from condconv_lightning.functional.autotune import timed_ms
 from condconv_lightning.io import atomic_write
 
 FIXED_STRATEGIES = ("grouped", "mixture", "bmm")
@@ -97,34 +99,13 @@ def synchronize(device: torch.device) -> None:
 SLOW = 2.0
 """A fixed strategy (or timm) whose first timed run takes more than this times the fastest fixed
 strategy's, in training and inference, is not run again: its ratio comes from that one run."""
-MIN_SAMPLE_MS = 50.0
+MIN_SAMPLE_MS = 10.0
 """Each timed run of a variant repeats its call until this many ms have passed (timeit's autorange idea)."""
-
-
-def timed_ms(fn: Callable[[], None], device: torch.device, min_ms: float = 0.0) -> float:
-    """Mean wall time per call in ms over as many calls as take ``min_ms`` (at least one call).
-
-    CUDA work is bracketed by events after a synchronize.
-    """
-    calls, total = 0, 0.0
-    while calls == 0 or total < min_ms:
-        total += _one_call_ms(fn, device)
-        calls += 1
-    return total / calls
-
-
-def _one_call_ms(fn: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        synchronize(device)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    start_s = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start_s) * 1e3
+MIN_TOTAL_MS = 200.0
+"""Rounds go on past ``--repeats`` until every variant in the race has run this long in training
+(at most :data:`MAX_ROUNDS`): on 2 CPU cores a 1 ms layer measured 1.02-1.49 ms from one 50 ms
+run to the next, while the fastest of twenty 10 ms runs agreed within 2% between two copies."""
+MAX_ROUNDS = 40
 
 
 def peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
@@ -198,6 +179,7 @@ def measure(
     dtype_name: str,
     device: torch.device,
     repeats: int,
+    min_total_ms: float,
     channels_last: bool,
     names: tuple[str, ...],
 ) -> list[Result]:
@@ -241,7 +223,10 @@ def measure(
         infer_step(name)()
         picks[name] = (picked, getattr(modules[name], "last_strategy", "") if name in AUTO_VARIANTS else "")
     order, racing = list(modules), list(modules)
-    for repeat in range(repeats):
+    for repeat in range(MAX_ROUNDS):
+        spent = min(sum(max(ms, MIN_SAMPLE_MS) for ms in train[name]) for name in racing)
+        if repeat >= repeats and spent >= min_total_ms:
+            break
         order = order[1:] + order[:1]  # rotated: no variant always runs right after the same one
         for name in (name for name in order if name in racing):
             train[name].append(timed_ms(train_step(name), device, MIN_SAMPLE_MS))
@@ -499,7 +484,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 32, 128])
     parser.add_argument("--experts", nargs="+", type=int, default=[4, 8])
     parser.add_argument("--only", nargs="+", default=[], help="keep suite shapes whose name contains one of these")
-    parser.add_argument("--repeats", type=int, default=3, help="timed iterations per variant (the fastest is reported)")
+    parser.add_argument("--repeats", type=int, default=3, help="least number of timed rounds (the fastest is reported)")
     parser.add_argument("--channels-last", action="store_true", help="input and modules in channels_last")
     parser.add_argument("--tuned", action="store_true", help="of the two auto variants, measure tuned auto only")
     parser.add_argument("--rules", action="store_true", help="of the two auto variants, measure rules-only auto only")
@@ -544,7 +529,17 @@ def run(args: argparse.Namespace, console: Console) -> dict:
     for shape, batch, experts, dtype_name, device in configurations(args):
         console.log(f"{device} {dtype_name} {shape.name} B={batch} K={experts}")
         results.extend(
-            measure(shape, batch, experts, dtype_name, device, args.repeats, args.channels_last, args.variants)
+            measure(
+                shape,
+                batch,
+                experts,
+                dtype_name,
+                device,
+                args.repeats,
+                0.0 if args.quick else MIN_TOTAL_MS,
+                args.channels_last,
+                args.variants,
+            )
         )
         report = write_report(results, args, started)  # after every configuration: a run cut short keeps it
     if not results:

@@ -11,12 +11,14 @@ checkpointing, where nothing is timed and a cached choice is used if there is on
 (export and tracing: never, since their batch size may be symbolic).
 
 What is timed: forward+backward when the call needs gradients, forward only
-otherwise; on CUDA between events after a synchronize, on CPU by the wall clock. Each
-candidate runs once to warm up (a candidate ``2 * DROP_FACTOR`` times slower than the
-fastest warm-up is dropped), then up to :data:`TIMED_RUNS` interleaved rounds time the
-candidates still in the race; after each round a candidate whose median is more than
-:data:`DROP_FACTOR` times the best is dropped, and a lone survivor wins at once. The
-fastest median wins; ties go to the rules' choice. The fresh tensors come from a
+otherwise; on CUDA between events after a synchronize, on CPU by the wall clock. A
+timed sample repeats the call for at least :data:`MIN_SAMPLE_MS` (one call of a small
+problem is noise). Each candidate is sampled once to warm up (a candidate
+``2 * DROP_FACTOR`` times slower than the fastest warm-up is dropped), then up to
+:data:`TIMED_RUNS` interleaved rounds sample the candidates still in the race; after
+each round a candidate whose fastest sample is more than :data:`DROP_FACTOR` times the
+best is dropped, and a lone survivor wins at once. The fastest sample wins (other load
+only ever adds time); ties go to the rules' choice. The fresh tensors come from a
 private generator, so tuning leaves the global RNG, the module and the caller's
 autograd graph untouched. If the timing copies do not fit in CUDA memory, the rules
 decide that problem.
@@ -39,8 +41,9 @@ at all (with none, the rules decide):
   :data:`CHUNKED_MIN_EXPERTS`: at K = 4 mixture's four convs beat the chunks (ResNet-50
   layer4's strided 3x3, fp32, B = 32: 3.7x the static conv against 5.8-6.0x), at K = 8
   the chunks win (bmm 6.3x against mixture's 12.4x), so from K = 8 on they are timed;
-- ``grouped`` on dense 1x1 convs: ``bmm`` does the same products as one batched matrix
-  product (and won every ResNet-50 1x1 on CPU);
+- ``grouped`` on dense 1x1 convs with B > 1: ``bmm`` does the same products as one
+  batched matrix product (and won every ResNet-50 1x1 on CPU); at B = 1 ``grouped`` is
+  a plain conv with the mixed kernel and is timed;
 - ``bmm`` on other kernels when its ``unfold`` buffer exceeds the budget too.
 
 Each process tunes on its own, every DDP rank included: the strategies compute the
@@ -52,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -70,6 +72,9 @@ Runner = Callable[[str, Tensor, Tensor, Tensor | None, Tensor], Tensor]
 CANDIDATES: tuple[str, ...] = ("grouped", "mixture", "bmm")
 TIMED_RUNS = 3
 DROP_FACTOR = 1.5
+MIN_SAMPLE_MS = 2.0
+"""A timed sample repeats the call until this many ms have passed: one call of a small
+problem (a fraction of a ms) is at the mercy of the scheduler."""
 CHUNKED_MIN_EXPERTS = 8
 """From this K on, ``grouped``/``bmm`` are timed even when they would run in chunks (module docstring)."""
 MIXTURE_MAX_EXTRA_POSITIONS = 4096
@@ -256,8 +261,8 @@ def _worth_timing(strategy: str, x: Tensor, weight: Tensor, key: tuple) -> bool:
     if chunked and weight.shape[0] < CHUNKED_MIN_EXPERTS:
         return False
     pointwise = (kh, kw) == (1, 1) and groups == 1
-    if strategy == "grouped":
-        return not pointwise
+    if strategy == "grouped":  # at B = 1 grouped is a plain conv with the mixed kernel
+        return not pointwise or batch == 1
     unfold_bytes = batch * in_channels * kh * kw * positions * torch.finfo(auto.compute_dtype(x)).bits // 8
     return strategy == "bmm" and (pointwise or unfold_bytes <= auto.KERNEL_BUDGET_BYTES)
 
@@ -295,20 +300,33 @@ def _fastest(
 
     # The warm-up round includes one-time setup (oneDNN primitives, cuDNN plans, first-touch
     # memory), so it drops only losers by twice the margin; its times are not kept.
-    warm_up = {strategy: _timed_ms(step(strategy), x.device) for strategy in candidates}
+    warm_up = {strategy: timed_ms(step(strategy), x.device, MIN_SAMPLE_MS) for strategy in candidates}
     alive = [s for s in candidates if warm_up[s] <= 2 * DROP_FACTOR * min(warm_up.values())]
     times: dict[str, list[float]] = {strategy: [] for strategy in alive}
     for _ in range(TIMED_RUNS if len(alive) > 1 else 0):  # interleaved rounds; a lone survivor wins
         for strategy in alive:
-            times[strategy].append(_timed_ms(step(strategy), x.device))
-        best_ms = min(statistics.median(times[s]) for s in alive)
-        alive = [s for s in alive if statistics.median(times[s]) <= DROP_FACTOR * best_ms]
+            times[strategy].append(timed_ms(step(strategy), x.device, MIN_SAMPLE_MS))
+        best_ms = min(min(times[s]) for s in alive)
+        alive = [s for s in alive if min(times[s]) <= DROP_FACTOR * best_ms]
         if len(alive) == 1:
             break
-    return min(alive, key=lambda s: statistics.median(times[s]) if times[s] else 0.0)
+    return min(alive, key=lambda s: min(times[s]) if times[s] else 0.0)
 
 
-def _timed_ms(call: Callable[[], None], device: torch.device) -> float:
+def timed_ms(call: Callable[[], None], device: torch.device, min_ms: float = 0.0) -> float:
+    """Mean wall time per call in ms over as many calls as take ``min_ms`` (at least one call).
+
+    CUDA work is timed between events after a synchronize. ``tools/bench_layers.py``
+    times with this function too.
+    """
+    calls, total = 0, 0.0
+    while calls == 0 or total < min_ms:
+        total += _one_call_ms(call, device)
+        calls += 1
+    return total / calls
+
+
+def _one_call_ms(call: Callable[[], None], device: torch.device) -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
