@@ -47,7 +47,7 @@ def test_bench_layers_quick_reports_every_variant_against_static(tmp_path, capsy
     assert bench_layers.main(["--from-json", str(out), "--markdown"]) == json.loads(out.read_text())
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cpu | fp32 | 2 | 4 |")]
     tuned = summary["auto"]
-    assert table[0].split(" | ")[7] == f"{tuned['geomean']:.2f}x / {tuned['worst']:.2f}x"  # the tuned auto column
+    assert table[0].split(" | ")[8] == f"{tuned['geomean']:.2f}x / {tuned['worst']:.2f}x"  # the tuned auto column
     assert len(table) == 1 + len(bench_layers.miss_rows(rows))
 
 

@@ -314,6 +314,7 @@ def summary(rows: list[dict]) -> list[dict]:
     out = []
     for (device, dtype, batch, experts), members in sorted(groups.items()):
         entry: dict = {"device": device, "dtype": dtype, "batch": batch, "experts": experts}
+        entry["shapes"] = len({m["shape"] for m in members})
         for variant in sorted({m["variant"] for m in members}):
             ratios_ = [m["train_ratio"] for m in members if m["variant"] == variant]
             entry[variant] = {"geomean": geomean(ratios_), "worst": max(ratios_)}
@@ -417,9 +418,9 @@ def markdown(report: dict) -> str:
         + (", channels_last" if report["channels_last"] else "")
         + ".",
         "",
-        "| device | dtype | B | K | grouped | mixture | bmm | tuned `auto` | rules-only `auto` | fastest fixed, "
-        "per shape | tuned / fastest (misses) | rules / fastest (misses) | same code, worst |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| device | dtype | B | K | shapes | grouped | mixture | bmm | tuned `auto` | rules-only `auto` | fastest "
+        "fixed, per shape | tuned / fastest (misses) | rules / fastest (misses) | same code, worst |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["summary"]:
         cells = [f"{s[v]['geomean']:.2f}x / {s[v]['worst']:.2f}x" if v in s else "-" for v in STRATEGY_VARIANTS]
@@ -427,7 +428,7 @@ def markdown(report: dict) -> str:
             f"{g['geomean']:.2f} / {g['worst']:.2f} ({len(g['misses'])})" if g else "-"
             for g in (s.get(f"{v}_over_best") for v in AUTO_VARIANTS)
         ]
-        cell = [s["device"], s["dtype"], str(s["batch"]), str(s["experts"])]
+        cell = [s["device"], s["dtype"], str(s["batch"]), str(s["experts"]), str(s["shapes"])]
         noise = f"{s['same_code_worst']:.2f}" if "same_code_worst" in s else "-"
         lines.append("| " + " | ".join([*cell, *cells, f"{s['best_per_shape_geomean']:.2f}x", *gaps, noise]) + " |")
     misses = miss_rows(report["rows"])
