@@ -214,14 +214,19 @@ def test_cost_model_leaves_out_clear_losers_and_a_lone_candidate_is_not_timed(ti
     assert "fused" not in autotune.CANDIDATES
 
 
-def test_chunked_strategies_are_timed_only_when_mixture_runs_many_convs():
-    """ResNet-50 layer4's strided 3x3 at B = 32 in fp32: its per-sample kernels exceed the budget."""
-    x = torch.empty(32, 512, 14, 14, device="meta")
-    for experts, timed in ((4, False), (autotune.CHUNKED_MIN_EXPERTS, True)):
-        weight = torch.empty(experts, 512, 512, 3, 3, device="meta")
-        key = autotune.problem_key(x, weight, None, torch.empty(32, experts, device="meta"), (2, 2), (1, 1), (1, 1), 1)
-        assert autotune._worth_timing("bmm", x, weight, key) is timed
-        assert autotune._worth_timing("grouped", x, weight, key) is timed
+@pytest.mark.parametrize("batch,size,stride", [(32, 14, 2), (128, 14, 1)])
+@pytest.mark.parametrize("experts", [4, 8])
+def test_strategies_that_would_run_in_chunks_are_timed(batch, size, stride, experts):
+    """ResNet-50 layer4's strided 3x3 at B = 32 and layer3's 3x3 at B = 128 (fp32): their per-sample
+    kernels exceed the budget, and whether the chunks or mixture win depends on B and K."""
+    channels = 512 if stride == 2 else 256
+    x = torch.empty(batch, channels, size, size, device="meta")
+    weight = torch.empty(experts, channels, channels, 3, 3, device="meta")
+    assert batch * autotune.auto.per_sample_kernel_bytes(x, weight) > autotune.auto.KERNEL_BUDGET_BYTES
+    r = torch.empty(batch, experts, device="meta")
+    key = autotune.problem_key(x, weight, None, r, (stride, stride), (1, 1), (1, 1), 1)
+    assert autotune._worth_timing("grouped", x, weight, key)
+    assert autotune._worth_timing("bmm", x, weight, key)
 
 
 def test_cache_round_trips_through_json(tmp_path, timings):

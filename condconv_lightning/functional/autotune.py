@@ -36,15 +36,17 @@ at all (with none, the rules decide):
   ResNet-50 layer3's strided 3x3 (S = 196) and EfficientNet-B0's strided depthwise 5x5
   (S = 784) ran 1.09x and 0.92x under mixture against grouped's 1.24x and 1.37x (bf16,
   B = 32, K = 4, 2 CPU cores);
-- ``grouped`` and ``bmm`` when the batch's per-sample kernels exceed
-  ``auto.KERNEL_BUDGET_BYTES`` (the call would run in recomputed chunks) and K is below
-  :data:`CHUNKED_MIN_EXPERTS`: at K = 4 mixture's four convs beat the chunks (ResNet-50
-  layer4's strided 3x3, fp32, B = 32: 3.7x the static conv against 5.8-6.0x), at K = 8
-  the chunks win (bmm 6.3x against mixture's 12.4x), so from K = 8 on they are timed;
 - ``grouped`` on dense 1x1 convs with B > 1: ``bmm`` does the same products as one
   batched matrix product (and won every ResNet-50 1x1 on CPU); at B = 1 ``grouped`` is
   a plain conv with the mixed kernel and is timed;
 - ``bmm`` on other kernels when its ``unfold`` buffer exceeds the budget too.
+
+A call whose per-sample kernels exceed ``auto.KERNEL_BUDGET_BYTES`` runs ``grouped`` and
+``bmm`` in recomputed chunks, and they are timed all the same: which side wins depends
+on B and K. ResNet-50 layer4's strided 3x3 (fp32, B = 32) ran 3.7x the static conv
+under mixture against 5.8-6.0x chunked at K = 4, but at K = 8 the chunks won (bmm
+6.3x, mixture 12.4x); at B = 128, K = 4, layer3's 3x3 ran 2.9x chunked under grouped
+against mixture's 3.9x, and layer4's strided 1x1 3.3x under bmm against 5.2x.
 
 Each process tunes on its own, every DDP rank included: the strategies compute the
 same function, so ranks that pick differently still train the same model.
@@ -75,8 +77,6 @@ DROP_FACTOR = 1.5
 MIN_SAMPLE_MS = 2.0
 """A timed sample repeats the call until this many ms have passed: one call of a small
 problem (a fraction of a ms) is at the mercy of the scheduler."""
-CHUNKED_MIN_EXPERTS = 8
-"""From this K on, ``grouped``/``bmm`` are timed even when they would run in chunks (module docstring)."""
 MIXTURE_MAX_EXTRA_POSITIONS = 4096
 """``mixture`` is timed while ``(K - 1) * S`` is at most this: at K = 4, S <= 1365 (down to 28x28)."""
 
@@ -257,9 +257,6 @@ def _worth_timing(strategy: str, x: Tensor, weight: Tensor, key: tuple) -> bool:
     positions = ((height + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((width + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
     if strategy == "mixture":
         return (weight.shape[0] - 1) * positions <= MIXTURE_MAX_EXTRA_POSITIONS
-    chunked = batch * auto.per_sample_kernel_bytes(x, weight) > auto.KERNEL_BUDGET_BYTES
-    if chunked and weight.shape[0] < CHUNKED_MIN_EXPERTS:
-        return False
     pointwise = (kh, kw) == (1, 1) and groups == 1
     if strategy == "grouped":  # at B = 1 grouped is a plain conv with the mixed kernel
         return not pointwise or batch == 1
