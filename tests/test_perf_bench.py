@@ -117,3 +117,47 @@ def test_bench_layers_stops_repeating_a_strategy_only_when_it_is_slow_in_trainin
     infer = {"static": [1.0], "grouped": [1.0], "mixture": [2.1], "bmm": [2.5], "auto": [9.0], "timm": [1.5]}
     out = {name for name in train if bench_layers.out_of_the_race(name, train, infer)}
     assert out == {"mixture"}  # bmm is within 2x in training, timm in inference; static and auto always run
+
+
+def test_bench_layers_resume_measures_only_the_configurations_the_saved_run_lacks(tmp_path, monkeypatch):
+    out = tmp_path / "layers.json"
+    first = bench_layers.main(["--quick", "--json", str(out)])
+    kept, dropped = (shape.name for shape in bench_layers.QUICK_SUITE)
+    saved = json.loads(out.read_text())
+    saved["rows"] = [r for r in saved["rows"] if r["shape"] != dropped or r["variant"] != "bmm"]  # cut short
+    out.write_text(json.dumps(saved))
+    measured = []
+    measure = bench_layers.measure
+    monkeypatch.setattr(bench_layers, "measure", lambda shape, *a: measured.append(shape.name) or measure(shape, *a))
+    report = bench_layers.main(["--quick", "--json", str(out), "--resume"])
+    assert measured == [dropped]
+    old = [r for r in first["rows"] if r["shape"] == kept]
+    assert [r for r in report["rows"] if r["shape"] == kept] == old  # kept as measured, not re-measured
+    assert {r["variant"] for r in report["rows"] if r["shape"] == dropped} >= set(bench_layers.STRATEGY_VARIANTS)
+    segments = report["machine"]["segments"]
+    assert len(segments) == 2 and segments[0] == first["machine"]["started"] == report["machine"]["started"]
+    assert json.loads(out.read_text())["machine"]["segments"] == segments
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "flags"),
+    [("torch", "0.0.1", []), ("threads", 999, []), ("channels_last", None, ["--channels-last"])],
+)
+def test_bench_layers_resume_refuses_a_run_measured_with_other_settings(tmp_path, monkeypatch, field, value, flags):
+    out = tmp_path / "layers.json"
+    saved = {"machine": bench_layers.machine(), "channels_last": False, "rows": []}
+    if value is not None:
+        saved["machine"][field] = value
+    out.write_text(json.dumps(saved))
+    monkeypatch.setattr(bench_layers, "measure", lambda *a: pytest.fail("measured despite the mismatch"))
+    with pytest.raises(SystemExit, match=f"cannot resume .*{field}.*start a new --json file"):
+        bench_layers.main(["--quick", "--json", str(out), "--resume", *flags])
+    assert json.loads(out.read_text()) == saved  # the saved run is left as it was
+
+
+def test_bench_layers_resume_needs_the_saved_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_layers.main(["--quick", "--resume"])
+    with pytest.raises(SystemExit):
+        bench_layers.main(["--quick", "--resume", "--json", str(tmp_path / "missing.json")])
+    assert "--resume continues a run saved with --json" in capsys.readouterr().err

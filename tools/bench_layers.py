@@ -33,11 +33,18 @@ The suite is every distinct conv of ResNet-50, MobileNetV2 and EfficientNet-B0 a
 whose name contains a given text (``--only r50.layer4 effb0.stage6``); ``--quick`` is
 a CI-sized run of two tiny shapes. The summary gives, per (device, dtype, B, K), each
 variant's geometric mean and worst ratio over the static conv, and tuned and
-rules-only ``auto`` against the fastest fixed strategy of each shape.
+rules-only ``auto`` against the fastest fixed strategy of each shape. The JSON keeps every
+timed run (``train_samples_ms``, ``infer_samples_ms``), not only the fastest.
+
+A whole run takes hours on a few CPU cores; ``--resume`` continues the run saved in
+``--json`` (written after every shape), measuring only the configurations it lacks. It
+refuses a file measured with another torch, CPU architecture, thread count, GPU or
+memory format; the report lists when each segment started.
 
     python tools/bench_layers.py                       # full suite, every device present
     python tools/bench_layers.py --batch 32 --experts 4 --dtype fp32 --only r50 --json out.json
     python tools/bench_layers.py --rules               # rules-only auto against the fixed strategies
+    python tools/bench_layers.py --json run.json --resume   # continue a run cut short
     python tools/bench_layers.py --quick
 """
 
@@ -87,6 +94,8 @@ class Result:
     infer_ms: float
     peak_bytes: int
     samples: int
+    train_samples_ms: list[float]
+    infer_samples_ms: list[float]
     auto_picks: str = ""
     auto_picks_infer: str = ""
 
@@ -250,6 +259,8 @@ def measure(
             infer_ms=min(infer[name]),
             peak_bytes=peaks[name],
             samples=len(train[name]),
+            train_samples_ms=train[name],
+            infer_samples_ms=infer[name],
             auto_picks=picks[name][0],
             auto_picks_infer=picks[name][1],
         )
@@ -413,7 +424,9 @@ def markdown(report: dict) -> str:
     """The summary and every miss of ``auto`` as Markdown tables, for the docs (numbers as measured)."""
     m = report["machine"]
     lines = [
-        f"Measured {m.get('started', '?')} to {m['date']}: {m['cpu']}, {m['threads']} threads, torch {m['torch']}"
+        f"Measured {m.get('started', '?')} to {m['date']}"
+        + (f" (resumed at {', '.join(m['segments'][1:])})" if len(m.get("segments", [])) > 1 else "")
+        + f": {m['cpu']}, {m['threads']} threads, torch {m['torch']}"
         + (f", {m['gpu']}" if "gpu" in m else "")
         + (", channels_last" if report["channels_last"] else "")
         + ".",
@@ -462,6 +475,10 @@ def miss_rows(rows: list[dict]) -> list[tuple[dict, dict]]:
     return out
 
 
+RESUME_MUST_MATCH = ("torch", "cpu", "threads", "gpu")
+"""What a resumed run must share with the saved one for their rows to sit in one table."""
+
+
 def machine() -> dict:
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -491,11 +508,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rules", action="store_true", help="of the two auto variants, measure rules-only auto only")
     parser.add_argument("--quick", action="store_true", help="CI-sized run: two tiny shapes, B=2, K=4, 1 repeat")
     parser.add_argument("--json", type=Path, help="also write every measurement and the summary to this JSON file")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run saved in --json: keep its measurements, measure only what it lacks",
+    )
     parser.add_argument("--markdown", action="store_true", help="print the summary and auto's misses as Markdown")
     parser.add_argument(
         "--from-json", type=Path, metavar="JSON", help="measure nothing: print the tables of a run saved with --json"
     )
     args = parser.parse_args(argv)
+    if args.resume and not (args.json and args.json.exists()):
+        parser.error("--resume continues a run saved with --json: pass --json FILE of that run")
     args.dtype = args.dtype or (["fp32"] if args.quick else ["fp32", "bf16"])
     if args.quick:
         args.batch, args.experts, args.repeats = [2], [4], 1
@@ -525,33 +549,65 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(args: argparse.Namespace, console: Console) -> dict:
-    started = machine()["date"]
-    results: list[Result] = []
+    segments = [machine()["date"]]  # when the run, and each resumption of it, started
+    rows: list[dict] = []
+    if args.resume:
+        rows, segments = resumed(args, segments[0])
+    done = set(by_configuration(rows))
+    report = None
     for shape, batch, experts, dtype_name, device in configurations(args):
+        if (str(device), dtype_name, shape.name, batch, experts) in done:
+            continue
         console.log(f"{device} {dtype_name} {shape.name} B={batch} K={experts}")
-        results.extend(
-            measure(
-                shape,
-                batch,
-                experts,
-                dtype_name,
-                device,
-                args.repeats,
-                0.0 if args.quick else MIN_TOTAL_MS,
-                args.channels_last,
-                args.variants,
-            )
+        results = measure(
+            shape,
+            batch,
+            experts,
+            dtype_name,
+            device,
+            args.repeats,
+            0.0 if args.quick else MIN_TOTAL_MS,
+            args.channels_last,
+            args.variants,
         )
-        report = write_report(results, args, started)  # after every configuration: a run cut short keeps it
-    if not results:
+        rows.extend(ratios(results))
+        report = write_report(rows, args, segments)  # after every configuration: a run cut short keeps it
+    if report is None and not done:
         sys.exit("no configuration selected: check --only against the suite's shape names")
-    return report
+    return report or write_report(rows, args, segments)
 
 
-def write_report(results: list[Result], args: argparse.Namespace, started: str) -> dict:
-    rows = ratios(results)
+def resumed(args: argparse.Namespace, now: str) -> tuple[list[dict], list[str]]:
+    """The rows of the run saved in ``--json`` whose configuration has every variant asked for, and the
+    run's segments with this one added. Refuses a file from another torch, CPU architecture, thread count,
+    GPU or memory format: its ratios would not compare with the new ones."""
+    try:
+        report = json.loads(args.json.read_text())
+        rows, saved = report["rows"], report["machine"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        sys.exit(f"cannot resume from {args.json}: {error!r}; pass the file a run wrote with --json")
+    here = machine()
+    differs = [
+        f"{key} {saved.get(key)!r} there, {here.get(key)!r} here"
+        for key in RESUME_MUST_MATCH
+        if saved.get(key) != here.get(key)
+    ]
+    if report.get("channels_last") != args.channels_last:
+        differs.append(f"channels_last {report.get('channels_last')!r} there")
+    if differs:
+        sys.exit(
+            f"cannot resume {args.json}: measured with other settings ({'; '.join(differs)}); start a new --json file"
+        )
+    complete = {key for key, by_variant in by_configuration(rows).items() if set(args.variants) <= set(by_variant)}
+    kept = [
+        row for row in rows if (row["device"], row["dtype"], row["shape"], row["batch"], row["experts"]) in complete
+    ]
+    return kept, [*saved.get("segments", [saved.get("started", saved["date"])]), now]
+
+
+def write_report(rows: list[dict], args: argparse.Namespace, segments: list[str]) -> dict:
     report = {
-        "machine": {**machine(), "started": started},
+        "machine": {**machine(), "started": segments[0], "segments": segments},
         "channels_last": args.channels_last,
         "rows": rows,
         "summary": summary(rows),
