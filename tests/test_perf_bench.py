@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,9 +22,25 @@ import bench_layers  # noqa: E402
 import bench_model  # noqa: E402
 
 
-def test_bench_layers_quick_reports_every_variant_against_static(tmp_path, capsys):
+@pytest.fixture(autouse=True)
+def allocator_left_alone(monkeypatch):
+    """The scripts' switch of the C allocator is process-wide: in-process runs record the call instead."""
+    calls = []
+
+    def keep_freed_memory():
+        calls.append(True)
+        monkeypatch.setitem(bench_layers.MALLOC, "malloc", "kept (recorded by the test)")
+        return True
+
+    monkeypatch.setattr(bench_layers, "keep_freed_memory", keep_freed_memory)
+    monkeypatch.setattr(bench_model, "keep_freed_memory", keep_freed_memory)
+    return calls
+
+
+def test_bench_layers_quick_reports_every_variant_against_static(tmp_path, capsys, allocator_left_alone):
     out = tmp_path / "layers.json"
     report = bench_layers.main(["--quick", "--json", str(out)])
+    assert allocator_left_alone == [True] and report["machine"]["malloc"] == "kept (recorded by the test)"
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     rows = report["rows"]
     shapes = {shape.name for shape in bench_layers.QUICK_SUITE}
@@ -94,9 +112,10 @@ def test_bench_layers_rejects_a_selection_that_matches_nothing():
         bench_layers.main(["--quick", "--only", "no-such-shape"])
 
 
-def test_bench_model_quick_reports_throughput_and_memory_ratios(tmp_path, capsys):
+def test_bench_model_quick_reports_throughput_and_memory_ratios(tmp_path, capsys, allocator_left_alone):
     out = tmp_path / "model.json"
     result = bench_model.main(["--quick", "--json", str(out)])
+    assert allocator_left_alone == [True] and result["machine"]["malloc"] == "kept (recorded by the test)"
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["converted_layers"] > 0
     assert result["params"]["converted"] > result["params"]["static"]
@@ -161,3 +180,33 @@ def test_bench_layers_resume_needs_the_saved_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench_layers.main(["--quick", "--resume", "--json", str(tmp_path / "missing.json")])
     assert "--resume continues a run saved with --json" in capsys.readouterr().err
+
+
+def test_bench_layers_system_malloc_leaves_the_allocator_and_says_so(allocator_left_alone):
+    report = bench_layers.main(["--quick", "--only", "tiny.dw3x3", "--system-malloc"])
+    assert allocator_left_alone == [] and report["machine"]["malloc"] == "system"
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the switch is glibc's mallopt")
+def test_keep_freed_memory_stops_large_buffers_from_page_faulting_on_every_call():
+    probe = f"""
+import resource, sys, torch
+sys.path.insert(0, {str(TOOLS)!r})
+import bench_layers
+
+def faults(calls):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        torch.ones(16 * 2**20)  # 64 MiB, freed at once
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults(1)
+system = faults(3)
+kept = bench_layers.keep_freed_memory()
+faults(3)  # the heap grows to hold the buffer
+print(kept, system, faults(3), bench_layers.machine()["malloc"])
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    kept, system_faults, kept_faults, malloc = out[0], int(out[1]), int(out[2]), " ".join(out[3:])
+    assert kept == "True" and malloc == "glibc, freed memory kept"
+    assert kept_faults * 10 < system_faults, (system_faults, kept_faults)

@@ -41,6 +41,12 @@ A whole run takes hours on a few CPU cores; ``--resume`` continues the run saved
 refuses a file measured with another torch, CPU architecture, thread count, GPU or
 memory format; the report lists when each segment started.
 
+Before measuring, the script has glibc's malloc keep freed memory, as jemalloc, tcmalloc
+and CUDA's caching allocator do (:func:`keep_freed_memory`; ``--system-malloc`` leaves
+it): with glibc's defaults each call of a large layer page-faults its buffers in again,
+which at B = 128 took more time than the convolution and varied from call to call. The
+report records the setting (``machine.malloc``).
+
     python tools/bench_layers.py                       # full suite, every device present
     python tools/bench_layers.py --batch 32 --experts 4 --dtype fp32 --only r50 --json out.json
     python tools/bench_layers.py --rules               # rules-only auto against the fixed strategies
@@ -52,6 +58,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import datetime
 import json
 import math
@@ -115,6 +123,38 @@ MIN_TOTAL_MS = 200.0
 (at most :data:`MAX_ROUNDS`): on 2 CPU cores a 1 ms layer measured 1.02-1.49 ms from one 50 ms
 run to the next, while the fastest of twenty 10 ms runs agreed within 2% between two copies."""
 MAX_ROUNDS = 40
+
+
+MALLOC = {"malloc": "system"}
+"""How the C allocator was left for this run (process-wide state, recorded in every report)."""
+SYSTEM_MALLOC_HELP = (
+    "leave the C allocator as it is: glibc then returns large freed blocks to the OS, and each call "
+    "page-faults its big buffers in again (slower, and noisier)"
+)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS.
+
+    By default glibc serves blocks over 32 MiB with ``mmap`` and unmaps them when freed, so
+    every large buffer is page-faulted in anew on each call: on 2 CPU cores the static
+    fwd+bwd of ResNet-50's layer1 1x1 conv (64->256 @56, B = 128) took 1.14-1.23 s, most of
+    it kernel time, against 0.46-0.51 s with freed memory kept, and CondConv's ``bmm``
+    0.70-0.89 s against 0.40-0.53 s (six calls each). jemalloc and tcmalloc keep freed memory (PyTorch's CPU
+    tuning guide recommends them), as CUDA's caching allocator does; this does the same
+    with glibc's own ``mallopt`` (no ``mmap``, trim threshold 2 GiB). False where the C
+    library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        set_option = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    if not (set_option(m_mmap_max, 0) and set_option(m_trim_threshold, 2**31 - 1)):
+        return False
+    MALLOC["malloc"] = "glibc, freed memory kept"
+    return True
 
 
 def peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
@@ -329,12 +369,11 @@ def summary(rows: list[dict]) -> list[dict]:
         for variant in sorted({m["variant"] for m in members}):
             ratios_ = [m["train_ratio"] for m in members if m["variant"] == variant]
             entry[variant] = {"geomean": geomean(ratios_), "worst": max(ratios_)}
-        best: dict[str, float] = {}
-        for m in members:
-            if m["variant"] in FIXED_STRATEGIES:
-                best[m["shape"]] = min(best.get(m["shape"], math.inf), m["train_ms"])
+        fastest = {
+            key[2]: row for key, by_variant in by_configuration(members).items() if (row := fastest_fixed(by_variant))
+        }
         static = {m["shape"]: m["static_train_ms"] for m in members}
-        entry["best_per_shape_geomean"] = geomean([best[shape] / static[shape] for shape in best])
+        entry["best_per_shape_geomean"] = geomean([row["train_ms"] / static[shape] for shape, row in fastest.items()])
         fixed = {(m["shape"], m["variant"]): m["train_ms"] for m in members if m["variant"] in FIXED_STRATEGIES}
         same_code = [
             max(m["train_ms"] / fixed[key], fixed[key] / m["train_ms"])
@@ -344,8 +383,12 @@ def summary(rows: list[dict]) -> list[dict]:
         if same_code:  # the run's own noise: the same code timed twice, as rules-only auto and as its strategy
             entry["same_code_worst"] = max(same_code)
         for variant in AUTO_VARIANTS:
-            gaps = {m["shape"]: m["train_ms"] / best[m["shape"]] for m in members if m["variant"] == variant}
-            if gaps and best:
+            gaps = {
+                m["shape"]: m["train_ms"] / fastest[m["shape"]]["train_ms"]
+                for m in members
+                if m["variant"] == variant and m["shape"] in fastest
+            }
+            if gaps:
                 entry[f"{variant}_over_best"] = {
                     "geomean": geomean(list(gaps.values())),
                     "worst": max(gaps.values()),
@@ -463,19 +506,23 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def fastest_fixed(by_variant: dict[str, dict]) -> dict | None:
+    """The row of the fastest fixed strategy (fwd+bwd) of one configuration, or None if none was measured."""
+    fixed = [by_variant[s] for s in FIXED_STRATEGIES if s in by_variant]
+    return min(fixed, key=lambda r: r["train_ms"]) if fixed else None
+
+
 def miss_rows(rows: list[dict]) -> list[tuple[dict, dict]]:
     """(tuned auto's row, the fastest fixed strategy's row) wherever auto took more than MISS times as long."""
     out = []
     for by_variant in by_configuration(rows).values():
-        fixed = [by_variant[s] for s in FIXED_STRATEGIES if s in by_variant]
-        if "auto" in by_variant and fixed:
-            best = min(fixed, key=lambda r: r["train_ms"])
-            if by_variant["auto"]["train_ms"] > MISS * best["train_ms"]:
-                out.append((by_variant["auto"], best))
+        best = fastest_fixed(by_variant)
+        if "auto" in by_variant and best and by_variant["auto"]["train_ms"] > MISS * best["train_ms"]:
+            out.append((by_variant["auto"], best))
     return out
 
 
-RESUME_MUST_MATCH = ("torch", "cpu", "threads", "gpu")
+RESUME_MUST_MATCH = ("torch", "cpu", "threads", "gpu", "malloc")
 """What a resumed run must share with the saved one for their rows to sit in one table."""
 
 
@@ -486,6 +533,7 @@ def machine() -> dict:
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        **MALLOC,
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -506,6 +554,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels-last", action="store_true", help="input and modules in channels_last")
     parser.add_argument("--tuned", action="store_true", help="of the two auto variants, measure tuned auto only")
     parser.add_argument("--rules", action="store_true", help="of the two auto variants, measure rules-only auto only")
+    parser.add_argument("--system-malloc", action="store_true", help=SYSTEM_MALLOC_HELP)
     parser.add_argument("--quick", action="store_true", help="CI-sized run: two tiny shapes, B=2, K=4, 1 repeat")
     parser.add_argument("--json", type=Path, help="also write every measurement and the summary to this JSON file")
     parser.add_argument(
@@ -540,6 +589,8 @@ def main(argv: list[str] | None = None) -> dict:
         except (OSError, ValueError, KeyError, TypeError) as error:
             sys.exit(f"cannot read {args.from_json}: {error!r}; pass a file written by --json")
     else:
+        if not args.system_malloc:
+            keep_freed_memory()
         report = run(args, console)
     if args.markdown:
         print(markdown(report))
@@ -580,7 +631,7 @@ def run(args: argparse.Namespace, console: Console) -> dict:
 def resumed(args: argparse.Namespace, now: str) -> tuple[list[dict], list[str]]:
     """The rows of the run saved in ``--json`` whose configuration has every variant asked for, and the
     run's segments with this one added. Refuses a file from another torch, CPU architecture, thread count,
-    GPU or memory format: its ratios would not compare with the new ones."""
+    GPU, allocator setting or memory format: its ratios would not compare with the new ones."""
     try:
         report = json.loads(args.json.read_text())
         rows, saved = report["rows"], report["machine"]

@@ -9,7 +9,8 @@ backward and an SGD update. Reported: images/s of each (from the fastest step of
 ``--steps``) and the converted/static ratio, the peak memory one step allocates
 above the model's own, with the same measures as ``bench_layers.py``, and the time
 of the first (warm-up) step, which includes ``auto``'s tuning of each new problem
-(``CONDCONV_TUNE=0`` turns tuning off for comparison).
+(``CONDCONV_TUNE=0`` turns tuning off for comparison). As ``bench_layers.py`` does,
+it has glibc's malloc keep freed memory first (``--system-malloc`` leaves it).
 
     python tools/bench_model.py                          # ResNet-50-like, 224x224, B=16
     python tools/bench_model.py --batch 32 --dtype bf16 --json model.json
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from bench_layers import DTYPES, machine, peak_bytes, timed_ms
+from bench_layers import DTYPES, SYSTEM_MALLOC_HELP, keep_freed_memory, machine, peak_bytes, timed_ms
 from rich.console import Console
 from rich.table import Table
 
@@ -67,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per model (the fastest is reported)")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--system-malloc", action="store_true", help=SYSTEM_MALLOC_HELP)
     parser.add_argument("--quick", action="store_true", help="CI-sized: resnet_tiny, 32x32, B=4, one step")
     parser.add_argument("--json", type=Path, help="also write the measurements to this JSON file")
     args = parser.parse_args(argv)
@@ -79,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if not args.system_malloc:
+        keep_freed_memory()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(0)
