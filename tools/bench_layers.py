@@ -38,8 +38,8 @@ timed run (``train_samples_ms``, ``infer_samples_ms``), not only the fastest.
 
 A whole run takes hours on a few CPU cores; ``--resume`` continues the run saved in
 ``--json`` (written after every shape), measuring only the configurations it lacks. It
-refuses a file measured with another torch, CPU architecture, thread count, GPU or
-memory format; the report lists when each segment started.
+refuses a file measured with another torch, CPU architecture, thread count, GPU,
+allocator setting or memory format; the report lists when each segment started.
 
 Before measuring, the script has glibc's malloc keep freed memory, as jemalloc, tcmalloc
 and CUDA's caching allocator do (:func:`keep_freed_memory`; ``--system-malloc`` leaves
@@ -140,10 +140,10 @@ def keep_freed_memory() -> bool:
     every large buffer is page-faulted in anew on each call: on 2 CPU cores the static
     fwd+bwd of ResNet-50's layer1 1x1 conv (64->256 @56, B = 128) took 1.14-1.23 s, most of
     it kernel time, against 0.46-0.51 s with freed memory kept, and CondConv's ``bmm``
-    0.70-0.89 s against 0.40-0.53 s (six calls each). jemalloc and tcmalloc keep freed memory (PyTorch's CPU
-    tuning guide recommends them), as CUDA's caching allocator does; this does the same
-    with glibc's own ``mallopt`` (no ``mmap``, trim threshold 2 GiB). False where the C
-    library is not glibc.
+    0.70-0.89 s against 0.40-0.53 s (six calls each). jemalloc and tcmalloc keep freed
+    memory (PyTorch's CPU tuning guide recommends them), as CUDA's caching allocator
+    does; this does the same with glibc's own ``mallopt`` (no ``mmap``, trim threshold
+    2 GiB). False where the C library is not glibc.
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
