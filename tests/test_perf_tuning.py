@@ -229,6 +229,31 @@ def test_strategies_that_would_run_in_chunks_are_timed(batch, size, stride, expe
     assert autotune._worth_timing("bmm", x, weight, key)
 
 
+@pytest.mark.parametrize(
+    "channels,out_channels,kernel,stride,groups,size,timed",
+    [
+        (3, 64, 7, 2, 1, 224, True),  # ResNet-50's stem: a 900 MiB unfold, and bmm the fastest at B = 128
+        (96, 96, 3, 2, 96, 112, True),  # MobileNetV2's strided depthwise 3x3: bmm won in bf16
+        (144, 144, 3, 1, 144, 56, False),  # stride-1 depthwise: the unfold is 9 copies for a matrix-vector product
+        (240, 240, 5, 1, 240, 28, False),
+    ],
+)
+def test_a_large_unfold_rules_out_bmm_only_for_a_stride_1_depthwise_conv(
+    channels, out_channels, kernel, stride, groups, size, timed
+):
+    x = torch.empty(128, channels, size, size, device="meta")
+    weight = torch.empty(4, out_channels, channels // groups, kernel, kernel, device="meta")
+    r = torch.empty(128, 4, device="meta")
+    padding = (kernel // 2, kernel // 2)
+    key = autotune.problem_key(x, weight, None, r, (stride, stride), padding, (1, 1), groups)
+    out = (size + 2 * (kernel // 2) - kernel) // stride + 1
+    assert 128 * channels * kernel * kernel * out * out * 4 > autotune.auto.KERNEL_BUDGET_BYTES
+    assert autotune._worth_timing("bmm", x, weight, key) is timed
+    small = torch.empty(1, channels, size, size, device="meta")  # under the budget bmm is always timed
+    key = autotune.problem_key(small, weight, None, r[:1], (stride, stride), padding, (1, 1), groups)
+    assert autotune._worth_timing("bmm", small, weight, key)
+
+
 def test_cache_round_trips_through_json(tmp_path, timings):
     layer = layer3x3()
     layer(torch.randn(4, 8, 6, 6))

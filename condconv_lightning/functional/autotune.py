@@ -40,7 +40,14 @@ at all (with none, the rules decide):
   batched matrix product (faster on 226 of 227 dense 1x1 problems with B > 1 in a
   suite run on 2 CPU cores, the exception by 8%); at B = 1 ``grouped`` is
   a plain conv with the mixed kernel and is timed;
-- ``bmm`` on other kernels when its ``unfold`` buffer exceeds the budget too.
+- ``bmm`` on a stride-1 depthwise conv (one input channel per group) whose ``unfold``
+  buffer exceeds ``auto.KERNEL_BUDGET_BYTES``: the buffer holds every input element
+  kh * kw times for what is then a matrix-vector product per channel, and reading and
+  writing it costs several times the conv (2.9x to 17x the fastest strategy on every
+  such problem of a suite run on 2 CPU cores, B 32 and 128, fp32 and bf16). A large
+  ``unfold`` alone is no such margin: at B = 128 ``bmm`` ran ResNet-50's 7x7 stem
+  1.8x (fp32) and 2.1x (bf16) faster than ``grouped``, and MobileNetV2's strided
+  depthwise 3x3 at 112x112 1.7x faster in bf16.
 
 A call whose per-sample kernels exceed ``auto.KERNEL_BUDGET_BYTES`` runs ``grouped`` and
 ``bmm`` in recomputed chunks, and they are timed all the same: which side wins depends
@@ -262,7 +269,8 @@ def _worth_timing(strategy: str, x: Tensor, weight: Tensor, key: tuple) -> bool:
     if strategy == "grouped":  # at B = 1 grouped is a plain conv with the mixed kernel
         return not pointwise or batch == 1
     unfold_bytes = batch * in_channels * kh * kw * positions * torch.finfo(auto.compute_dtype(x)).bits // 8
-    return strategy == "bmm" and (pointwise or unfold_bytes <= auto.KERNEL_BUDGET_BYTES)
+    depthwise = in_channels == groups and (sh, sw) == (1, 1)
+    return strategy == "bmm" and (pointwise or not depthwise or unfold_bytes <= auto.KERNEL_BUDGET_BYTES)
 
 
 def _fastest(
