@@ -80,11 +80,20 @@ def test_bench_layers_markdown_lists_each_miss_of_auto_against_the_fastest_strat
             "variant": variant,
             "train_ms": ms,
             "train_ratio": ms / 2,
+            "static_train_ms": 2.0,
             "auto_picks": pick,
         }
 
     rows = [row("grouped", 2.0), row("mixture", 1.0), row("bmm", 3.0), row("auto", 1.2, "mixture")]
-    assert bench_layers.miss_rows(rows) == [(rows[3], rows[1])]
+    assert bench_layers.miss_rows(rows) == [(rows[3], rows[1], rows[1])]
+    (summary,) = bench_layers.summary(rows)
+    assert summary["auto_over_best"] == {"geomean": pytest.approx(1.2), "worst": pytest.approx(1.2), "misses": ["s"]}
+    assert summary["auto_choice_over_best"] == {"geomean": 1.0, "worst": 1.0, "misses": []}  # the right choice
+    rows[3]["auto_picks"] = "grouped"  # a wrong choice, timed close to the fastest by chance
+    assert bench_layers.miss_rows(rows) == [(rows[3], rows[0], rows[1])]
+    assert bench_layers.summary(rows)[0]["auto_choice_over_best"]["misses"] == ["s"]
+    report = {"machine": bench_layers.machine(), "channels_last": False, "rows": rows}
+    assert "| 1.20 | 2.00 |" in bench_layers.markdown({**report, "summary": bench_layers.summary(rows)})
     rows[3]["train_ms"] = 1.05
     assert bench_layers.miss_rows(rows) == []
 
