@@ -61,7 +61,8 @@ def test_bench_layers_quick_reports_every_variant_against_static(tmp_path, capsy
         assert summary[variant]["geomean"] > 0 and summary[f"{variant}_over_best"]["worst"] > 0
         assert set(summary[f"{variant}_over_best"]["misses"]) <= shapes
     printed = capsys.readouterr().out
-    assert "fwd+bwd" in printed and "tiny.dw3x3" in printed and "auto-rules/best" in printed
+    assert "fwd+bwd" in printed and "tiny.dw3x3" in printed
+    assert all(title in printed for title in bench_layers.GAPS.values())
     assert bench_layers.main(["--from-json", str(out), "--markdown"]) == json.loads(out.read_text())
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cpu | fp32 | 2 | 4 |")]
     tuned = summary["auto"]
@@ -89,11 +90,16 @@ def test_bench_layers_markdown_lists_each_miss_of_auto_against_the_fastest_strat
     (summary,) = bench_layers.summary(rows)
     assert summary["auto_over_best"] == {"geomean": pytest.approx(1.2), "worst": pytest.approx(1.2), "misses": ["s"]}
     assert summary["auto_choice_over_best"] == {"geomean": 1.0, "worst": 1.0, "misses": []}  # the right choice
-    rows[3]["auto_picks"] = "grouped"  # a wrong choice, timed close to the fastest by chance
+    rows[3]["auto_picks"] = "grouped"  # a wrong choice: its strategy ran 2x the fastest
     assert bench_layers.miss_rows(rows) == [(rows[3], rows[0], rows[1])]
     assert bench_layers.summary(rows)[0]["auto_choice_over_best"]["misses"] == ["s"]
     report = {"machine": bench_layers.machine(), "channels_last": False, "rows": rows}
     assert "| 1.20 | 2.00 |" in bench_layers.markdown({**report, "summary": bench_layers.summary(rows)})
+    del rows[0]  # its choice was not timed as a fixed strategy: no choice to compare
+    assert bench_layers.miss_rows(rows) == [(rows[2], None, rows[0])]
+    assert "auto_choice_over_best" not in bench_layers.summary(rows)[0]
+    assert "| 1.20 | - |" in bench_layers.markdown({**report, "rows": rows, "summary": bench_layers.summary(rows)})
+    rows.insert(0, row("grouped", 2.0))
     rows[3]["train_ms"] = 1.05
     assert bench_layers.miss_rows(rows) == []
 

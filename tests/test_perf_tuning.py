@@ -236,6 +236,8 @@ def test_strategies_that_would_run_in_chunks_are_timed(batch, size, stride, expe
         (96, 96, 3, 2, 96, 112, True),  # MobileNetV2's strided depthwise 3x3: bmm won in bf16
         (144, 144, 3, 1, 144, 56, False),  # stride-1 depthwise: the unfold is 9 copies for a matrix-vector product
         (240, 240, 5, 1, 240, 28, False),
+        (1, 64, 3, 1, 1, 256, True),  # a dense conv on one channel: a true matrix product
+        (32, 64, 3, 1, 32, 112, True),  # a depthwise multiplier: not measured, so timed
     ],
 )
 def test_a_large_unfold_rules_out_bmm_only_for_a_stride_1_depthwise_conv(
@@ -333,6 +335,25 @@ def test_inside_activation_checkpointing_nothing_is_timed(timings):
     x = torch.randn(4, 8, 6, 6, requires_grad=True)
     torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False).sum().backward()
     assert not timings and x.grad is not None and layer.last_strategy == "grouped"
+
+
+def test_a_candidate_out_of_memory_while_timing_leaves_the_race_to_the_others(monkeypatch):
+    inner = condconv._STRATEGY_FNS["mixture"]
+
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setitem(condconv._STRATEGY_FNS, "mixture", out_of_memory)
+    layer = layer3x3()
+    monkeypatch.setitem(condconv._STRATEGY_FNS, "grouped", lambda *a: time.sleep(0.05) or inner(*a))
+    layer(torch.randn(4, 8, 6, 6))  # grouped is slow and mixture does not fit: bmm
+    assert layer.last_strategy == "bmm" and list(tuning_cache().values()) == ["bmm"]
+    monkeypatch.setitem(condconv._STRATEGY_FNS, "bmm", out_of_memory)
+    monkeypatch.setitem(condconv._STRATEGY_FNS, "grouped", out_of_memory)
+    clear_tuning_cache()
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # nothing fits: the rules' choice runs, and fails
+        layer(torch.randn(4, 8, 6, 6))
+    assert list(tuning_cache().values()) == ["grouped"]
 
 
 def test_out_of_memory_while_timing_falls_back_to_the_rules(monkeypatch):

@@ -90,6 +90,13 @@ STRATEGY_VARIANTS = (*FIXED_STRATEGIES, *AUTO_VARIANTS)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MISS = 1.10
 """A shape where ``auto`` takes more than this times the fastest fixed strategy is listed as a miss."""
+GAPS = {
+    "auto_over_best": "tuned / fastest",
+    "auto_choice_over_best": "tuned's choice / fastest",
+    "auto-rules_over_best": "rules / fastest",
+}
+"""Each ``auto`` against the fastest fixed strategy per shape (summary key: column title): tuned ``auto`` as
+timed and by the fixed strategy's time of its choice, which tells a wrong choice from timing noise."""
 
 
 @dataclass
@@ -372,29 +379,38 @@ def summary(rows: list[dict]) -> list[dict]:
         for variant in sorted({m["variant"] for m in members}):
             ratios_ = [m["train_ratio"] for m in members if m["variant"] == variant]
             entry[variant] = {"geomean": geomean(ratios_), "worst": max(ratios_)}
-        fastest = {
-            key[2]: row for key, by_variant in by_configuration(members).items() if (row := fastest_fixed(by_variant))
-        }
+        configs = {key[2]: by_variant for key, by_variant in by_configuration(members).items()}  # by shape
+        fastest = {shape: row for shape, by_variant in configs.items() if (row := fastest_fixed(by_variant))}
         static = {m["shape"]: m["static_train_ms"] for m in members}
         entry["best_per_shape_geomean"] = geomean([row["train_ms"] / static[shape] for shape, row in fastest.items()])
-        fixed = {(m["shape"], m["variant"]): m["train_ms"] for m in members if m["variant"] in FIXED_STRATEGIES}
-        same_code = [
-            max(m["train_ms"] / fixed[key], fixed[key] / m["train_ms"])
+        rules = [
+            (m, chosen)
             for m in members
-            if m["variant"] == "auto-rules" and (key := (m["shape"], m["auto_picks"])) in fixed
+            if m["variant"] == "auto-rules" and (chosen := chosen_fixed(m, configs[m["shape"]]))
         ]
-        if same_code:  # the run's own noise: the same code timed twice, as rules-only auto and as its strategy
-            entry["same_code_worst"] = max(same_code)
-        for variant in AUTO_VARIANTS:
-            autos = [m for m in members if m["variant"] == variant and m["shape"] in fastest]
-            timed = {m["shape"]: m["train_ms"] for m in autos}
-            # the strategy it chose, as timed among the fixed strategies: its choice without its own timing noise
-            chosen = {m["shape"]: fixed[key] for m in autos if (key := (m["shape"], m["auto_picks"])) in fixed}
-            for suffix, times in (("over_best", timed), ("choice_over_best", chosen)):
-                if times:
-                    entry[f"{variant}_{suffix}"] = gaps_to_fastest(times, fastest)
+        if rules:  # the run's own noise: the same code timed twice, as rules-only auto and as its strategy
+            entry["same_code_worst"] = max(
+                max(m["train_ms"] / c["train_ms"], c["train_ms"] / m["train_ms"]) for m, c in rules
+            )
+        autos = {
+            variant: [m for m in members if m["variant"] == variant and m["shape"] in fastest]
+            for variant in AUTO_VARIANTS
+        }
+        times = {
+            "auto_over_best": {m["shape"]: m["train_ms"] for m in autos["auto"]},
+            "auto_choice_over_best": {
+                m["shape"]: c["train_ms"] for m in autos["auto"] if (c := chosen_fixed(m, configs[m["shape"]]))
+            },
+            "auto-rules_over_best": {m["shape"]: m["train_ms"] for m in autos["auto-rules"]},
+        }
+        entry |= {key: gaps_to_fastest(times[key], fastest) for key in GAPS if times[key]}
         out.append(entry)
     return out
+
+
+def chosen_fixed(auto: dict, by_variant: dict[str, dict]) -> dict | None:
+    """The row of the fixed strategy an ``auto`` row ran, among its configuration's rows, or None."""
+    return by_variant.get(auto["auto_picks"]) if auto["auto_picks"] in FIXED_STRATEGIES else None
 
 
 def gaps_to_fastest(times: dict[str, float], fastest: dict[str, dict]) -> dict:
@@ -447,30 +463,34 @@ def render(rows: list[dict], summaries: list[dict], console: Console) -> None:
             f"{auto['peak_ratio']:.1f}x",
         )
     console.print(table)
-    overview = Table(
-        title="fwd+bwd over static conv, geomean / worst across shapes; auto over the fastest fixed "
-        "strategy per shape, geomean / worst (shapes > 10% slower)"
-    )
+    overview = Table(title="fwd+bwd over static conv, geomean / worst across shapes")
     variant_names = [v for v in names if any(v in s for s in summaries)]
-    gap_columns = {f"{v}_over_best": f"{v}/best" for v in AUTO_VARIANTS}
-    gap_columns["auto_choice_over_best"] = "auto's choice/best"
-    gaps = [key for key in gap_columns if any(key in s for s in summaries)]
-    for column in ("device", "dtype", "B", "K", *variant_names, "best/shape", *(gap_columns[key] for key in gaps)):
+    for column in ("device", "dtype", "B", "K", *variant_names, "fastest fixed, per shape"):
         overview.add_column(column)
+    gaps = Table(
+        title="auto over the fastest fixed strategy per shape, geomean / worst (shapes > 10% slower); "
+        "the same code timed twice, worst pair"
+    )
+    for column in ("device", "dtype", "B", "K", *GAPS.values(), "same code"):
+        gaps.add_column(column)
     for s in summaries:
+        cell = (s["device"], s["dtype"], str(s["batch"]), str(s["experts"]))
         overview.add_row(
-            s["device"],
-            s["dtype"],
-            str(s["batch"]),
-            str(s["experts"]),
+            *cell,
             *(f"{s[v]['geomean']:.2f} / {s[v]['worst']:.2f}" if v in s else "-" for v in variant_names),
             f"{s['best_per_shape_geomean']:.2f}",
-            *(
-                f"{s[key]['geomean']:.2f} / {s[key]['worst']:.2f} ({len(s[key]['misses'])})" if key in s else "-"
-                for key in gaps
-            ),
         )
+        gaps.add_row(*cell, *gap_cells(s), f"{s['same_code_worst']:.2f}" if "same_code_worst" in s else "-")
     console.print(overview)
+    console.print(gaps)
+
+
+def gap_cells(summary: dict) -> list[str]:
+    """The GAPS entries of one summary as 'geomean / worst (misses)'."""
+    return [
+        f"{g['geomean']:.2f} / {g['worst']:.2f} ({len(g['misses'])})" if (g := summary.get(key)) else "-"
+        for key in GAPS
+    ]
 
 
 def markdown(report: dict) -> str:
@@ -485,19 +505,16 @@ def markdown(report: dict) -> str:
         + ".",
         "",
         "| device | dtype | B | K | shapes | grouped | mixture | bmm | tuned `auto` | rules-only `auto` | fastest "
-        "fixed, per shape | tuned / fastest (misses) | tuned's choice / fastest (misses) | rules / fastest (misses) "
-        "| same code, worst |",
+        "fixed, per shape | " + " | ".join(f"{title} (misses)" for title in GAPS.values()) + " | same code, worst |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["summary"]:
         cells = [f"{s[v]['geomean']:.2f}x / {s[v]['worst']:.2f}x" if v in s else "-" for v in STRATEGY_VARIANTS]
-        gaps = [
-            f"{g['geomean']:.2f} / {g['worst']:.2f} ({len(g['misses'])})" if g else "-"
-            for g in (s.get(key) for key in ("auto_over_best", "auto_choice_over_best", "auto-rules_over_best"))
-        ]
         cell = [s["device"], s["dtype"], str(s["batch"]), str(s["experts"]), str(s["shapes"])]
         noise = f"{s['same_code_worst']:.2f}" if "same_code_worst" in s else "-"
-        lines.append("| " + " | ".join([*cell, *cells, f"{s['best_per_shape_geomean']:.2f}x", *gaps, noise]) + " |")
+        lines.append(
+            "| " + " | ".join([*cell, *cells, f"{s['best_per_shape_geomean']:.2f}x", *gap_cells(s), noise]) + " |"
+        )
     misses = miss_rows(report["rows"])
     if misses:
         lines += [
@@ -531,8 +548,7 @@ def miss_rows(rows: list[dict]) -> list[tuple[dict, dict | None, dict]]:
     for by_variant in by_configuration(rows).values():
         best = fastest_fixed(by_variant)
         if "auto" in by_variant and best and by_variant["auto"]["train_ms"] > MISS * best["train_ms"]:
-            auto = by_variant["auto"]
-            out.append((auto, by_variant.get(auto["auto_picks"]), best))
+            out.append((by_variant["auto"], chosen_fixed(by_variant["auto"], by_variant), best))
     return out
 
 

@@ -20,8 +20,8 @@ each round a candidate whose fastest sample is more than :data:`DROP_FACTOR` tim
 best is dropped, and a lone survivor wins at once. The fastest sample wins (other load
 only ever adds time); ties go to the rules' choice. The fresh tensors come from a
 private generator, so tuning leaves the global RNG, the module and the caller's
-autograd graph untouched. If the timing copies do not fit in CUDA memory, the rules
-decide that problem.
+autograd graph untouched. A candidate whose timing copies do not fit in CUDA memory
+is out of the race; if none fits, the rules decide that problem.
 
 Candidates: ``grouped``, ``mixture`` and ``bmm``; opt-in strategies (``fused``) are
 never timed. The cost model rules out, without timing, candidates that lose by a wide
@@ -40,9 +40,9 @@ at all (with none, the rules decide):
   batched matrix product (faster on 226 of 227 dense 1x1 problems with B > 1 in a
   suite run on 2 CPU cores, the exception by 8%); at B = 1 ``grouped`` is
   a plain conv with the mixed kernel and is timed;
-- ``bmm`` on a stride-1 depthwise conv (one input channel per group) whose ``unfold``
-  buffer exceeds ``auto.KERNEL_BUDGET_BYTES``: the buffer holds every input element
-  kh * kw times for what is then a matrix-vector product per channel, and reading and
+- ``bmm`` on a stride-1 depthwise conv (one input and one output channel per group)
+  whose ``unfold`` buffer exceeds ``auto.KERNEL_BUDGET_BYTES``: the buffer holds every
+  input element kh * kw times for a matrix-vector product per channel, and reading and
   writing it costs several times the conv (2.9x to 17x the fastest strategy on every
   such problem of a suite run on 2 CPU cores, B 32 and 128, fp32 and bf16). A large
   ``unfold`` alone is no such margin: at B = 128 ``bmm`` ran ResNet-50's 7x7 stem
@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -269,7 +270,7 @@ def _worth_timing(strategy: str, x: Tensor, weight: Tensor, key: tuple) -> bool:
     if strategy == "grouped":  # at B = 1 grouped is a plain conv with the mixed kernel
         return not pointwise or batch == 1
     unfold_bytes = batch * in_channels * kh * kw * positions * torch.finfo(auto.compute_dtype(x)).bits // 8
-    depthwise = in_channels == groups and (sh, sw) == (1, 1)
+    depthwise = 1 < groups == in_channels == key[5] and (sh, sw) == (1, 1)
     return strategy == "bmm" and (pointwise or not depthwise or unfold_bytes <= auto.KERNEL_BUDGET_BYTES)
 
 
@@ -304,14 +305,23 @@ def _fastest(
 
         return call
 
+    def sample(strategy: str) -> float:
+        """One timed sample; a candidate whose buffers do not fit in CUDA memory takes forever."""
+        try:
+            return timed_ms(step(strategy), x.device, MIN_SAMPLE_MS)
+        except torch.cuda.OutOfMemoryError:
+            return math.inf
+
     # The warm-up round includes one-time setup (oneDNN primitives, cuDNN plans, first-touch
     # memory), so it drops only losers by twice the margin; its times are not kept.
-    warm_up = {strategy: timed_ms(step(strategy), x.device, MIN_SAMPLE_MS) for strategy in candidates}
+    warm_up = {strategy: sample(strategy) for strategy in candidates}
+    if math.isinf(min(warm_up.values())):
+        raise torch.cuda.OutOfMemoryError("no candidate strategy fits in CUDA memory next to the caller's tensors")
     alive = [s for s in candidates if warm_up[s] <= 2 * DROP_FACTOR * min(warm_up.values())]
     times: dict[str, list[float]] = {strategy: [] for strategy in alive}
     for _ in range(TIMED_RUNS if len(alive) > 1 else 0):  # interleaved rounds; a lone survivor wins
         for strategy in alive:
-            times[strategy].append(timed_ms(step(strategy), x.device, MIN_SAMPLE_MS))
+            times[strategy].append(sample(strategy))
         best_ms = min(min(times[s]) for s in alive)
         alive = [s for s in alive if min(times[s]) <= DROP_FACTOR * best_ms]
         if len(alive) == 1:
