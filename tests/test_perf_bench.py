@@ -203,7 +203,7 @@ def test_bench_layers_system_malloc_leaves_the_allocator_and_says_so(allocator_l
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the switch is glibc's mallopt")
-def test_keep_freed_memory_stops_large_buffers_from_page_faulting_on_every_call():
+def test_keep_freed_memory_stops_large_buffers_from_page_faulting_on_every_call_until_trimmed():
     probe = f"""
 import resource, sys, torch
 sys.path.insert(0, {str(TOOLS)!r})
@@ -215,13 +215,19 @@ def faults(calls):
         torch.ones(16 * 2**20)  # 64 MiB, freed at once
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
+def resident_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() // 2**20
+
 faults(1)
 system = faults(3)
 kept = bench_layers.keep_freed_memory()
 faults(3)  # the heap grows to hold the buffer
-print(kept, system, faults(3), bench_layers.machine()["malloc"])
+kept_faults, held = faults(3), resident_mib()
+bench_layers.return_freed_memory()
+print(kept, system, kept_faults, held - resident_mib(), faults(1), bench_layers.machine()["malloc"])
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
-    kept, system_faults, kept_faults, malloc = out[0], int(out[1]), int(out[2]), " ".join(out[3:])
-    assert kept == "True" and malloc == "glibc, freed memory kept"
+    kept, system_faults, kept_faults, returned_mib, after_trim = out[0], *map(int, out[1:5])
+    assert kept == "True" and " ".join(out[5:]) == "glibc, freed memory kept"
     assert kept_faults * 10 < system_faults, (system_faults, kept_faults)
+    assert returned_mib >= 64 and after_trim * 10 > system_faults // 3, (returned_mib, after_trim)  # back to the OS
