@@ -559,13 +559,15 @@ def fastest_fixed(by_variant: dict[str, dict]) -> dict | None:
 
 def miss_rows(rows: list[dict]) -> list[tuple[dict, dict | None, dict]]:
     """(tuned auto's row, the row of the fixed strategy it chose or None, the fastest fixed strategy's row)
-    wherever auto took more than MISS times as long as the fastest."""
+    wherever auto took more than MISS times as long as the fastest; in the order cells are measured
+    (a resumed run's rows were saved in the order they ran)."""
     out = []
     for by_variant in by_configuration(rows).values():
         best = fastest_fixed(by_variant)
         if "auto" in by_variant and best and by_variant["auto"]["train_ms"] > MISS * best["train_ms"]:
             out.append((by_variant["auto"], chosen_fixed(by_variant["auto"], by_variant), best))
-    return out
+    dtypes = list(DTYPES)
+    return sorted(out, key=lambda m: (m[0]["batch"], m[0]["experts"], m[0]["device"], dtypes.index(m[0]["dtype"])))
 
 
 RESUME_MUST_MATCH = ("torch", "cpu", "threads", "gpu", "malloc")

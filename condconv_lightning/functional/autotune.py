@@ -37,17 +37,17 @@ at all (with none, the rules decide):
   (S = 784) ran 1.09x and 0.92x under mixture against grouped's 1.24x and 1.37x (bf16,
   B = 32, K = 4, 2 CPU cores);
 - ``grouped`` on dense 1x1 convs with B > 1: ``bmm`` does the same products as one
-  batched matrix product (faster on 226 of 227 dense 1x1 problems with B > 1 in a
-  suite run on 2 CPU cores, the exception by 8%); at B = 1 ``grouped`` is
-  a plain conv with the mixed kernel and is timed;
+  batched matrix product (faster on all 424 dense 1x1 problems with B > 1 in a suite
+  run on 2 CPU cores); at B = 1 ``grouped`` is a plain conv with the mixed kernel and
+  is timed;
 - ``bmm`` on a stride-1 depthwise conv (one input and one output channel per group)
   whose ``unfold`` buffer exceeds ``auto.KERNEL_BUDGET_BYTES``: the buffer holds every
   input element kh * kw times for a matrix-vector product per channel, and reading and
-  writing it costs several times the conv (2.9x to 17x the fastest strategy on every
-  such problem of a suite run on 2 CPU cores, B 32 and 128, fp32 and bf16). A large
+  writing it costs several times the conv (2.9x to 20x the fastest strategy on every
+  such problem of a suite run on 2 CPU cores: B 32 and 128, K 4 and 8, fp32 and bf16). A large
   ``unfold`` alone is no such margin: at B = 128 ``bmm`` ran ResNet-50's 7x7 stem
-  1.8x (fp32) and 2.1x (bf16) faster than ``grouped``, and MobileNetV2's strided
-  depthwise 3x3 at 112x112 1.7x faster in bf16.
+  1.6-1.9x (fp32) and 2.8-3.2x (bf16) faster than ``grouped``, and MobileNetV2's
+  strided depthwise 3x3 at 112x112 1.4-1.6x faster in bf16 (K 4 and 8).
 
 A call whose per-sample kernels exceed ``auto.KERNEL_BUDGET_BYTES`` runs ``grouped`` and
 ``bmm`` in recomputed chunks, and they are timed all the same: which side wins depends
