@@ -62,16 +62,32 @@ def reference_forward(layer, x: Tensor, params: dict[str, Tensor]) -> Tensor:
     return torch.cat(outputs)
 
 
-def assert_close_scaled(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
+def assert_close_scaled(
+    actual: Tensor, expected: Tensor, tol: float, what: str, magnitude: Tensor | None = None
+) -> None:
+    """Max error within ``tol`` times the largest reference value, or the largest ``magnitude`` if given."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
     err = (actual.double() - expected).abs().max().item()
-    scale = expected.abs().max().item()
+    scale = max(expected.abs().max().item(), 0.0 if magnitude is None else magnitude.abs().max().item())
     assert err <= tol * max(scale, 1e-6), f"{what}: max error {err:.3g} exceeds {tol} x {scale:.3g}"
 
 
+def term_magnitudes(layer, x: Tensor, grad_out: Tensor) -> list[Tensor]:
+    """The reference's output and gradients recomputed from absolute values of the input, the
+    parameters and the output gradient: with sigmoid routing every term of every sum is then
+    positive, so each entry is the size of the terms float32 adds up. A gradient whose terms
+    cancel (a router bias summed over every sample and position) is judged against them, not
+    against its own small sum, whose float32 rounding error is relative to the terms."""
+    params = {name: t.detach().abs().requires_grad_(True) for name, t in reference_parameters(layer).items()}
+    x_abs = x.detach().double().abs().requires_grad_(True)
+    out = reference_forward(layer, x_abs, params)
+    return [out.detach(), *torch.autograd.grad((out * grad_out.abs()).sum(), [x_abs, *params.values()])]
+
+
 def check_against_reference(layer, x: Tensor, tol: float, autocast_dtype=None) -> Tensor:
-    """Compare ``layer``'s output and every gradient with the float64 loop, scaled by the largest reference value.
+    """Compare ``layer``'s output and every gradient with the float64 loop, scaled by the largest reference
+    value or the largest of the terms it sums (:func:`term_magnitudes`), whichever is larger.
 
     Runs under autocast when ``autocast_dtype`` is given; returns the layer's output.
     """
@@ -80,6 +96,7 @@ def check_against_reference(layer, x: Tensor, tol: float, autocast_dtype=None) -
     expected = reference_forward(layer, x_ref, params)
     grad_out = torch.randn_like(expected)
     expected_grads = torch.autograd.grad((expected * grad_out).sum(), [x_ref, *params.values()])
+    magnitudes = term_magnitudes(layer, x, grad_out)
 
     x = x.detach().requires_grad_(True)
     ctx = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
@@ -87,12 +104,12 @@ def check_against_reference(layer, x: Tensor, tol: float, autocast_dtype=None) -
         y = layer(x)
     if autocast_dtype is not None:
         assert y.dtype == autocast_dtype, f"autocast output dtype {y.dtype}, expected {autocast_dtype}"
-    assert_close_scaled(y.detach(), expected.detach(), tol, "output")
+    assert_close_scaled(y.detach(), expected.detach(), tol, "output", magnitudes[0])
     (y.double() * grad_out).sum().backward()
     names = ["input", *params.keys()]
     actual_grads = [x.grad, layer.weight.grad, layer.router.weight.grad, layer.router.bias.grad]
     if layer.bias is not None:
         actual_grads.append(layer.bias.grad)
-    for name, actual, expected_grad in zip(names, actual_grads, expected_grads):
-        assert_close_scaled(actual.reshape(expected_grad.shape), expected_grad, tol, f"grad of {name}")
+    for name, actual, expected_grad, magnitude in zip(names, actual_grads, expected_grads, magnitudes[1:]):
+        assert_close_scaled(actual.reshape(expected_grad.shape), expected_grad, tol, f"grad of {name}", magnitude)
     return y
