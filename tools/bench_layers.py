@@ -65,6 +65,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import datetime
+import functools
 import json
 import math
 import platform
@@ -144,6 +145,12 @@ SYSTEM_MALLOC_HELP = (
 )
 
 
+@functools.cache
+def libc() -> ctypes.CDLL:
+    """The C library this process runs on (raises OSError where there is none to load)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS.
 
@@ -157,8 +164,7 @@ def keep_freed_memory() -> bool:
     2 GiB). False where the C library is not glibc.
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        set_option = libc.mallopt
+        set_option = libc().mallopt
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
@@ -179,7 +185,7 @@ def return_freed_memory() -> None:
     page-faults its buffers in). A no-op unless memory is being kept.
     """
     if "trim" in MALLOC:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        libc().malloc_trim(0)
 
 
 def peak_bytes(fn: Callable[[], None], device: torch.device) -> int:

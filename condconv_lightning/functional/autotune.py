@@ -261,7 +261,7 @@ def _can_time(x: Tensor) -> bool:
 
 def _worth_timing(strategy: str, x: Tensor, weight: Tensor, key: tuple) -> bool:
     """The cost model's wide-margin exclusions (module docstring)."""
-    batch, in_channels, height, width = key[3], key[4], key[6], key[7]
+    batch, in_channels, out_channels, height, width = key[3:8]
     (kh, kw), (sh, sw), (ph, pw), (dh, dw), groups = key[8:13]
     positions = ((height + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((width + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
     if strategy == "mixture":
@@ -270,7 +270,7 @@ def _worth_timing(strategy: str, x: Tensor, weight: Tensor, key: tuple) -> bool:
     if strategy == "grouped":  # at B = 1 grouped is a plain conv with the mixed kernel
         return not pointwise or batch == 1
     unfold_bytes = batch * in_channels * kh * kw * positions * torch.finfo(auto.compute_dtype(x)).bits // 8
-    depthwise = 1 < groups == in_channels == key[5] and (sh, sw) == (1, 1)
+    depthwise = 1 < groups == in_channels == out_channels and (sh, sw) == (1, 1)
     return strategy == "bmm" and (pointwise or not depthwise or unfold_bytes <= auto.KERNEL_BUDGET_BYTES)
 
 
