@@ -230,6 +230,30 @@ def test_strategies_that_would_run_in_chunks_are_timed(batch, size, stride, expe
 
 
 @pytest.mark.parametrize(
+    "dtype,size,stride,experts,timed",
+    [
+        (torch.float32, 28, 1, 4, True),  # (K - 1) * S = 2352
+        (torch.float32, 56, 1, 4, False),  # 9408: K static convs lose by far in float32
+        (torch.float32, 56, 2, 8, False),  # 5488
+        (torch.float64, 56, 2, 8, False),
+        (torch.bfloat16, 56, 1, 4, True),  # ResNet-50 layer1's 3x3: mixture won at B = 128 in bf16
+        (torch.bfloat16, 56, 2, 8, True),  # a strided conv to 28x28 at K = 8: mixture won in bf16
+        (torch.float16, 56, 2, 8, True),
+        (torch.bfloat16, 56, 1, 8, False),  # 21952: mixture lost by 2.2x or more in bf16 too
+        (torch.bfloat16, 112, 1, 4, False),  # 37632
+    ],
+)
+def test_mixture_is_timed_up_to_a_limit_on_extra_positions_that_depends_on_the_dtype(
+    dtype, size, stride, experts, timed
+):
+    x = torch.empty(32, 64, size, size, device="meta", dtype=dtype)
+    weight = torch.empty(experts, 64, 64, 3, 3, device="meta", dtype=dtype)
+    r = torch.empty(32, experts, device="meta", dtype=dtype)
+    key = autotune.problem_key(x, weight, None, r, (stride, stride), (1, 1), (1, 1), 1)
+    assert autotune._worth_timing("mixture", x, weight, key) is timed
+
+
+@pytest.mark.parametrize(
     "channels,out_channels,kernel,stride,groups,size,timed",
     [
         (3, 64, 7, 2, 1, 224, True),  # ResNet-50's stem: a 900 MiB unfold, and bmm the fastest at B = 128

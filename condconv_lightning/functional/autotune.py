@@ -86,8 +86,10 @@ DROP_FACTOR = 1.5
 MIN_SAMPLE_MS = 2.0
 """A timed sample repeats the call until this many ms have passed: one call of a small
 problem (a fraction of a ms) is at the mercy of the scheduler."""
-MIXTURE_MAX_EXTRA_POSITIONS = 4096
-"""``mixture`` is timed while ``(K - 1) * S`` is at most this: at K = 4, S <= 1365 (down to 28x28)."""
+MIXTURE_MAX_EXTRA_POSITIONS: dict[int, int] = {16: 12288, 32: 4096}
+"""``mixture`` is timed while ``(K - 1) * S`` is at most this, by the bits of the compute dtype
+(float64 takes float32's): in float32 at K = 4, S <= 1365 (down to 28x28); in bfloat16 and
+float16 at K = 4, S <= 4096 (down to 64x64), at K = 8 down to 41x41."""
 
 _KEY_FIELDS = (
     ("device", str),
@@ -264,12 +266,13 @@ def _worth_timing(strategy: str, x: Tensor, weight: Tensor, key: tuple) -> bool:
     batch, in_channels, out_channels, height, width = key[3:8]
     (kh, kw), (sh, sw), (ph, pw), (dh, dw), groups = key[8:13]
     positions = ((height + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((width + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+    bits = torch.finfo(auto.compute_dtype(x)).bits
     if strategy == "mixture":
-        return (weight.shape[0] - 1) * positions <= MIXTURE_MAX_EXTRA_POSITIONS
+        return (weight.shape[0] - 1) * positions <= MIXTURE_MAX_EXTRA_POSITIONS[min(bits, 32)]
     pointwise = (kh, kw) == (1, 1) and groups == 1
     if strategy == "grouped":  # at B = 1 grouped is a plain conv with the mixed kernel
         return not pointwise or batch == 1
-    unfold_bytes = batch * in_channels * kh * kw * positions * torch.finfo(auto.compute_dtype(x)).bits // 8
+    unfold_bytes = batch * in_channels * kh * kw * positions * bits // 8
     depthwise = 1 < groups == in_channels == out_channels and (sh, sw) == (1, 1)
     return strategy == "bmm" and (pointwise or not depthwise or unfold_bytes <= auto.KERNEL_BUDGET_BYTES)
 
