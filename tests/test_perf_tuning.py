@@ -114,6 +114,22 @@ def test_a_timed_sample_repeats_a_short_call_and_reports_the_mean_per_call():
     assert len(calls) >= 2 and ms >= 1.0 and ms * len(calls) >= 20
 
 
+def test_the_median_sample_decides_not_a_lucky_fastest_one():
+    """A strategy that is steadily slower but has one run much faster than its others
+    (as a shared machine gives now and then) must not win over a steady faster one."""
+    script = {"steady": [20, 20, 20, 20], "lucky": [26, 26, 26, 6]}  # ms: warm-up, then three rounds
+    calls = {name: 0 for name in script}
+
+    def run(strategy, x, weight, bias, r):
+        time.sleep(script[strategy][calls[strategy]] / 1e3)
+        calls[strategy] += 1
+        return x
+
+    x, weight, r = torch.randn(2, 4, 5, 5), torch.randn(3, 4, 4, 3, 3), torch.rand(2, 3)
+    assert autotune._fastest(["lucky", "steady"], x, weight, None, r, False, run) == "steady"
+    assert calls == {"lucky": 4, "steady": 4}
+
+
 def test_without_tuning_auto_applies_the_rules(timings):
     layer = layer3x3()
     with tuning(False):

@@ -16,9 +16,12 @@ timed sample repeats the call for at least :data:`MIN_SAMPLE_MS` (one call of a 
 problem is noise). Each candidate is sampled once to warm up (a candidate
 ``2 * DROP_FACTOR`` times slower than the fastest warm-up is dropped), then up to
 :data:`TIMED_RUNS` interleaved rounds sample the candidates still in the race; after
-each round a candidate whose fastest sample is more than :data:`DROP_FACTOR` times the
-best is dropped, and a lone survivor wins at once. The fastest sample wins (other load
-only ever adds time); ties go to the rules' choice. The fresh tensors come from a
+each round a candidate whose median sample is more than :data:`DROP_FACTOR` times the
+best median is dropped, and a lone survivor wins at once. The lowest median wins; ties
+go to the rules' choice. A median, not the fastest sample: on a shared machine one run
+in several can be a third faster than the rest of the same code, and the fastest
+sample follows such outliers (in a suite run on 2 CPU cores, choosing by the median of
+three runs was never worse than by the fastest, see docs/performance.md). The fresh tensors come from a
 private generator, so tuning leaves the global RNG, the module and the caller's
 autograd graph untouched. A candidate whose timing copies do not fit in CUDA memory
 is out of the race; if none fits, the rules decide that problem.
@@ -30,12 +33,17 @@ rules' choice, if left, is timed first; a problem left with one candidate is not
 at all (with none, the rules decide):
 
 - ``mixture`` when ``(K - 1) * S`` exceeds :data:`MIXTURE_MAX_EXTRA_POSITIONS`
-  (S = output positions): its K convs then cost far more than per-sample kernels,
-  whose cost relative to the conv falls as 1/S (ResNet-50 layer1's 3x3 at S = 3136:
-  mixture 3.9x the static conv, grouped 1.2x). Below it mixture can win, also on CPU:
-  ResNet-50 layer3's strided 3x3 (S = 196) and EfficientNet-B0's strided depthwise 5x5
-  (S = 784) ran 1.09x and 0.92x under mixture against grouped's 1.24x and 1.37x (bf16,
-  B = 32, K = 4, 2 CPU cores);
+  (S = output positions; 4096 in float32, 12288 in bfloat16 and float16): its K convs
+  then cost far more than per-sample kernels, whose cost relative to the conv falls as
+  1/S (ResNet-50 layer1's 3x3 at S = 3136, fp32: mixture 3.9x the static conv, grouped
+  1.2x). Below it mixture can win, also on CPU: ResNet-50 layer3's strided 3x3
+  (S = 196) and EfficientNet-B0's strided depthwise 5x5 (S = 784) ran 1.09x and 0.92x
+  under mixture against grouped's 1.24x and 1.37x (bf16, B = 32, K = 4, 2 CPU cores).
+  In a suite run on 2 CPU cores (B 1/32/128, K 4/8), mixture came within 1.85x of the
+  fastest nowhere beyond 4096 in fp32, while in bf16 it won at 5488 and 9408 (that
+  strided depthwise 5x5 at K = 8, 1.27-1.56x faster than the tuner's choice under the
+  float32 limit; ResNet-50 layer1's 3x3 at B = 128, K = 4, 1.38x) and stayed 2.17x or
+  more off beyond 12288;
 - ``grouped`` on dense 1x1 convs with B > 1: ``bmm`` does the same products as one
   batched matrix product (faster on all 424 dense 1x1 problems with B > 1 in a suite
   run on 2 CPU cores); at B = 1 ``grouped`` is a plain conv with the mixed kernel and
@@ -66,6 +74,7 @@ import contextlib
 import json
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -325,11 +334,11 @@ def _fastest(
     for _ in range(TIMED_RUNS if len(alive) > 1 else 0):  # interleaved rounds; a lone survivor wins
         for strategy in alive:
             times[strategy].append(sample(strategy))
-        best_ms = min(min(times[s]) for s in alive)
-        alive = [s for s in alive if min(times[s]) <= DROP_FACTOR * best_ms]
+        best_ms = min(statistics.median(times[s]) for s in alive)
+        alive = [s for s in alive if statistics.median(times[s]) <= DROP_FACTOR * best_ms]
         if len(alive) == 1:
             break
-    return min(alive, key=lambda s: min(times[s]) if times[s] else 0.0)
+    return min(alive, key=lambda s: statistics.median(times[s]) if times[s] else 0.0)
 
 
 def timed_ms(call: Callable[[], None], device: torch.device, min_ms: float = 0.0) -> float:
