@@ -16,8 +16,7 @@ rounds (``samples`` in the JSON): it cannot be the fastest, and at B = 128 such 
 would take most of the time. Cells run from the smallest batch and K up, so a run cut
 short keeps complete cells. Each cell reports its own noise floor: rules-only ``auto``
 against the fixed strategy it ran, the same code timed twice. Reported per variant
-(the fastest of its runs, since other processes on a shared machine only ever add
-time):
+(the fastest of its runs; the JSON keeps them all, for other estimators):
 forward+backward time (training step of the layer: input and weights require grad)
 and forward-only time (``torch.no_grad``, the inference case CondConv was designed
 for), each over the static conv's, and the peak memory the forward+backward allocates

@@ -60,8 +60,8 @@ at all (with none, the rules decide):
 A call whose per-sample kernels exceed ``auto.KERNEL_BUDGET_BYTES`` runs ``grouped`` and
 ``bmm`` in recomputed chunks, and they are timed all the same: which side wins depends
 on the layer, B, K and dtype. In a suite run on 2 CPU cores (K = 4, fp32, glibc's malloc
-keeping freed memory), ResNet-50 layer4's strided 3x3 at B = 32 ran 3.1x the static conv
-chunked under grouped against mixture's 3.6x; at B = 128 layer3's 3x3 ran 1.8x chunked
+keeping freed memory), ResNet-50 layer4's strided 3x3 at B = 32 ran 2.9x the static conv
+chunked under grouped (2.8x under bmm) against mixture's 3.6x; at B = 128 layer3's 3x3 ran 1.8x chunked
 under grouped against 4.0x, and layer4's strided 1x1 2.6x under bmm against 16x.
 
 Each process tunes on its own, every DDP rank included: the strategies compute the
