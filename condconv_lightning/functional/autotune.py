@@ -21,9 +21,9 @@ best median is dropped, and a lone survivor wins at once. The lowest median wins
 go to the rules' choice. A median, not the fastest sample: on a shared machine one run
 in several can be a third faster than the rest of the same code, and the fastest
 sample follows such outliers (in a suite run on 2 CPU cores, choosing by the median of
-three runs was never worse than by the fastest, see docs/performance.md). The fresh tensors come from a
-private generator, so tuning leaves the global RNG, the module and the caller's
-autograd graph untouched. A candidate whose timing copies do not fit in CUDA memory
+three runs was never worse than by the fastest; docs/performance.md). The fresh
+tensors come from a private generator, so tuning leaves the global RNG, the module and
+the caller's autograd graph untouched. A candidate whose timing copies do not fit in CUDA memory
 is out of the race; if none fits, the rules decide that problem.
 
 Candidates: ``grouped``, ``mixture`` and ``bmm``; opt-in strategies (``fused``) are
@@ -61,8 +61,9 @@ A call whose per-sample kernels exceed ``auto.KERNEL_BUDGET_BYTES`` runs ``group
 ``bmm`` in recomputed chunks, and they are timed all the same: which side wins depends
 on the layer, B, K and dtype. In a suite run on 2 CPU cores (K = 4, fp32, glibc's malloc
 keeping freed memory), ResNet-50 layer4's strided 3x3 at B = 32 ran 2.9x the static conv
-chunked under grouped (2.8x under bmm) against mixture's 3.6x; at B = 128 layer3's 3x3 ran 1.8x chunked
-under grouped against 4.0x, and layer4's strided 1x1 2.6x under bmm against 16x.
+chunked under grouped (2.8x under bmm) against mixture's 3.6x; at B = 128 layer3's 3x3
+ran 1.8x chunked under grouped against 4.0x, and layer4's strided 1x1 2.6x under bmm
+against 16x.
 
 Each process tunes on its own, every DDP rank included: the strategies compute the
 same function, so ranks that pick differently still train the same model.
