@@ -332,14 +332,16 @@ def _fastest(
         raise torch.cuda.OutOfMemoryError("no candidate strategy fits in CUDA memory next to the caller's tensors")
     alive = [s for s in candidates if warm_up[s] <= 2 * DROP_FACTOR * min(warm_up.values())]
     times: dict[str, list[float]] = {strategy: [] for strategy in alive}
+    medians = dict.fromkeys(alive, 0.0)
     for _ in range(TIMED_RUNS if len(alive) > 1 else 0):  # interleaved rounds; a lone survivor wins
         for strategy in alive:
             times[strategy].append(sample(strategy))
-        best_ms = min(statistics.median(times[s]) for s in alive)
-        alive = [s for s in alive if statistics.median(times[s]) <= DROP_FACTOR * best_ms]
+        medians = {s: statistics.median(times[s]) for s in alive}
+        best_ms = min(medians.values())
+        alive = [s for s in alive if medians[s] <= DROP_FACTOR * best_ms]
         if len(alive) == 1:
             break
-    return min(alive, key=lambda s: statistics.median(times[s]) if times[s] else 0.0)
+    return min(alive, key=medians.__getitem__)
 
 
 def timed_ms(call: Callable[[], None], device: torch.device, min_ms: float = 0.0) -> float:
