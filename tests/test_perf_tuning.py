@@ -327,7 +327,13 @@ def saved_entry(tmp_path) -> dict:
         lambda d: d["entries"][0]["key"].update(dtype="Tensor"),
         lambda d: d["entries"][0]["key"].update(extra=1),
         lambda d: d["entries"][0]["key"].pop("grad"),
+        lambda d: d["entries"][0]["key"].update(dtype="_dynamo"),
+        lambda d: d["entries"][0]["key"].update(dtype="int64"),
+        lambda d: d["entries"][0]["key"].update(device="cuda:0:1"),
+        lambda d: d["entries"][0]["key"].update(device="meta"),
+        lambda d: d["entries"][0]["key"].update(memory_format="nhwc"),
         lambda d: d.update(version=2),
+        lambda d: d.update(version=True),
         lambda d: d.update(entries={}),
     ],
     ids=[
@@ -339,7 +345,13 @@ def saved_entry(tmp_path) -> dict:
         "not-a-dtype",
         "extra-field",
         "missing-field",
+        "torch-attribute",
+        "integer-dtype",
+        "bad-device",
+        "untimed-device",
+        "memory-format",
         "version",
+        "bool-version",
         "entries-not-a-list",
     ],
 )
@@ -353,21 +365,67 @@ def test_loading_rejects_anything_but_a_cache(tmp_path, corrupt):
     assert "\n" not in str(info.value) and not tuning_cache()
 
 
-def test_loading_a_non_json_file_is_one_line(tmp_path):
-    path = tmp_path / "bad.json"
-    path.write_text("{not json")
-    with pytest.raises(ValueError, match=r"^cannot read tuning cache .*; save one with save_tuning_cache$"):
-        load_tuning_cache(path)
-
-
-@pytest.mark.parametrize("value,expected", [("0", False), ("1", True), (None, True)])
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ("0", False),
+        ("1", True),
+        (None, True),
+        ("", True),
+        ("false", False),
+        (" OFF ", False),
+        ("no", False),
+        ("on", True),
+    ],
+)
 def test_environment_variable_sets_the_default(value, expected):
+    out = subprocess.run(**python_with_switch(value), check=True).stdout
+    assert out.strip() == str(expected)
+
+
+def test_an_environment_value_that_is_no_switch_is_refused_at_import():
+    run = subprocess.run(**python_with_switch("maybe"))
+    assert run.returncode != 0
+    assert run.stderr.strip().splitlines()[-1] == (
+        "ValueError: CONDCONV_TUNE='maybe' is not a switch; set it to 0 (off) or 1 (on), or unset it"
+    )
+
+
+def python_with_switch(value: str | None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "CONDCONV_TUNE"}
     if value is not None:
         env["CONDCONV_TUNE"] = value
     code = "from condconv_lightning.functional import is_tuning_enabled; print(is_tuning_enabled())"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == str(expected)
+    return {"args": [sys.executable, "-c", code], "env": env, "capture_output": True, "text": True}
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 200_000, '{"version": ' + "1" * 5000 + ', "entries": []}', "{not json"],
+    ids=["deep-nesting", "huge-integer", "not-json"],
+)
+def test_loading_malformed_json_is_one_short_line(tmp_path, text):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"^cannot read tuning cache .*; save one with save_tuning_cache$") as info:
+        load_tuning_cache(path)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
+    assert "set_int_max_str_digits" not in str(info.value)  # Python's advice does not apply to a cache file
+
+
+def test_loading_names_a_bad_entry_briefly_and_refuses_a_huge_file(tmp_path):
+    data = saved_entry(tmp_path)
+    data["entries"][0]["strategy"] = "x" * 5_000_000
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"entry 0: strategy 'xxx.*' is not one of grouped, mixture, bmm") as info:
+        load_tuning_cache(path)
+    assert len(str(info.value)) < 300
+    with open(path, "wb") as file:  # sparse: refused by its size, never read whole
+        file.truncate(autotune.MAX_CACHE_FILE_BYTES + 1)
+    with pytest.raises(ValueError, match="larger than 64 MiB"):
+        load_tuning_cache(path)
+    assert not tuning_cache()
 
 
 def test_inside_activation_checkpointing_nothing_is_timed(timings):
@@ -404,3 +462,108 @@ def test_out_of_memory_while_timing_falls_back_to_the_rules(monkeypatch):
     layer = layer3x3()
     layer(torch.randn(4, 8, 6, 6))
     assert layer.last_strategy == "grouped" and list(tuning_cache().values()) == ["grouped"]
+
+
+def test_torch_func_transforms_run_with_tuning_on_and_time_nothing(timings):
+    layer = layer3x3()
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+    x = torch.randn(4, 8, 6, 6)
+
+    def loss(p, x):
+        return torch.func.functional_call(layer, p, (x,)).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(lambda p, xi: loss(p, xi[None])), in_dims=(None, 0))(params, x)
+    whole = torch.func.grad(loss)(params, x)
+    torch.func.jvp(layer, (x,), (torch.randn_like(x),))
+    assert not timings and not tuning_cache()
+    for name, p in layer.named_parameters():  # against plain autograd, one sample at a time
+        for i in range(len(x)):
+            (gradient,) = torch.autograd.grad(layer(x[i : i + 1]).square().sum(), p)
+            torch.testing.assert_close(per_sample[name][i], gradient)
+        (gradient,) = torch.autograd.grad(layer(x).square().sum(), p)
+        torch.testing.assert_close(whole[name], gradient)
+
+
+def test_dynamic_torch_compile_keeps_one_graph_over_batch_sizes_and_uses_a_cached_size(timings):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    layer = layer3x3()
+    compiled = torch.compile(layer, dynamic=True, backend="eager")
+    for batch in range(2, 8):
+        y = compiled(x := torch.randn(batch, 8, 6, 6))
+        with tuning(False):  # eager tuning would fill the cache the compiled graph guards on
+            torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1  # an empty cache guards no size
+    assert not timings and not tuning_cache() and layer.last_strategy == "grouped"
+    x = torch.randn(4, 8, 6, 6)
+    key = autotune.problem_key(x, layer.expert_weight(), layer.bias, layer.route(x), (1, 1), (1, 1), (1, 1), 1)
+    autotune._cache[key] = "bmm"
+    for batch, strategy in ((4, "bmm"), (5, "grouped"), (4, "bmm")):
+        compiled(torch.randn(batch, 8, 6, 6))
+        assert layer.last_strategy == strategy
+    assert not timings
+
+
+def test_a_reentrant_checkpoint_recomputes_with_the_strategy_its_forward_ran(timings, monkeypatch):
+    slow_down(monkeypatch, "grouped")  # the rules' choice loses the forward-only timing
+    layer = layer3x3()
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=True)
+    forward, count = layer.last_strategy, len(timings)
+    assert forward != "grouped" and [key[-1] for key in tuning_cache()] == [False]
+    y.backward(g := torch.randn_like(y))
+    assert layer.last_strategy == forward and len(timings) == count  # nothing timed in the backward
+    reference = layer3x3(strategy=forward)
+    x2 = x.detach().clone().requires_grad_(True)
+    reference(x2).backward(g)
+    assert torch.equal(x.grad, x2.grad) and torch.equal(layer.weight.grad, reference.weight.grad)
+
+
+def test_two_threads_meeting_a_new_problem_time_it_once(monkeypatch):
+    import threading
+
+    calls: list[list[str]] = []
+    inner = autotune._fastest
+
+    def slow_fastest(candidates, *args):
+        calls.append(candidates)
+        time.sleep(0.2)  # the other thread arrives while this one times
+        return inner(candidates, *args)
+
+    monkeypatch.setattr(autotune, "_fastest", slow_fastest)
+    weight, r, x = torch.randn(3, 8, 8, 3, 3), torch.rand(4, 3), torch.randn(4, 8, 6, 6)
+    results: list[torch.Tensor] = []
+    threads = [threading.Thread(target=lambda: results.append(condconv2d(x, weight, r, padding=1))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len(tuning_cache()) == 1 and torch.equal(results[0], results[1])
+
+
+def test_the_key_tells_memory_layouts_and_autocast_dtypes_apart():
+    weight, r = torch.randn(3, 8, 8, 3, 3), torch.rand(4, 3)
+
+    def key(x):
+        return autotune.problem_key(x, weight, None, r, (1, 1), (1, 1), (1, 1), 1)
+
+    x = torch.randn(4, 8, 6, 6)
+    assert key(x)[:3] == ("cpu", "float32", "contiguous")
+    assert key(x.contiguous(memory_format=torch.channels_last))[2] == "channels_last"
+    assert key(x.transpose(2, 3))[2] == "strided"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert key(x)[1] == "bfloat16"
+        assert key(x.double())[1] == "float64"  # autocast leaves float64 alone
+        assert condconv2d(x.double(), weight.double(), r.double(), padding=1).dtype == torch.float64
+
+
+def test_a_cache_loads_onto_another_device_as_map_location_does(tmp_path):
+    saved_entry(tmp_path)
+    assert load_tuning_cache(tmp_path / "good.json", device="cuda:1") == 1
+    assert [key[0] for key in tuning_cache()] == ["cuda:1"]
+    clear_tuning_cache()
+    with pytest.raises(ValueError, match="device must be a CPU or CUDA device"):
+        load_tuning_cache(tmp_path / "good.json", device="meta")
+    assert not tuning_cache()

@@ -57,7 +57,10 @@ def is_exporting() -> bool:
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the convolution's matrix products run in: autocast's when it is on."""
+    """The dtype the convolution's matrix products run in: autocast's when it is on (autocast
+    leaves float64 alone)."""
+    if x.dtype == torch.float64:
+        return x.dtype
     if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype

@@ -6,8 +6,9 @@ call, K, bias, whether gradients are needed) times each candidate strategy on fr
 tensors of the call's shapes and caches the fastest; later calls with the same key
 use the cached choice. The rules of :mod:`.auto` remain the fallback: with tuning off
 (which ignores the cache too), and while tracing (``torch.compile``, ``torch.export``,
-ONNX, ``torch.jit.trace``, a dispatch mode such as FakeTensor) and inside activation
-checkpointing, where nothing is timed and a cached choice is used if there is one
+ONNX, ``torch.jit.trace``, a dispatch mode such as FakeTensor), under ``torch.func``
+transforms, inside activation checkpointing or a backward pass, and on devices other
+than CPU and CUDA, where nothing is timed and a cached choice is used if there is one
 (export and tracing: never, since their batch size may be symbolic).
 
 What is timed: forward+backward when the call needs gradients, forward only
@@ -75,7 +76,9 @@ import contextlib
 import json
 import math
 import os
+import reprlib
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -119,14 +122,41 @@ _KEY_FIELDS = (
     ("bias", bool),
     ("grad", bool),
 )
+_SIZE_FIELDS = (3, 6, 7)
+"""Positions of the sizes that may be symbolic under ``torch.compile`` (batch, height, width) in a key."""
 _CACHE_VERSION = 1
+MAX_CACHE_FILE_BYTES = 64 * 2**20
+"""A larger file is refused unread: a cache holds one short entry per problem."""
+_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_DEVICE_TYPES = ("cpu", "cuda")
+"""Where anything is timed (elsewhere the rules decide): CPU by the wall clock, CUDA by events."""
+_MEMORY_FORMATS = ("contiguous", "channels_last", "strided")
+_SWITCH = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
+
+
+def _switch_from_environment() -> bool:
+    """``CONDCONV_TUNE`` read at import: 0/false/off/no or 1/true/on/yes, any case; unset or empty means on."""
+    value = os.environ.get("CONDCONV_TUNE", "").strip()
+    if value.lower() not in _SWITCH and value:
+        raise ValueError(
+            f"CONDCONV_TUNE={reprlib.repr(value)} is not a switch; set it to 0 (off) or 1 (on), or unset it"
+        )
+    return _SWITCH.get(value.lower(), True)
+
 
 _cache: dict[tuple, str] = {}
-_enabled: bool = os.environ.get("CONDCONV_TUNE", "1") != "0"
+_cache_lock = threading.RLock()
+"""Held while a problem is timed and while the cache is read or written as a whole: two threads
+meeting the same new problem time it once, and neither disturbs the other's timings."""
+_enabled: bool = _switch_from_environment()
 
 
 def set_tuning(enabled: bool) -> None:
-    """Turn measured ``auto`` on or off for this process (default: on, or ``CONDCONV_TUNE=0`` for off)."""
+    """Turn measured ``auto`` on or off for this process (default: on, or ``CONDCONV_TUNE=0`` for off).
+
+    The setting is process-wide, as ``torch.backends.cudnn.benchmark`` is: it applies to
+    every thread.
+    """
     global _enabled
     _enabled = bool(enabled)
 
@@ -149,43 +179,71 @@ def tuning(enabled: bool) -> Iterator[None]:
 
 def clear_tuning_cache() -> None:
     """Forget every tuned choice (the next call of each problem tunes again)."""
-    _cache.clear()
+    with _cache_lock:
+        _cache.clear()
 
 
 def tuning_cache() -> dict[tuple, str]:
     """A copy of the cache: problem key (a tuple in the order of the JSON key's fields) -> strategy."""
-    return dict(_cache)
+    with _cache_lock:
+        return dict(_cache)
 
 
 def save_tuning_cache(path: str | os.PathLike) -> None:
     """Write the tuned choices to a JSON file, atomically (replacing ``path`` if it exists)."""
     entries = [
         {"key": dict(zip((name for name, _ in _KEY_FIELDS), _jsonable(key))), "strategy": s}
-        for key, s in _cache.items()
+        for key, s in tuning_cache().items()
     ]
     with atomic_write(path, overwrite=True) as tmp:
         Path(tmp).write_text(json.dumps({"version": _CACHE_VERSION, "entries": entries}, indent=1))
 
 
-def load_tuning_cache(path: str | os.PathLike) -> int:
+def load_tuning_cache(path: str | os.PathLike, device: str | torch.device | None = None) -> int:
     """Add the choices of a file written by :func:`save_tuning_cache`; returns how many were read.
 
-    The file is validated strictly (known fields, types and strategy names) before
-    anything is added; it is data only, nothing in it is executed.
+    The file is validated strictly (size, known fields, types, dtype, device and strategy
+    names) before anything is added; it is data only, nothing in it is executed.
+
+    Args:
+        path: the JSON file.
+        device: take every entry as tuned on this device, as ``map_location`` does for
+            ``torch.load``: the key holds the device index, so a DDP rank loading the file
+            rank 0 saved passes its own device (``load_tuning_cache(path, f"cuda:{rank}")``).
 
     Raises:
-        ValueError: the file is not such a cache.
+        ValueError: the file is not such a cache, or ``device`` is not a CPU or CUDA device.
     """
+    target = None if device is None else _device_name(str(device))
+    if device is not None and target is None:
+        raise ValueError(f"device must be a CPU or CUDA device such as 'cuda:1', got {reprlib.repr(device)}")
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read tuning cache {path}: {error}; save one with save_tuning_cache") from None
-    if not isinstance(data, dict) or set(data) != {"version", "entries"} or data["version"] != _CACHE_VERSION:
+        with open(path, "rb") as file:
+            raw = file.read(MAX_CACHE_FILE_BYTES + 1)
+        if len(raw) > MAX_CACHE_FILE_BYTES:
+            raise ValueError(f"larger than {MAX_CACHE_FILE_BYTES // 2**20} MiB")
+        data = json.loads(raw, parse_int=_short_int)
+    except RecursionError:
+        raise ValueError(
+            f"cannot read tuning cache {path}: nested too deeply; save one with save_tuning_cache"
+        ) from None
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = " ".join(str(error).split())[:200]
+        raise ValueError(f"cannot read tuning cache {path}: {reason}; save one with save_tuning_cache") from None
+    if (
+        not isinstance(data, dict)
+        or set(data) != {"version", "entries"}
+        or type(data["version"]) is not int
+        or data["version"] != _CACHE_VERSION
+    ):
         raise ValueError(f"{path} is not a version-{_CACHE_VERSION} tuning cache; save one with save_tuning_cache")
     if not isinstance(data["entries"], list):
         raise ValueError(f"{path}: 'entries' must be a list; save the cache with save_tuning_cache")
-    loaded = dict(_parse_entry(entry, path) for entry in data["entries"])
-    _cache.update(loaded)
+    loaded = dict(_parse_entry(index, entry, path) for index, entry in enumerate(data["entries"]))
+    if target is not None:
+        loaded = {(target, *key[1:]): strategy for key, strategy in loaded.items()}
+    with _cache_lock:
+        _cache.update(loaded)
     return len(loaded)
 
 
@@ -202,13 +260,16 @@ def problem_key(
     """Everything a strategy's speed depends on, in the order of the cache's JSON fields."""
     num_experts, out_channels, _, kh, kw = weight.shape
     batch, in_channels, height, width = x.shape
-    channels_last = in_channels > 1 and x.is_contiguous(memory_format=torch.channels_last)
+    if in_channels > 1 and x.is_contiguous(memory_format=torch.channels_last):
+        memory_format = "channels_last"
+    else:  # permuted or sliced inputs run the strategies at other speeds than either dense layout
+        memory_format = "contiguous" if x.is_contiguous() else "strided"
     tensors = (x, weight, bias, routing_weights)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return (
         str(x.device),
         str(auto.compute_dtype(x)).removeprefix("torch."),
-        "channels_last" if channels_last else "contiguous",
+        memory_format,
         batch,
         in_channels,
         out_channels,
@@ -244,29 +305,67 @@ def tuned_strategy(
     if not _enabled or auto.is_exporting():  # exporting: sizes may be symbolic, so no key and no lookup
         return auto.choose_strategy(x, weight, stride, padding, dilation, groups)
     key = problem_key(x, weight, bias, routing_weights, stride, padding, dilation, groups)
-    cached = _cache.get(key)
+    if key[-1] and not torch.compiler.is_compiling() and _in_backward() and not _saved_tensor_hooks_active():
+        # A reentrant checkpoint recomputes, in the backward, a forward it ran under no_grad:
+        # that forward was a forward-only problem, and the recompute must run its strategy so
+        # that the gradient is the one of the output the forward returned.
+        key = (*key[:-1], False)
+    cached = _lookup(key)
     if cached is not None:
         return cached
     rules = auto.choose_strategy(x, weight, stride, padding, dilation, groups)
     if not _can_time(x):
         return rules
-    order = [rules] + [s for s in CANDIDATES if s != rules]
-    candidates = [s for s in order if _worth_timing(s, x, weight, key)] or [rules]
-    if candidates[1:]:
-        try:
-            candidates = [_fastest(candidates, x, weight, bias, routing_weights, key[-1], run)]
-        except torch.cuda.OutOfMemoryError:  # the timing copies did not fit next to the caller's tensors
-            candidates = [rules]
-    _cache[key] = candidates[0]
-    return candidates[0]
+    with _cache_lock:
+        cached = _cache.get(key)  # another thread may have timed it while this one waited
+        if cached is None:
+            order = [rules] + [s for s in CANDIDATES if s != rules]
+            candidates = [s for s in order if _worth_timing(s, x, weight, key)] or [rules]
+            if candidates[1:]:
+                try:
+                    candidates = [_fastest(candidates, x, weight, bias, routing_weights, key[-1], run)]
+                except torch.cuda.OutOfMemoryError:  # the timing copies did not fit next to the caller's tensors
+                    candidates = [rules]
+            cached = _cache[key] = candidates[0]
+    return cached
+
+
+def _lookup(key: tuple) -> str | None:
+    """The cached choice for ``key``, if any.
+
+    While ``torch.compile`` traces, batch, height and width may be symbolic: hashing them
+    would specialize the graph to these sizes (one graph per batch size under
+    ``dynamic=True``, then the recompile limit and eager calls that time). So the entries
+    are compared field by field, the static fields first: a size is compared, and the
+    graph guarded on it, only against entries of this very layer problem.
+    """
+    if not torch.compiler.is_compiling():
+        return _cache.get(key)
+    static = [i for i in range(len(key)) if i not in _SIZE_FIELDS]
+    for cached_key, strategy in _cache.items():
+        if all(cached_key[i] == key[i] for i in static) and all(cached_key[i] == key[i] for i in _SIZE_FIELDS):
+            return strategy
+    return None
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def _saved_tensor_hooks_active() -> bool:
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 def _can_time(x: Tensor) -> bool:
-    """False while tracing, under a dispatch mode (FakeTensor, op logging) or saved-tensor hooks
-    (activation checkpointing would count the timing runs as part of the forward it recomputes)."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or x.device.type == "meta":
+    """False while tracing, under a dispatch mode (FakeTensor, op logging), a ``torch.func``
+    transform (its tensors cannot be timed outside it), saved-tensor hooks (activation
+    checkpointing would count the timing runs as part of the forward it recomputes), inside
+    a backward pass, during CUDA graph capture, and on devices other than CPU and CUDA."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
-    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+    if x.device.type not in _DEVICE_TYPES or torch._C._are_functorch_transforms_active():
+        return False
+    if _saved_tensor_hooks_active() or _in_backward():
         return False
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
@@ -359,12 +458,13 @@ def timed_ms(call: Callable[[], None], device: torch.device, min_ms: float = 0.0
 
 def _one_call_ms(call: Callable[[], None], device: torch.device) -> float:
     if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
+        with torch.cuda.device(device):  # the events go on the stream of the call's device, not the current one
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
         return start.elapsed_time(end)
     start_s = time.perf_counter()
     call()
@@ -375,27 +475,55 @@ def _jsonable(key: tuple) -> list:
     return [list(v) if isinstance(v, tuple) else v for v in key]
 
 
-def _parse_entry(entry: object, path: object) -> tuple[tuple, str]:
-    """One cache entry as (key, strategy), or a one-line ValueError naming what is wrong."""
-    problem = f"{path}: invalid tuning cache entry {entry!r}; delete the file or save it again with save_tuning_cache"
-    if not isinstance(entry, dict) or set(entry) != {"key", "strategy"} or entry["strategy"] not in CANDIDATES:
-        raise ValueError(problem)
+def _parse_entry(index: int, entry: object, path: object) -> tuple[tuple, str]:
+    """One cache entry as (key, strategy), or a one-line ValueError naming the entry and what is wrong."""
+
+    def invalid(what: str) -> ValueError:
+        return ValueError(
+            f"{path}: tuning cache entry {index}: {what}; delete the file or save it again with save_tuning_cache"
+        )
+
+    if not isinstance(entry, dict) or set(entry) != {"key", "strategy"}:
+        raise invalid("must hold exactly 'key' and 'strategy'")
+    if entry["strategy"] not in CANDIDATES:
+        raise invalid(f"strategy {reprlib.repr(entry['strategy'])} is not one of {', '.join(CANDIDATES)}")
     fields = entry["key"]
     if not isinstance(fields, dict) or set(fields) != {name for name, _ in _KEY_FIELDS}:
-        raise ValueError(problem)
+        raise invalid(f"'key' must hold exactly the fields {', '.join(name for name, _ in _KEY_FIELDS)}")
+    allowed = {"dtype": _DTYPES, "memory_format": _MEMORY_FORMATS}
     key = []
     for name, kind in _KEY_FIELDS:
         value = fields[name]
         if kind is list:
             if not (isinstance(value, list) and len(value) == 2 and all(_is_int(v) for v in value)):
-                raise ValueError(problem)
+                raise invalid(f"{name} must be two non-negative integers")
             value = tuple(value)
         elif not {bool: isinstance(value, bool), int: _is_int(value), str: isinstance(value, str)}[kind]:
-            raise ValueError(problem)
+            raise invalid(f"{name} must be {'a non-negative integer' if kind is int else kind.__name__}")
+        elif name in allowed and value not in allowed[name]:
+            raise invalid(f"{name} {reprlib.repr(value)} is not one of {', '.join(allowed[name])}")
+        elif name == "device" and _device_name(value) != value:
+            raise invalid(f"device {reprlib.repr(value)} is not a CPU or CUDA device such as 'cpu' or 'cuda:0'")
         key.append(value)
-    if not isinstance(getattr(torch, key[1], None), torch.dtype):
-        raise ValueError(problem)
     return tuple(key), entry["strategy"]
+
+
+def _short_int(text: str) -> int:
+    """An integer of the cache file; no size of a conv has more than 18 digits."""
+    if len(text.lstrip("-")) > 18:
+        raise ValueError(f"an integer of {len(text)} digits")
+    return int(text)
+
+
+def _device_name(text: str) -> str | None:
+    """``str(torch.device(text))`` for a CPU or CUDA device, else None."""
+    if len(text) > 32:
+        return None
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        return None
+    return str(device) if device.type in _DEVICE_TYPES else None
 
 
 def _is_int(value: object) -> bool:
