@@ -638,3 +638,18 @@ def test_interrupted_write_leaves_no_file(work: Path, tmp_path: Path, monkeypatc
     status = main(["full.pt", "--trust-pickle", "--layers", "layer3", "--no-check", "-o", str(tmp_path / "out.pt")])
     assert status == 130 and "interrupted; nothing was written" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_built_in_architecture_is_named_by_its_bare_name(work: Path) -> None:
+    from condconv_lightning.surgery import load_converted
+
+    out = work / "builtin.condconv.pt"
+    arch = ("--arch", "resnet_tiny", "--arch-kwargs", '{"num_classes": 7}')
+    succeeded(run_cli("weights.pt", *arch, "--layers", "layer4", "-o", out, cwd=work))
+    original = resnet_tiny(7)
+    original.load_state_dict(torch.load(work / "weights.pt", weights_only=True))
+    converted = load_converted(out, resnet_tiny(7))
+    assert isinstance(converted.get_submodule("layer4.0.conv1"), CondConv2d)
+    assert_same_function(original, converted)
+    result = run_cli("weights.pt", "--arch", "resnet", "--layers", "layer4", cwd=work)
+    assert result.returncode == 2 and "a built-in model (mobilenet_tiny, resnet50_like, resnet_tiny)" in result.stderr

@@ -34,6 +34,7 @@ from rich.markup import escape
 from ..condconv2d import CondConv2d
 from ..io import UnsafeFileError, check_writable
 from ..loading import LoadedModel, ModelFileError, import_object, load_model, one_line
+from ..loading.architectures import BUILTIN_MODELS
 from ..loading.check import (
     DEFAULT_TOLERANCE,
     CheckResult,
@@ -134,9 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--arch",
-        type=_import_path,
-        metavar="MODULE:CALLABLE",
-        help="architecture for a weights file: a model class or factory; a LightningModule class loads a .ckpt itself",
+        type=_architecture,
+        metavar="ARCH",
+        help=(
+            "architecture for a weights file: module.path:ClassOrFactory (a LightningModule class loads a .ckpt "
+            f"itself), timm:NAME, torchvision:NAME, or a built-in model ({', '.join(BUILTIN_MODELS)})"
+        ),
     )
     parser.add_argument(
         "--arch-kwargs",
@@ -442,6 +446,15 @@ def _height_width(value: str) -> tuple[int, int]:
 def _import_path(value: str) -> str:
     if not IMPORT_PATH.match(value):
         raise argparse.ArgumentTypeError(f"expected an import path like mypackage.models:ResNet, got {value!r}")
+    return value
+
+
+def _architecture(value: str) -> str:
+    if not (IMPORT_PATH.match(value) or value in BUILTIN_MODELS):
+        raise argparse.ArgumentTypeError(
+            f"expected an import path like mypackage.models:ResNet, timm:NAME, torchvision:NAME "
+            f"or a built-in model ({', '.join(BUILTIN_MODELS)}), got {value!r}"
+        )
     return value
 
 
