@@ -1,7 +1,8 @@
 """Export of CondConv models keeps the batch dimension dynamic.
 
 ``grouped`` folds the batch into ``groups``, which ONNX stores as a constant; under
-export ``auto`` therefore picks ``bmm``/``mixture``, and no code path compares the
+export ``auto`` therefore picks ``bmm``/``mixture`` (a layer forced to ``grouped`` or
+``fused`` runs ``auto`` there), and no code path compares the
 batch size with anything (the batch-1 rule, the memory-budget chunking, the empty-batch
 case and tuning all stand aside), so an unbounded ``Dim`` exports without a guard.
 Checked with ``torch.export`` at batch sizes other than the traced one, and with
@@ -14,6 +15,8 @@ unless it is set.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -89,6 +92,25 @@ def test_onnx_export_runs_in_onnxruntime_at_two_batch_sizes(model, tmp_path):
     path = tmp_path / "model.onnx"
     batch_dim = torch.export.Dim("batch")  # unbounded
     torch.onnx.export(model, (torch.randn(3, 3, 12, 12),), path, dynamo=True, dynamic_shapes=({0: batch_dim},))
+    runtime = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = runtime.get_inputs()[0].name
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 12, 12)
+        (out,) = runtime.run(None, {name: x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "mixture", "bmm", "fused"])
+def test_every_strategy_a_layer_is_set_to_exports_to_onnx_with_a_dynamic_batch(model, strategy, tmp_path):
+    """A layer forced to ``grouped`` (or ``fused``) exports as ``auto``: same function, batch kept symbolic."""
+    ort = pytest.importorskip("onnxruntime")
+    forced = copy.deepcopy(model)
+    for layer in forced.modules():
+        if isinstance(layer, CondConv2d):
+            layer.strategy = strategy
+    path = tmp_path / "model.onnx"
+    example = torch.randn(3, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    torch.onnx.export(forced, (example,), path, dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},))
     runtime = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = runtime.get_inputs()[0].name
     for batch in (1, 5):

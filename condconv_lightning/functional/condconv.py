@@ -300,8 +300,8 @@ def condconv2d_with_strategy(
     if not is_exporting() and x.shape[0] == 0:  # as nn.Conv2d: an empty output; grouped would need 0 groups
         strategy = "mixture"
     conv_args = (stride, conv_padding, dilation, groups)
-    if strategy == "fused" and is_exporting():  # exported graphs must not need Triton
-        strategy = "auto"
+    if strategy in ("fused", "grouped") and is_exporting():
+        strategy = "auto"  # exported graphs must not need Triton, nor hold the traced batch in grouped's groups
     if strategy == "auto":
         strategy = tuned_strategy(
             x, weight, bias, routing_weights, *conv_args, run=lambda name, *tensors: _run(name, *tensors, *conv_args)
