@@ -7,13 +7,17 @@ stage's JSON behind, so the script is known to work before a GPU machine runs it
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.sh"
+sys.path.insert(0, str(SCRIPT.parents[1] / "tests"))
 pytestmark = pytest.mark.skipif(
     shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils' timeout"
 )
@@ -30,13 +34,45 @@ def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
         (["--devices", "tpu"], "--devices must be cuda or cpu, got 'tpu'"),
         (["--out"], "usage:"),
         (["--wheels", "/no/such/folder"], "is not a folder"),
+        (["--wheels", "EMPTY"], "holds no .whl file"),
     ],
-    ids=["unknown", "bad-device", "missing-value", "wheels-not-a-folder"],
+    ids=["unknown", "bad-device", "missing-value", "wheels-not-a-folder", "wheels-empty"],
 )
 def test_bad_arguments_exit_2_with_a_message(args, message, tmp_path):
+    args = [str(tmp_path) if a == "EMPTY" else a for a in args]
     result = run(*args, "--out", str(tmp_path)) if args != ["--out"] else run(*args)
     assert result.returncode == 2 and message in result.stderr
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_every_test_file_with_cuda_tests_is_run_by_the_script():
+    """The script names its test files (so a missing optional module elsewhere cannot stop collection):
+    a new file with CUDA tests must be added to it."""
+    tests = SCRIPT.parents[1] / "tests"
+    marked = {
+        f"tests/{path.name}"
+        for path in tests.glob("test_*.py")
+        if re.search(r"CUDA_PARAM|mark\.cuda|needs_cuda", path.read_text())
+        and path.name not in ("test_fused.py", Path(__file__).name)
+    }
+    (named,) = re.findall(r"^CUDA_TESTS=\((.*)\)$", SCRIPT.read_text(), flags=re.MULTILINE)
+    assert set(named.split()) == marked
+    fused = re.findall(r"tests/test_fused.py::(\w+)(?:\[([\w-]+)\])?", SCRIPT.read_text())
+    import_fused = __import__("test_fused")  # the named cases exist
+    assert fused and all(hasattr(import_fused, name) for name, _ in fused)
+    assert all(case in import_fused.CASES for _, case in fused if case)
+
+
+def probe_wheel(folder: Path) -> None:
+    """A minimal pure-Python wheel, as pip download would bring one."""
+    dist = "gpucheckprobe-0.1.dist-info"
+    with zipfile.ZipFile(folder / "gpucheckprobe-0.1-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("gpucheckprobe/__init__.py", "VALUE = 1\n")
+        wheel.writestr(f"{dist}/METADATA", "Metadata-Version: 2.1\nName: gpucheckprobe\nVersion: 0.1\n")
+        wheel.writestr(
+            f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
+        wheel.writestr(f"{dist}/RECORD", "")
 
 
 def test_help_prints_usage_and_exits_0():
@@ -45,11 +81,16 @@ def test_help_prints_usage_and_exits_0():
 
 
 @pytest.mark.slow
-def test_cpu_dry_run_writes_every_stage_json(tmp_path):
-    result = run("--devices", "cpu", "--quick", "--out", str(tmp_path), timeout=600)
+def test_cpu_dry_run_writes_every_stage_json(tmp_path, monkeypatch):
+    (tmp_path / "wheels").mkdir()
+    probe_wheel(tmp_path / "wheels")
+    monkeypatch.chdir(tmp_path)  # a relative --wheels folder, while the stages run from the repository
+    result = run("--devices", "cpu", "--quick", "--out", "out", "--wheels", "wheels", timeout=600)
+    tmp_path = tmp_path / "out"
     summary = json.loads((tmp_path / "summary.json").read_text())
-    stages = {"environment", "pytest_cuda", "bench_layers_fp32", "bench_layers_bf16", "bench_model", "finetune"}
-    assert set(summary) == stages
+    stages = {"wheels", "environment", "pytest_cuda", "bench_layers_fp32", "bench_layers_bf16", "bench_model"}
+    assert set(summary) == stages | {"finetune", "pytest_fused"}
+    assert (tmp_path / "site" / "gpucheckprobe" / "__init__.py").exists()
     failed = {
         name: json.loads((tmp_path / f"{name}.status.json").read_text())["output_tail"][-600:]
         for name, stage in summary.items()

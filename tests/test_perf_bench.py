@@ -9,17 +9,20 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
 
 import bench_layers  # noqa: E402
 import bench_model  # noqa: E402
+import bench_suite  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -120,6 +123,32 @@ def test_bench_layers_suite_is_every_distinct_conv_of_three_architectures():
 def test_bench_layers_can_measure_one_auto_variant(flag, variants):
     args = bench_layers.parse_args(["--quick", flag])
     assert {v for v in args.variants if v.startswith("auto")} == variants
+
+
+def test_bench_layers_times_fused_only_when_asked_and_where_its_kernels_run():
+    args = bench_layers.parse_args(["--quick", "--fused", "--min-total-ms", "50"])
+    assert "fused" in args.variants and args.min_total_ms == 50
+    assert "fused" not in bench_layers.parse_args(["--quick"]).variants
+    shape = bench_layers.QUICK_SUITE[0]
+    modules = bench_layers.variants(shape, 4, torch.device("cpu"), args.variants)
+    assert "fused" not in modules and {"grouped", "mixture", "bmm", "auto"} <= set(modules)
+
+
+@pytest.mark.cuda
+def test_bench_layers_times_fused_on_cuda_except_depthwise():
+    dense, depthwise = (
+        next(s for s in bench_suite.suite() if cond(s)) for cond in (lambda s: s.groups == 1, lambda s: s.groups > 1)
+    )
+    for shape, expected in ((dense, True), (depthwise, False)):
+        assert ("fused" in bench_layers.variants(shape, 4, torch.device("cuda"), ("fused",))) == expected
+
+
+def test_gpu_check_measures_one_suite_shape_per_selection():
+    script = (TOOLS / "gpu_check.sh").read_text()
+    (selection,) = re.findall(r"SHAPES=\((.*?)\)", script, flags=re.DOTALL)
+    names = [s.name for s in bench_suite.suite()]
+    for text in re.findall(r'"([^"]+)"', selection):
+        assert sum(text in name for name in names) == 1, text
 
 
 def test_bench_layers_rejects_a_selection_that_matches_nothing():

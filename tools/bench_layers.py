@@ -54,6 +54,7 @@ records the setting (``machine.malloc``, ``machine.trim``).
     python tools/bench_layers.py --batch 32 --experts 4 --dtype fp32 --only r50 --json out.json
     python tools/bench_layers.py --rules               # rules-only auto against the fixed strategies
     python tools/bench_layers.py --json run.json --resume   # continue a run cut short
+    python tools/bench_layers.py --devices cuda --fused --min-total-ms 50   # a GPU: fused too, fewer rounds
     python tools/bench_layers.py --quick
 """
 
@@ -242,7 +243,10 @@ def variants(shape: Shape, experts: int, device: torch.device, names: tuple[str,
         shape.in_channels, shape.out_channels, shape.kernel_size, shape.stride, shape.padding, groups=shape.groups
     )
     modules: dict[str, nn.Module] = {"static": static.to(device)}
+    depthwise = 1 < shape.groups == shape.in_channels
     for name in names:
+        if name == "fused" and (device.type != "cuda" or depthwise):  # where the Triton kernels run
+            continue
         strategy = "auto" if name in AUTO_VARIANTS else name
         modules[name] = CondConv2d.from_conv(static, experts, strategy=strategy, init="fresh").to(device)
     comparator = timm_condconv(shape, experts, device)
@@ -456,7 +460,7 @@ def by_configuration(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
 
 def render(rows: list[dict], summaries: list[dict], console: Console) -> None:
     """One row per configuration, in sections by model and stage; then the summary per (dtype, B, K)."""
-    names = [v for v in (*STRATEGY_VARIANTS, "timm") if any(r["variant"] == v for r in rows)]
+    names = [v for v in (*STRATEGY_VARIANTS, "fused", "timm") if any(r["variant"] == v for r in rows)]
     table = Table(title="CondConv2d fwd+bwd time / nn.Conv2d's (same shape, same run); auto: (strategy chosen)")
     for column in ("device", "dtype", "shape", "B", "K", "static ms", *names, "auto fwd", "auto peak"):
         table.add_column(column, justify="left" if column in ("device", "dtype", "shape") else "right")
@@ -604,6 +608,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experts", nargs="+", type=int, default=[4, 8])
     parser.add_argument("--only", nargs="+", default=[], help="keep suite shapes whose name contains one of these")
     parser.add_argument("--repeats", type=int, default=3, help="least number of timed rounds (the fastest is reported)")
+    parser.add_argument(
+        "--min-total-ms",
+        type=float,
+        default=MIN_TOTAL_MS,
+        help="rounds go on until every variant has run this long (default: %(default)s; on CUDA, timed by "
+        "events, a few rounds suffice)",
+    )
+    parser.add_argument(
+        "--fused",
+        action="store_true",
+        help="also time the opt-in fused Triton strategy (CUDA, not depthwise; Triton tunes each new shape "
+        "in the untimed warm-up); it is no fixed strategy auto may choose",
+    )
     parser.add_argument("--channels-last", action="store_true", help="input and modules in channels_last")
     parser.add_argument("--tuned", action="store_true", help="of the two auto variants, measure tuned auto only")
     parser.add_argument("--rules", action="store_true", help="of the two auto variants, measure rules-only auto only")
@@ -625,10 +642,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.dtype = args.dtype or (["fp32"] if args.quick else ["fp32", "bf16"])
     if args.quick:
         args.batch, args.experts, args.repeats = [2], [4], 1
-    if min(args.batch) < 1 or min(args.experts) < 1 or args.repeats < 1:
-        parser.error("--batch, --experts and --repeats must be positive")
+    if min(args.batch) < 1 or min(args.experts) < 1 or args.repeats < 1 or args.min_total_ms < 0:
+        parser.error("--batch, --experts and --repeats must be positive, --min-total-ms not negative")
     autos = [name for name, flag in (("auto", args.tuned), ("auto-rules", args.rules)) if flag] or list(AUTO_VARIANTS)
-    args.variants = (*FIXED_STRATEGIES, *autos)  # neither flag, or both: tuned and rules-only side by side
+    fused = ("fused",) if args.fused else ()
+    args.variants = (*FIXED_STRATEGIES, *fused, *autos)  # neither flag, or both: tuned and rules-only side by side
     return args
 
 
@@ -670,7 +688,7 @@ def run(args: argparse.Namespace, console: Console) -> dict:
             dtype_name,
             device,
             args.repeats,
-            0.0 if args.quick else MIN_TOTAL_MS,
+            0.0 if args.quick else args.min_total_ms,
             args.channels_last,
             args.variants,
         )
@@ -703,7 +721,8 @@ def resumed(args: argparse.Namespace, now: str) -> tuple[list[dict], list[str]]:
         sys.exit(
             f"cannot resume {args.json}: measured with other settings ({'; '.join(differs)}); start a new --json file"
         )
-    complete = {key for key, by_variant in by_configuration(rows).items() if set(args.variants) <= set(by_variant)}
+    wanted = set(args.variants) - {"fused"}  # fused runs only where it applies (CUDA, not depthwise)
+    complete = {key for key, by_variant in by_configuration(rows).items() if wanted <= set(by_variant)}
     kept = [
         row for row in rows if (row["device"], row["dtype"], row["shape"], row["batch"], row["experts"]) in complete
     ]

@@ -2,12 +2,21 @@
 # One command for a GPU machine: CUDA tests, layer and model benchmarks, a short bf16 fine-tuning run.
 #
 # Runs from this working tree with PYTHONPATH (nothing is installed into the machine's
-# Python); pure-Python wheels the machine lacks (e.g. jsonargparse) can be given with
-# --wheels DIR and go to OUT/site with `pip install --no-deps --no-index --target`.
-# Every stage has its own time limit (on a GPU all together 8 minutes at most) and writes
+# Python, and nothing needs a build backend or the network); pure-Python wheels the machine
+# lacks go to OUT/site with `pip install --no-deps --no-index --target`, from --wheels DIR.
+# A machine with PyTorch, Lightning and torchmetrics but not this project's other
+# dependencies needs these, downloaded beforehand where there is network:
+#
+#     pip download --no-deps -d wheels rich markdown-it-py mdurl pygments \
+#         jsonargparse docstring-parser typeshed-client
+#
+# The environment stage lists what is missing. Every stage has its own time limit (on a
+# GPU all together under 8 minutes, start-up and kill grace included) and writes
 # OUT/<stage>.json (its results) and OUT/<stage>.status.json (command, exit code,
 # seconds, the end of its output); OUT/summary.json lists the stages. A failing stage
-# does not stop the next one; the exit code is 1 if any stage failed.
+# does not stop the next one; the exit code is 1 if any stage failed. The fused Triton
+# kernels' tests run last, in their own stage: compiling and autotuning them for a new
+# GPU is what takes longest.
 #
 # --devices cpu runs the CPU side of every stage with tiny sizes: a dry run of the
 # script itself on a machine without a GPU (tests/test_gpu_check.py does that).
@@ -43,16 +52,23 @@ case "$DEVICE" in
     cuda|cpu) ;;
     *) echo "gpu_check.sh: --devices must be cuda or cpu, got '$DEVICE'" >&2; usage >&2; exit 2 ;;
 esac
-if [ -n "$WHEELS" ] && [ ! -d "$WHEELS" ]; then
-    echo "gpu_check.sh: --wheels $WHEELS is not a folder; give the folder holding the .whl files" >&2
-    exit 2
+if [ -n "$WHEELS" ]; then
+    if [ ! -d "$WHEELS" ]; then
+        echo "gpu_check.sh: --wheels $WHEELS is not a folder; give the folder holding the .whl files" >&2
+        exit 2
+    fi
+    WHEELS=$(cd "$WHEELS" && pwd)  # the stages run from the repository
+    if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
+        echo "gpu_check.sh: --wheels $WHEELS holds no .whl file; download them with pip download (see the header)" >&2
+        exit 2
+    fi
 fi
 [ "$DEVICE" = cpu ] && QUICK=1
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 export PYTHONPATH="$OUT/site:$REPO:$REPO/tools${PYTHONPATH:+:$PYTHONPATH}"
 FAILED=0
 SCALE=$([ "$DEVICE" = cpu ] && echo 3 || echo 1)  # a CPU dry run is not held to the GPU's 8 minutes
@@ -79,48 +95,68 @@ EOF
 }
 
 if [ -n "$WHEELS" ]; then
-    stage wheels 30 "$PYTHON" -m pip install --no-deps --no-index --target "$OUT/site" "$WHEELS"/*.whl
+    stage wheels 20 "$PYTHON" -m pip install --no-deps --no-index --target "$OUT/site" "$WHEELS"/*.whl
 fi
-stage environment 30 "$PYTHON" -c "
-import json, platform, sys, torch
+# Fails (and says what to download) if a module the stages need is missing; optional ones are listed.
+stage environment 20 "$PYTHON" -c "
+import importlib, json, platform, sys, torch
 info = {'python': platform.python_version(), 'torch': torch.__version__, 'cuda': torch.version.cuda,
         'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-for name in ('condconv_lightning', 'lightning', 'jsonargparse', 'timm', 'triton', 'onnxruntime'):
+needed = ('condconv_lightning', 'lightning', 'torchmetrics', 'rich', 'jsonargparse', 'docstring_parser',
+          'typeshed_client', 'pytest')
+for name in (*needed, 'timm', 'triton', 'onnxruntime', 'hypothesis'):
     try:
-        module = __import__(name)
+        module = importlib.import_module(name)
         info[name] = getattr(module, '__version__', 'present')
-    except ImportError:
+    except Exception as error:  # ImportError, or a package that fails beside this torch
         info[name] = None
+        info[name + '_error'] = str(error).splitlines()[0] if str(error) else type(error).__name__
 json.dump(info, open(sys.argv[1], 'w'), indent=1)
+missing = [name for name in needed if info[name] is None]
+if missing:
+    sys.exit('missing: ' + ', '.join(missing) + '; bring their wheels with --wheels (see the header of gpu_check.sh)')
 " "$OUT/environment.json"
 
-if [ "$DEVICE" = cuda ]; then
-    PYTEST=(tests)
-else  # no CUDA test can run: check that they are found
-    PYTEST=(--collect-only tests)
+# Test files are named, so that a module a non-CUDA test file needs cannot stop collection.
+CUDA_TESTS=(tests/test_reference.py tests/test_condconv2d.py)
+FUSED_TESTS=(
+    "tests/test_fused.py::test_matches_reference_cuda[multi-tile]"
+    "tests/test_fused.py::test_matches_reference_cuda[groups2-stride2-dilation2-nhwc]"
+    "tests/test_fused.py::test_matches_reference_cuda[K8-batch5-softmax]"
+    "tests/test_fused.py::test_matches_reference_cuda[bf16-autocast]"
+    "tests/test_fused.py::test_matches_reference_cuda[bf16-weights-k1-K8]"
+    tests/test_fused.py::test_gradients_are_deterministic
+)
+if [ "$DEVICE" = cpu ]; then  # no CUDA test can run: check that they are found
+    CUDA_TESTS=(--collect-only "${CUDA_TESTS[@]}")
+    FUSED_TESTS=(--collect-only "${FUSED_TESTS[@]}")
 fi
-stage pytest_cuda 70 "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml" "${PYTEST[@]}"
+PYTEST=("$PYTHON" -m pytest -m cuda -v -p no:cacheprovider --continue-on-collection-errors)
+stage pytest_cuda 60 "${PYTEST[@]}" --junitxml="$OUT/pytest_cuda.xml" "${CUDA_TESTS[@]}"
 
 if [ "$QUICK" = 1 ]; then
     LAYERS=(--quick)
     MODEL=(--quick)
     STEPS=3
-else  # fp32 runs with PyTorch's default TF32 settings; the suite's MobileNetV2 shapes are left out for time
-    LAYERS=(--batch 32 128 --experts 4 8 --repeats 3 --only r50 effb0)
+else  # fp32 with PyTorch's default TF32 settings; one shape of each kind (event timing needs few rounds)
+    SHAPES=("r50.conv1" "r50.layer1 3x3" "r50.layer3 1x1 1024->256" "r50.layer3 3x3 256" "r50.layer4 3x3 512"
+        "r50.layer4 1x1/2" "mbv2.stage2 dw3x3/2" "effb0.stage6 dw5x5/2")
+    LAYERS=(--batch 32 128 --experts 4 8 --repeats 3 --min-total-ms 50 --fused --only "${SHAPES[@]}")
     MODEL=(--batch 64 --dtype bf16 --channels-last --steps 5)
     STEPS=40
 fi
 for dtype in fp32 bf16; do
-    stage "bench_layers_$dtype" 100 "$PYTHON" tools/bench_layers.py --devices "$DEVICE" "${LAYERS[@]}" --dtype $dtype \
+    stage "bench_layers_$dtype" 70 "$PYTHON" tools/bench_layers.py --devices "$DEVICE" "${LAYERS[@]}" --dtype $dtype \
         --json "$OUT/bench_layers_$dtype.json"
 done
 stage bench_model 45 "$PYTHON" tools/bench_model.py --device "$DEVICE" "${MODEL[@]}" --json "$OUT/bench_model.json"
 ACCELERATOR=$([ "$DEVICE" = cuda ] && echo gpu || echo cpu)
 FIT=(--trainer.accelerator "$ACCELERATOR" --trainer.devices 1 --trainer.max_steps $STEPS --trainer.precision bf16-mixed)
-stage finetune 75 "$PYTHON" -m condconv_lightning.cli.finetune fit "${FIT[@]}" --trainer.enable_progress_bar false \
+stage finetune 70 "$PYTHON" -m condconv_lightning.cli.finetune fit "${FIT[@]}" --trainer.enable_progress_bar false \
     --trainer.log_every_n_steps 1 --trainer.logger lightning.pytorch.loggers.CSVLogger \
     --trainer.logger.save_dir "$OUT/finetune" \
     --trainer.default_root_dir "$OUT/finetune"
+stage pytest_fused 80 "${PYTEST[@]}" --junitxml="$OUT/pytest_fused.xml" "${FUSED_TESTS[@]}"
 "$PYTHON" - "$OUT" <<'EOF'
 import csv, glob, json, os, sys
 out = sys.argv[1]
