@@ -64,7 +64,8 @@ class RoutingEntropyMonitor(Callback):
 
         >>> from lightning.pytorch import Trainer
         >>> from condconv_lightning.callbacks import RoutingEntropyMonitor
-        >>> trainer = Trainer(callbacks=[RoutingEntropyMonitor(logging_interval=10)])
+        >>> # routing values every 10 steps, with Lightning's own: the Trainer sets the cadence
+        >>> trainer = Trainer(log_every_n_steps=10, callbacks=[RoutingEntropyMonitor()])
     """
 
     def __init__(

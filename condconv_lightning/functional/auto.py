@@ -6,7 +6,7 @@ export, a new problem under ``torch.compile``), order the candidates, and decide
 everything with tuning off (``set_tuning(False)``, ``CONDCONV_TUNE=0``).
 
 The rules were chosen by measurement (``tools/bench_layers.py``, results and machine in
-the README's performance section) over ResNet-50 and EfficientNet-B0 convolutions,
+``docs/performance.md``) over ResNet-50 and EfficientNet-B0 convolutions,
 guided by a cost model in P weights per expert, S output positions, B samples and K
 experts (the static conv costs B*P*S multiply-adds; mixing the kernels adds B*K*P):
 

@@ -36,11 +36,13 @@ at all (with none, the rules decide):
 - ``mixture`` when ``(K - 1) * S`` exceeds :data:`MIXTURE_MAX_EXTRA_POSITIONS`
   (S = output positions; 4096 in float32, 12288 in bfloat16 and float16): its K convs
   then cost far more than per-sample kernels, whose cost relative to the conv falls as
-  1/S (ResNet-50 layer1's 3x3 at S = 3136, fp32: mixture 3.9x the static conv, grouped
-  1.2x). Below it mixture can win, also on CPU: ResNet-50 layer3's strided 3x3
-  (S = 196) and EfficientNet-B0's strided depthwise 5x5 (S = 784) ran 1.09x and 0.92x
-  under mixture against grouped's 1.24x and 1.37x (bf16, B = 32, K = 4, 2 CPU cores).
-  In a suite run on 2 CPU cores (B 1/32/128, K 4/8), mixture came within 1.85x of the
+  1/S (in the suite run of docs/performance.md, 2026-11-28/29 on 2 CPU cores: ResNet-50
+  layer1's 3x3 at S = 3136, fp32, B = 32, K = 4: mixture 4.45x the static conv, grouped
+  1.18x). Below it mixture can win, also on CPU, but not always: in the suite run (bf16,
+  B = 32, K = 4) EfficientNet-B0's strided depthwise 5x5 (S = 784) ran 0.70x the static
+  conv under mixture against grouped's 1.02x, while ResNet-50 layer3's strided 3x3
+  (S = 196) ran 4.14x under mixture against grouped's 2.78x; so below it mixture is
+  timed. Over that whole run (B 1/32/128, K 4/8), mixture came within 1.85x of the
   fastest nowhere beyond 4096 in fp32, while in bf16 it won at 5488 and 9408 (that
   strided depthwise 5x5 at K = 8, 1.27-1.56x faster than the tuner's choice under the
   float32 limit; ResNet-50 layer1's 3x3 at B = 128, K = 4, 1.38x) and stayed 2.17x or

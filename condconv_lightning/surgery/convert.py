@@ -84,6 +84,8 @@ def convert(
     CondConv2d are listed in ``already_converted`` (converting twice changes nothing).
 
     Examples:
+        >>> from condconv_lightning import convert
+        >>> from condconv_lightning.demos import resnet_tiny
         >>> model = resnet_tiny()
         >>> report = convert(model, ["layer3", "layer4"], num_experts=4, input_size=(3, 32, 32))
         >>> print(report.totals["layers"])

@@ -67,6 +67,9 @@ class ConversionSpec:
     """JSON-serializable record of a conversion; :func:`apply_spec` repeats it on a fresh model.
 
     Examples:
+        >>> from condconv_lightning import apply_spec, convert
+        >>> from condconv_lightning.demos import resnet_tiny
+        >>> model = resnet_tiny()
         >>> spec = convert(model, "layer4").spec
         >>> fresh = resnet_tiny(); apply_spec(fresh, spec)
         >>> fresh.load_state_dict(model.state_dict())  # strict
