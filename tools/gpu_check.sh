@@ -118,7 +118,7 @@ if missing:
 " "$OUT/environment.json"
 
 # Test files are named, so that a module a non-CUDA test file needs cannot stop collection.
-CUDA_TESTS=(tests/test_reference.py tests/test_condconv2d.py)
+CUDA_TESTS=(tests/test_reference.py tests/test_condconv2d.py tests/test_perf_bench.py)
 FUSED_TESTS=(
     "tests/test_fused.py::test_matches_reference_cuda[multi-tile]"
     "tests/test_fused.py::test_matches_reference_cuda[groups2-stride2-dilation2-nhwc]"
