@@ -16,16 +16,21 @@ experts (the static conv costs B*P*S multiply-adds; mixing the kernels adds B*K*
 - B = 1: ``grouped`` is one conv with the mixed kernel, the static conv's cost plus
   the K*P mixing; nothing is faster.
 - 1x1 dense convs: ``bmm``, a batched matrix product that reads NCHW and NHWC
-  without a copy (on CPU often faster than oneDNN's own 1x1 conv). It won or tied
-  every dense 1x1 of the suite at B = 32, K = 4 and 8, fp32 and bf16, including the
-  7x7 ones whose per-sample kernels are 10-40x their input (ResNet-50 layer4,
-  EfficientNet-B0's last stages), where ``mixture`` ran 1.1-3.5x slower.
+  without a copy (on CPU often faster than oneDNN's own 1x1 conv). In the suite run
+  of docs/performance.md (2 CPU cores) it was the fastest strategy on every dense 1x1
+  with a 7x7 output at B = 32, whose per-sample kernels are 3-42x their input,
+  where ``mixture`` ran 1.2-10.6x slower.
 - depthwise and other grouped convs: ``grouped`` (``mixture`` multiplies the tiny
   depthwise conv by K, ``bmm`` goes through a k^2-times ``unfold``).
 - other k x k convs: ``grouped`` while the per-sample kernels are not much larger
   than the activations (S large: ResNet-50 layer1..layer3); ``mixture`` when they
   are (layer4 has 2.4M weights per sample for 49 positions, 94x its input), and
   when the input is channels_last, which ``grouped`` would have to copy to NCHW.
+  The layer4 rule comes from an earlier, smaller measurement; in the suite run
+  (glibc's malloc keeping freed memory) ``grouped`` beat ``mixture`` there in 7 of 8 cells with
+  B > 1 and ``bmm`` was within 1.29x of the fastest in all 8 (``mixture`` up to
+  3.8x off). Tuned ``auto`` times all three; the rules stand as measured in the
+  rules-only columns of docs/performance.md.
 
 Memory budget: ``grouped`` and ``bmm`` materialize B per-sample kernels (and, in
 training, their gradient). A call whose kernels would exceed
@@ -47,8 +52,9 @@ KERNEL_BUDGET_BYTES: int = 256 * 2**20
 
 _SMALL_KERNEL_RATIO = 32.0
 """``grouped`` beats ``mixture`` on k x k dense convs while a sample's kernel has at most
-this many times as many elements as its input (measured on 2 CPU cores: ResNet-50
-layer1 0.2x, layer2 1.5x, layer3 12x yes; layer4 94x no, grouped 9-13x the static conv)."""
+this many times as many elements as its input (fitted on 2 CPU cores: ResNet-50 layer1
+0.2x, layer2 1.5x, layer3 12x yes; layer4 94x no; the module docstring says what the
+suite run found at layer4)."""
 
 
 def is_exporting() -> bool:
