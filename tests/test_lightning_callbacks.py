@@ -1,4 +1,4 @@
-"""RoutingEntropyMonitor and RoutingTemperatureScheduler in real (tiny) Trainer runs."""
+"""RoutingEntropyMonitor, RoutingTemperatureScheduler and TuningCache in real (tiny) Trainer runs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,12 @@ from test_lightning_metrics import assert_matches, reference
 from torch import nn
 
 from condconv_lightning import CondConv2d
-from condconv_lightning.callbacks import CondConvConversion, RoutingEntropyMonitor, RoutingTemperatureScheduler
+from condconv_lightning.callbacks import (
+    CondConvConversion,
+    RoutingEntropyMonitor,
+    RoutingTemperatureScheduler,
+    TuningCache,
+)
 from condconv_lightning.demos import SyntheticImageDataModule
 from condconv_lightning.finetune import ImageClassifier
 
@@ -239,3 +244,35 @@ def test_conversion_reports_a_missing_submodule(tmp_path: Path) -> None:
     t = conversion_trainer(tmp_path, CondConvConversion(["layer4"], submodule="network", verbose=False), max_steps=1)
     with pytest.raises(ValueError, match="no submodule 'network'"):
         t.fit(ImageClassifier(), tiny_data())
+
+
+def test_tuning_cache_saves_the_choices_and_a_later_run_times_nothing(tmp_path: Path, monkeypatch) -> None:
+    import condconv_lightning.functional.autotune as autotune
+    from condconv_lightning.functional import clear_tuning_cache, tuning, tuning_cache
+
+    timed: list[list[str]] = []
+    inner = autotune._fastest
+    monkeypatch.setattr(autotune, "_fastest", lambda candidates, *a: timed.append(candidates) or inner(candidates, *a))
+    path = tmp_path / "tuning.json"
+    clear_tuning_cache()
+    with tuning(True):
+        first = TuningCache(path)
+        trainer(tmp_path, [first], max_steps=2, limit_val_batches=1).fit(ImageClassifier(TinyNet()), tiny_data())
+        saved = tuning_cache()
+        assert first.loaded == 0 and timed and path.exists()  # nothing to load the first time; it tuned, and saved
+        clear_tuning_cache()  # a new process, as far as the cache knows
+        timed.clear()
+        later = TuningCache(path)
+        trainer(tmp_path, [later], max_steps=2, limit_val_batches=1).fit(ImageClassifier(TinyNet()), tiny_data())
+    assert later.loaded == len(saved) and not timed and tuning_cache() == saved
+    clear_tuning_cache()
+
+
+def test_tuning_cache_needs_an_existing_folder_and_a_valid_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist; create it or pass another path"):
+        TuningCache(tmp_path / "missing" / "tuning.json")
+    (tmp_path / "tuning.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read tuning cache"):  # before any step
+        trainer(tmp_path, [TuningCache(tmp_path / "tuning.json")], max_steps=1).fit(
+            ImageClassifier(TinyNet()), tiny_data()
+        )

@@ -560,9 +560,13 @@ def test_the_key_tells_memory_layouts_and_autocast_dtypes_apart():
 
 
 def test_a_cache_loads_onto_another_device_as_map_location_does(tmp_path):
-    saved_entry(tmp_path)
-    assert load_tuning_cache(tmp_path / "good.json", device="cuda:1") == 1
-    assert [key[0] for key in tuning_cache()] == ["cuda:1"]
+    data = saved_entry(tmp_path)
+    on_gpu = json.loads(json.dumps(data["entries"][0]))
+    on_gpu["key"]["device"] = "cuda:0"
+    data["entries"].append(on_gpu)
+    (tmp_path / "good.json").write_text(json.dumps(data))
+    assert load_tuning_cache(tmp_path / "good.json", device="cuda:1") == 2
+    assert sorted(key[0] for key in tuning_cache()) == ["cpu", "cuda:1"]  # CPU entries stay CPU entries
     clear_tuning_cache()
     with pytest.raises(ValueError, match="device must be a CPU or CUDA device"):
         load_tuning_cache(tmp_path / "good.json", device="meta")

@@ -3,5 +3,6 @@
 from .conversion import CondConvConversion
 from .routing_entropy_monitor import RoutingEntropyMonitor
 from .temperature import RoutingTemperatureScheduler
+from .tuning_cache import TuningCache
 
-__all__ = ["CondConvConversion", "RoutingEntropyMonitor", "RoutingTemperatureScheduler"]
+__all__ = ["CondConvConversion", "RoutingEntropyMonitor", "RoutingTemperatureScheduler", "TuningCache"]

@@ -209,9 +209,11 @@ def load_tuning_cache(path: str | os.PathLike, device: str | torch.device | None
 
     Args:
         path: the JSON file.
-        device: take every entry as tuned on this device, as ``map_location`` does for
-            ``torch.load``: the key holds the device index, so a DDP rank loading the file
-            rank 0 saved passes its own device (``load_tuning_cache(path, f"cuda:{rank}")``).
+        device: take every entry tuned on a device of this type as tuned on this device,
+            as ``map_location`` does for ``torch.load``: the key holds the device index,
+            so a DDP rank loading the file rank 0 saved passes its own device
+            (``load_tuning_cache(path, f"cuda:{rank}")``); entries of other device types
+            (CPU ones, in that example) are kept as they are.
 
     Raises:
         ValueError: the file is not such a cache, or ``device`` is not a CPU or CUDA device.
@@ -243,7 +245,11 @@ def load_tuning_cache(path: str | os.PathLike, device: str | torch.device | None
         raise ValueError(f"{path}: 'entries' must be a list; save the cache with save_tuning_cache")
     loaded = dict(_parse_entry(index, entry, path) for index, entry in enumerate(data["entries"]))
     if target is not None:
-        loaded = {(target, *key[1:]): strategy for key, strategy in loaded.items()}
+        kind = target.partition(":")[0]
+        loaded = {
+            (target if key[0].partition(":")[0] == kind else key[0], *key[1:]): strategy
+            for key, strategy in loaded.items()
+        }
     with _cache_lock:
         _cache.update(loaded)
     return len(loaded)
