@@ -87,29 +87,23 @@ def assert_unbounded_batch(program: torch.export.ExportedProgram) -> None:
     assert not [n for n in program.graph.nodes if n.target in size_asserts]
 
 
-def test_onnx_export_runs_in_onnxruntime_at_two_batch_sizes(model, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    path = tmp_path / "model.onnx"
-    batch_dim = torch.export.Dim("batch")  # unbounded
-    torch.onnx.export(model, (torch.randn(3, 3, 12, 12),), path, dynamo=True, dynamic_shapes=({0: batch_dim},))
-    runtime = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = runtime.get_inputs()[0].name
-    for batch in (1, 5):
-        x = torch.randn(batch, 3, 12, 12)
-        (out,) = runtime.run(None, {name: x.numpy()})
-        torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("strategy", ["grouped", "mixture", "bmm", "fused"])
-def test_every_strategy_a_layer_is_set_to_exports_to_onnx_with_a_dynamic_batch(model, strategy, tmp_path):
-    """A layer forced to ``grouped`` (or ``fused``) exports as ``auto``: same function, batch kept symbolic."""
+@pytest.mark.parametrize(
+    "strategy,channels_last",
+    [("auto", False), ("auto", True), ("grouped", True), ("grouped", False), ("mixture", False), ("bmm", True),
+     ("fused", False)],
+)  # fmt: skip
+def test_onnx_export_runs_in_onnxruntime_at_two_batch_sizes(model, strategy, channels_last, tmp_path):
+    """With an unbounded batch, whatever strategy the layers are set to: a layer forced to ``grouped`` (or
+    ``fused``) exports as ``auto``, the same function with the batch kept symbolic."""
     ort = pytest.importorskip("onnxruntime")
     forced = copy.deepcopy(model)
     for layer in forced.modules():
         if isinstance(layer, CondConv2d):
             layer.strategy = strategy
     path = tmp_path / "model.onnx"
-    example = torch.randn(3, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    example = torch.randn(3, 3, 12, 12)
+    if channels_last:
+        example = example.contiguous(memory_format=torch.channels_last)
     torch.onnx.export(forced, (example,), path, dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},))
     runtime = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = runtime.get_inputs()[0].name
