@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import warnings
 from pathlib import Path
@@ -276,3 +277,22 @@ def test_tuning_cache_needs_an_existing_folder_and_a_valid_file(tmp_path: Path) 
         trainer(tmp_path, [TuningCache(tmp_path / "tuning.json")], max_steps=1).fit(
             ImageClassifier(TinyNet()), tiny_data()
         )
+    assert (tmp_path / "tuning.json").read_text() == "{not json"  # left for the user to fix
+
+
+def test_tuning_cache_saves_what_a_failed_run_tuned(tmp_path: Path) -> None:
+    from lightning.pytorch import Callback
+
+    from condconv_lightning.functional import clear_tuning_cache, tuning
+
+    class Fail(Callback):
+        def on_train_batch_end(self, *args) -> None:
+            raise RuntimeError("stopped")
+
+    clear_tuning_cache()
+    with tuning(True), pytest.raises(RuntimeError, match="stopped"):
+        trainer(tmp_path, [TuningCache(tmp_path / "tuning.json"), Fail()], max_steps=4).fit(
+            ImageClassifier(TinyNet()), tiny_data()
+        )
+    assert json.loads((tmp_path / "tuning.json").read_text())["entries"]
+    clear_tuning_cache()

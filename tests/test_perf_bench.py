@@ -126,10 +126,18 @@ def test_bench_layers_can_measure_one_auto_variant(flag, variants):
 
 
 def test_bench_layers_times_fused_only_when_asked_and_where_its_kernels_run():
-    args = bench_layers.parse_args(["--quick", "--fused", "--min-total-ms", "50"])
+    args = bench_layers.parse_args(["--fused", "--min-total-ms", "50"])
     assert "fused" in args.variants and args.min_total_ms == 50
     assert "fused" not in bench_layers.parse_args(["--quick"]).variants
+    assert bench_layers.parse_args(["--quick", "--min-total-ms", "50"]).min_total_ms == 0  # CI-sized
     shape = bench_layers.QUICK_SUITE[0]
+    dense, depthwise = (
+        next(s for s in bench_suite.suite() if cond(s)) for cond in (lambda s: s.groups == 1, lambda s: s.groups > 1)
+    )
+    assert bench_layers.measured_here("fused", dense, "cuda") and not bench_layers.measured_here(
+        "fused", depthwise, "cuda"
+    )
+    assert not bench_layers.measured_here("fused", dense, "cpu") and bench_layers.measured_here("bmm", depthwise, "cpu")
     modules = bench_layers.variants(shape, 4, torch.device("cpu"), args.variants)
     assert "fused" not in modules and {"grouped", "mixture", "bmm", "auto"} <= set(modules)
 
@@ -204,13 +212,18 @@ def test_bench_layers_resume_measures_only_the_configurations_the_saved_run_lack
 
 @pytest.mark.parametrize(
     ("field", "value", "flags"),
-    [("torch", "0.0.1", []), ("threads", 999, []), ("channels_last", None, ["--channels-last"])],
+    [
+        ("torch", "0.0.1", []),
+        ("threads", 999, []),
+        ("channels_last", None, ["--channels-last"]),
+        ("min_total_ms", 50.0, []),
+    ],
 )
 def test_bench_layers_resume_refuses_a_run_measured_with_other_settings(tmp_path, monkeypatch, field, value, flags):
     out = tmp_path / "layers.json"
-    saved = {"machine": bench_layers.machine(), "channels_last": False, "rows": []}
+    saved = {"machine": bench_layers.machine(), "channels_last": False, "min_total_ms": 0.0, "rows": []}
     if value is not None:
-        saved["machine"][field] = value
+        (saved if field in saved else saved["machine"])[field] = value
     out.write_text(json.dumps(saved))
     monkeypatch.setattr(bench_layers, "measure", lambda *a: pytest.fail("measured despite the mismatch"))
     with pytest.raises(SystemExit, match=f"cannot resume .*{field}.*start a new --json file"):

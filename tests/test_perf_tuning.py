@@ -199,7 +199,7 @@ def test_torch_compile_times_nothing_uses_the_cache_and_records_the_strategy(tim
     layer = layer3x3()
     x = torch.randn(4, 8, 6, 6)
     key = autotune.problem_key(x, layer.expert_weight(), layer.bias, layer.route(x), (1, 1), (1, 1), (1, 1), 1)
-    autotune._cache[key] = "bmm"  # not what the rules pick (grouped)
+    autotune._store(key, "bmm")  # not what the rules pick (grouped)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
     assert layer.last_strategy == "bmm"
@@ -331,6 +331,7 @@ def saved_entry(tmp_path) -> dict:
         lambda d: d["entries"][0]["key"].update(dtype="int64"),
         lambda d: d["entries"][0]["key"].update(device="cuda:0:1"),
         lambda d: d["entries"][0]["key"].update(device="meta"),
+        lambda d: d["entries"][0]["key"].update(device="cuda"),
         lambda d: d["entries"][0]["key"].update(memory_format="nhwc"),
         lambda d: d.update(version=2),
         lambda d: d.update(version=True),
@@ -349,6 +350,7 @@ def saved_entry(tmp_path) -> dict:
         "integer-dtype",
         "bad-device",
         "untimed-device",
+        "device-without-index",
         "memory-format",
         "version",
         "bool-version",
@@ -499,11 +501,15 @@ def test_dynamic_torch_compile_keeps_one_graph_over_batch_sizes_and_uses_a_cache
     assert not timings and not tuning_cache() and layer.last_strategy == "grouped"
     x = torch.randn(4, 8, 6, 6)
     key = autotune.problem_key(x, layer.expert_weight(), layer.bias, layer.route(x), (1, 1), (1, 1), (1, 1), 1)
-    autotune._cache[key] = "bmm"
+    autotune._store(key, "bmm")
     for batch, strategy in ((4, "bmm"), (5, "grouped"), (4, "bmm")):
         compiled(torch.randn(batch, 8, 6, 6))
         assert layer.last_strategy == strategy
-    assert not timings
+    graphs = counters["stats"]["unique_graphs"]
+    other = autotune.problem_key(x, layer.expert_weight(), layer.bias, layer.route(x), (2, 2), (1, 1), (1, 1), 1)
+    autotune._store(other, "mixture")  # another layer's problem: no guard of this graph looks at it
+    compiled(torch.randn(4, 8, 6, 6))
+    assert counters["stats"]["unique_graphs"] == graphs and not timings
 
 
 def test_a_reentrant_checkpoint_recomputes_with_the_strategy_its_forward_ran(timings, monkeypatch):
@@ -568,6 +574,24 @@ def test_a_cache_loads_onto_another_device_as_map_location_does(tmp_path):
     assert load_tuning_cache(tmp_path / "good.json", device="cuda:1") == 2
     assert sorted(key[0] for key in tuning_cache()) == ["cpu", "cuda:1"]  # CPU entries stay CPU entries
     clear_tuning_cache()
-    with pytest.raises(ValueError, match="device must be a CPU or CUDA device"):
-        load_tuning_cache(tmp_path / "good.json", device="meta")
+    for device in ("meta", "cuda"):  # keys hold a CUDA device with its index
+        with pytest.raises(ValueError, match="device must be 'cpu' or a CUDA device with its index"):
+            load_tuning_cache(tmp_path / "good.json", device=device)
     assert not tuning_cache()
+
+
+def test_a_checkpointed_forward_and_its_recompute_run_one_strategy_while_another_layer_tunes(timings, monkeypatch):
+    slow_down(monkeypatch, "grouped")  # timed, the rules' choice would lose
+    first, second = layer3x3(), layer3x3()
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    hidden = torch.utils.checkpoint.checkpoint(first, x, use_reentrant=False)
+    assert first.last_strategy == "grouped" and list(tuning_cache().values()) == ["grouped"]
+    second(hidden).sum().backward()  # the same problem, not checkpointed: it finds the kept choice
+    assert second.last_strategy == first.last_strategy == "grouped" and not timings and x.grad is not None
+
+
+def test_timing_copies_keep_the_input_strides():
+    x = torch.randn(4, 8, 12, 12)[:, :, ::2, ::3]  # sliced: neither dense layout
+    assert autotune._like(x).stride() == x.stride() and autotune._like(x).shape == x.shape
+    expanded = torch.randn(1, 8, 6, 6).expand(4, -1, -1, -1)
+    assert autotune._like(expanded).is_contiguous()  # overlapping elements cannot be filled

@@ -243,9 +243,8 @@ def variants(shape: Shape, experts: int, device: torch.device, names: tuple[str,
         shape.in_channels, shape.out_channels, shape.kernel_size, shape.stride, shape.padding, groups=shape.groups
     )
     modules: dict[str, nn.Module] = {"static": static.to(device)}
-    depthwise = 1 < shape.groups == shape.in_channels
     for name in names:
-        if name == "fused" and (device.type != "cuda" or depthwise):  # where the Triton kernels run
+        if not measured_here(name, shape, device.type):
             continue
         strategy = "auto" if name in AUTO_VARIANTS else name
         modules[name] = CondConv2d.from_conv(static, experts, strategy=strategy, init="fresh").to(device)
@@ -253,6 +252,12 @@ def variants(shape: Shape, experts: int, device: torch.device, names: tuple[str,
     if comparator is not None:
         modules["timm"] = comparator
     return modules
+
+
+def measured_here(variant: str, shape: Shape, device_type: str) -> bool:
+    """Whether ``variant`` is measured on this shape and device: ``fused`` only where its Triton
+    kernels run (CUDA, not depthwise), everything else everywhere."""
+    return variant != "fused" or (device_type == "cuda" and not 1 < shape.groups == shape.in_channels)
 
 
 def measure(
@@ -641,7 +646,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--resume continues a run saved with --json: pass --json FILE of that run")
     args.dtype = args.dtype or (["fp32"] if args.quick else ["fp32", "bf16"])
     if args.quick:
-        args.batch, args.experts, args.repeats = [2], [4], 1
+        args.batch, args.experts, args.repeats, args.min_total_ms = [2], [4], 1, 0.0
     if min(args.batch) < 1 or min(args.experts) < 1 or args.repeats < 1 or args.min_total_ms < 0:
         parser.error("--batch, --experts and --repeats must be positive, --min-total-ms not negative")
     autos = [name for name, flag in (("auto", args.tuned), ("auto-rules", args.rules)) if flag] or list(AUTO_VARIANTS)
@@ -688,7 +693,7 @@ def run(args: argparse.Namespace, console: Console) -> dict:
             dtype_name,
             device,
             args.repeats,
-            0.0 if args.quick else args.min_total_ms,
+            args.min_total_ms,
             args.channels_last,
             args.variants,
         )
@@ -715,14 +720,20 @@ def resumed(args: argparse.Namespace, now: str) -> tuple[list[dict], list[str]]:
         for key in RESUME_MUST_MATCH
         if saved.get(key) != here.get(key)
     ]
-    if report.get("channels_last") != args.channels_last:
-        differs.append(f"channels_last {report.get('channels_last')!r} there")
+    for setting, default in (("channels_last", False), ("min_total_ms", MIN_TOTAL_MS)):
+        if report.get(setting, default) != getattr(args, setting):
+            differs.append(f"{setting} {report.get(setting, default)!r} there, {getattr(args, setting)!r} here")
     if differs:
         sys.exit(
             f"cannot resume {args.json}: measured with other settings ({'; '.join(differs)}); start a new --json file"
         )
-    wanted = set(args.variants) - {"fused"}  # fused runs only where it applies (CUDA, not depthwise)
-    complete = {key for key, by_variant in by_configuration(rows).items() if wanted <= set(by_variant)}
+    shapes = {shape.name: shape for shape in (*suite(), *QUICK_SUITE)}
+    complete = {
+        key
+        for key, by_variant in by_configuration(rows).items()
+        if key[2] in shapes
+        and {v for v in args.variants if measured_here(v, shapes[key[2]], torch.device(key[0]).type)} <= set(by_variant)
+    }
     kept = [
         row for row in rows if (row["device"], row["dtype"], row["shape"], row["batch"], row["experts"]) in complete
     ]
@@ -733,6 +744,7 @@ def write_report(rows: list[dict], args: argparse.Namespace, segments: list[str]
     report = {
         "machine": {**machine(), "started": segments[0], "segments": segments},
         "channels_last": args.channels_last,
+        "min_total_ms": args.min_total_ms,
         "rows": rows,
         "summary": summary(rows),
     }

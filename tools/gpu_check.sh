@@ -34,6 +34,9 @@ usage: tools/gpu_check.sh [--out DIR] [--devices cuda|cpu] [--wheels DIR] [--qui
 EOF
 }
 
+# absolute DIR: DIR as an absolute path (CDPATH unset, so that cd prints nothing)
+absolute() { (CDPATH='' cd -- "$1" >/dev/null && pwd); }
+
 OUT=./gpu_out
 DEVICE=cuda
 WHEELS=
@@ -57,17 +60,18 @@ if [ -n "$WHEELS" ]; then
         echo "gpu_check.sh: --wheels $WHEELS is not a folder; give the folder holding the .whl files" >&2
         exit 2
     fi
-    WHEELS=$(cd "$WHEELS" && pwd)  # the stages run from the repository
-    if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
+    WHEELS=$(absolute "$WHEELS")  # the stages run from the repository
+    WHEEL_FILES=("$WHEELS"/*.whl)
+    if [ ! -e "${WHEEL_FILES[0]}" ]; then
         echo "gpu_check.sh: --wheels $WHEELS holds no .whl file; download them with pip download (see the header)" >&2
         exit 2
     fi
 fi
 [ "$DEVICE" = cpu ] && QUICK=1
 
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+REPO=$(absolute "$(dirname "$0")/..")
 mkdir -p "$OUT" || exit 2
-OUT=$(cd "$OUT" && pwd)
+OUT=$(absolute "$OUT")
 PYTHON=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 export PYTHONPATH="$OUT/site:$REPO:$REPO/tools${PYTHONPATH:+:$PYTHONPATH}"
 FAILED=0
@@ -95,7 +99,7 @@ EOF
 }
 
 if [ -n "$WHEELS" ]; then
-    stage wheels 20 "$PYTHON" -m pip install --no-deps --no-index --target "$OUT/site" "$WHEELS"/*.whl
+    stage wheels 20 "$PYTHON" -m pip install --no-deps --no-index --target "$OUT/site" "${WHEEL_FILES[@]}"
 fi
 # Fails (and says what to download) if a module the stages need is missing; optional ones are listed.
 stage environment 20 "$PYTHON" -c "

@@ -28,9 +28,10 @@ class TuningCache(Callback):
     Every rank loads the file onto its own device (the key holds the device index, so
     rank 3 reads the choices rank 0 saved for ``cuda:0`` as its own on ``cuda:3``); only
     global rank 0 writes it, atomically, after each ``fit``, ``validate``, ``test`` or
-    ``predict``. The file is validated strictly before anything in it is used (see
-    :func:`~condconv_lightning.functional.load_tuning_cache`); a bad file stops the run
-    with a one-line error before any step.
+    ``predict``, and when one stops on an exception (Ctrl-C included), so a long run that
+    fails keeps what it tuned. The file is validated strictly before anything in it is
+    used (see :func:`~condconv_lightning.functional.load_tuning_cache`); a bad file stops
+    the run with a one-line error before any step, and is left as it is.
 
     Args:
         path: the JSON file; its folder must exist.
@@ -46,14 +47,26 @@ class TuningCache(Callback):
             raise ValueError(f"TuningCache: folder {self.path.parent} does not exist; create it or pass another path")
         self.loaded = 0
         """How many choices the last setup read from the file."""
+        self._unreadable = False
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.loaded, self._unreadable = 0, False
         if self.path.exists():
             device = trainer.strategy.root_device  # set by now; the module moves there after setup
+            self._unreadable = True
             self.loaded = load_tuning_cache(self.path, device=device if device.type in ("cpu", "cuda") else None)
+            self._unreadable = False
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._save(trainer)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not self._unreadable:  # a file that failed to load is the user's to fix, not to overwrite
+            self._save(trainer)
+
+    def _save(self, trainer: pl.Trainer) -> None:
         if trainer.is_global_zero:
             save_tuning_cache(self.path)

@@ -9,7 +9,9 @@ use the cached choice. The rules of :mod:`.auto` remain the fallback: with tunin
 ONNX, ``torch.jit.trace``, a dispatch mode such as FakeTensor), under ``torch.func``
 transforms, inside activation checkpointing or a backward pass, and on devices other
 than CPU and CUDA, where nothing is timed and a cached choice is used if there is one
-(export and tracing: never, since their batch size may be symbolic).
+(export and tracing: never, since their batch size may be symbolic). A problem first met
+inside activation checkpointing keeps the rules' choice, cached, so that the recompute in
+the backward runs what the forward ran.
 
 What is timed: forward+backward when the call needs gradients, forward only
 otherwise; on CUDA between events after a synchronize, on CPU by the wall clock. A
@@ -147,9 +149,13 @@ def _switch_from_environment() -> bool:
 
 
 _cache: dict[tuple, str] = {}
+_by_problem: dict[tuple, dict[tuple, str]] = {}
+"""The same choices by the key without its sizes (batch, height, width), then by those sizes:
+what a ``torch.compile`` trace looks up without hashing a symbolic size (:func:`_lookup`)."""
 _cache_lock = threading.RLock()
-"""Held while a problem is timed and while the cache is read or written as a whole: two threads
-meeting the same new problem time it once, and neither disturbs the other's timings."""
+"""Held while a problem is timed and while the cache is changed or read as a whole: two threads
+meeting the same new problem time it once, and one problem is timed at a time (other work of
+other threads still runs beside the timing)."""
 _enabled: bool = _switch_from_environment()
 
 
@@ -183,6 +189,7 @@ def clear_tuning_cache() -> None:
     """Forget every tuned choice (the next call of each problem tunes again)."""
     with _cache_lock:
         _cache.clear()
+        _by_problem.clear()
 
 
 def tuning_cache() -> dict[tuple, str]:
@@ -212,15 +219,18 @@ def load_tuning_cache(path: str | os.PathLike, device: str | torch.device | None
         device: take every entry tuned on a device of this type as tuned on this device,
             as ``map_location`` does for ``torch.load``: the key holds the device index,
             so a DDP rank loading the file rank 0 saved passes its own device
-            (``load_tuning_cache(path, f"cuda:{rank}")``); entries of other device types
-            (CPU ones, in that example) are kept as they are.
+            (``torch.device("cuda", torch.cuda.current_device())``, or in Lightning
+            ``trainer.strategy.root_device``); entries of other device types (CPU ones,
+            in that example) are kept as they are.
 
     Raises:
         ValueError: the file is not such a cache, or ``device`` is not a CPU or CUDA device.
     """
     target = None if device is None else _device_name(str(device))
     if device is not None and target is None:
-        raise ValueError(f"device must be a CPU or CUDA device such as 'cuda:1', got {reprlib.repr(device)}")
+        raise ValueError(
+            f"device must be 'cpu' or a CUDA device with its index such as 'cuda:1', got {reprlib.repr(device)}"
+        )
     try:
         with open(path, "rb") as file:
             raw = file.read(MAX_CACHE_FILE_BYTES + 1)
@@ -251,7 +261,8 @@ def load_tuning_cache(path: str | os.PathLike, device: str | torch.device | None
             for key, strategy in loaded.items()
         }
     with _cache_lock:
-        _cache.update(loaded)
+        for key, strategy in loaded.items():
+            _store(key, strategy)
     return len(loaded)
 
 
@@ -266,8 +277,9 @@ def problem_key(
     groups: int,
 ) -> tuple:
     """Everything a strategy's speed depends on, in the order of the cache's JSON fields."""
-    num_experts, out_channels, _, kh, kw = weight.shape
-    batch, in_channels, height, width = x.shape
+    num_experts, out_channels, in_per_group, kh, kw = weight.shape
+    batch, _, height, width = x.shape
+    in_channels = in_per_group * groups  # x's, from the weight: static under torch.compile
     if in_channels > 1 and x.is_contiguous(memory_format=torch.channels_last):
         memory_format = "channels_last"
     else:  # permuted or sliced inputs run the strategies at other speeds than either dense layout
@@ -323,6 +335,11 @@ def tuned_strategy(
         return cached
     rules = auto.choose_strategy(x, weight, stride, padding, dilation, groups)
     if not _can_time(x):
+        if not torch.compiler.is_compiling() and _saved_tensor_hooks_active():
+            # Activation checkpointing recomputes this forward in the backward, by which time
+            # another layer may have tuned the problem: the rules' choice is kept for both.
+            with _cache_lock:
+                return _store(key, _cache.get(key, rules))
         return rules
     with _cache_lock:
         cached = _cache.get(key)  # another thread may have timed it while this one waited
@@ -334,8 +351,21 @@ def tuned_strategy(
                     candidates = [_fastest(candidates, x, weight, bias, routing_weights, key[-1], run)]
                 except torch.cuda.OutOfMemoryError:  # the timing copies did not fit next to the caller's tensors
                     candidates = [rules]
-            cached = _cache[key] = candidates[0]
+            cached = _store(key, candidates[0])
     return cached
+
+
+def _store(key: tuple, strategy: str) -> str:
+    """Cache ``strategy`` for ``key`` in both indexes (the caller holds the lock); returns it."""
+    _cache[key] = strategy
+    static, sizes = _split(key)
+    _by_problem.setdefault(static, {})[sizes] = strategy
+    return strategy
+
+
+def _split(key: tuple) -> tuple[tuple, tuple]:
+    """``key`` as (the fields that do not change with the input's size, (batch, height, width))."""
+    return tuple(v for i, v in enumerate(key) if i not in _SIZE_FIELDS), tuple(key[i] for i in _SIZE_FIELDS)
 
 
 def _lookup(key: tuple) -> str | None:
@@ -343,15 +373,16 @@ def _lookup(key: tuple) -> str | None:
 
     While ``torch.compile`` traces, batch, height and width may be symbolic: hashing them
     would specialize the graph to these sizes (one graph per batch size under
-    ``dynamic=True``, then the recompile limit and eager calls that time). So the entries
-    are compared field by field, the static fields first: a size is compared, and the
-    graph guarded on it, only against entries of this very layer problem.
+    ``dynamic=True``, then the recompile limit and eager calls that time). So the trace
+    looks up the layer problem without its sizes, which are static, and compares the sizes
+    only with the entries of that problem: the graph is guarded on that problem's entries
+    (whether there are any, and their sizes), not on the rest of the cache.
     """
     if not torch.compiler.is_compiling():
         return _cache.get(key)
-    static = [i for i in range(len(key)) if i not in _SIZE_FIELDS]
-    for cached_key, strategy in _cache.items():
-        if all(cached_key[i] == key[i] for i in static) and all(cached_key[i] == key[i] for i in _SIZE_FIELDS):
+    static, sizes = _split(key)
+    for cached_sizes, strategy in tuple(_by_problem.get(static, {}).items()):
+        if cached_sizes == sizes:
             return strategy
     return None
 
@@ -407,8 +438,7 @@ def _fastest(
     generator = torch.Generator(device=x.device).manual_seed(0)
     with torch.no_grad():
         fresh = [
-            None if t is None else torch.empty_like(t).uniform_(generator=generator)
-            for t in (x, weight, bias, routing_weights)
+            None if t is None else _like(t).uniform_(generator=generator) for t in (x, weight, bias, routing_weights)
         ]
     if grad:
         fresh = [
@@ -479,6 +509,14 @@ def _one_call_ms(call: Callable[[], None], device: torch.device) -> float:
     return (time.perf_counter() - start_s) * 1e3
 
 
+def _like(t: Tensor) -> Tensor:
+    """An uninitialized tensor with ``t``'s sizes and strides (a sliced input keeps its gaps, which
+    ``empty_like`` would close); where ``t``'s elements overlap (an expanded tensor), a dense one."""
+    if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
+        return torch.empty_like(t)
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+
+
 def _jsonable(key: tuple) -> list:
     return [list(v) if isinstance(v, tuple) else v for v in key]
 
@@ -511,7 +549,7 @@ def _parse_entry(index: int, entry: object, path: object) -> tuple[tuple, str]:
         elif name in allowed and value not in allowed[name]:
             raise invalid(f"{name} {reprlib.repr(value)} is not one of {', '.join(allowed[name])}")
         elif name == "device" and _device_name(value) != value:
-            raise invalid(f"device {reprlib.repr(value)} is not a CPU or CUDA device such as 'cpu' or 'cuda:0'")
+            raise invalid(f"device {reprlib.repr(value)} is not 'cpu' or a CUDA device with its index such as 'cuda:0'")
         key.append(value)
     return tuple(key), entry["strategy"]
 
@@ -524,14 +562,16 @@ def _short_int(text: str) -> int:
 
 
 def _device_name(text: str) -> str | None:
-    """``str(torch.device(text))`` for a CPU or CUDA device, else None."""
+    """``str(torch.device(text))`` for ``cpu`` or a CUDA device with its index (as keys hold them), else None."""
     if len(text) > 32:
         return None
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
         return None
-    return str(device) if device.type in _DEVICE_TYPES else None
+    if (device.type, device.index is None) not in (("cpu", True), ("cuda", False)):
+        return None
+    return str(device)
 
 
 def _is_int(value: object) -> bool:
