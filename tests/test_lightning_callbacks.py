@@ -280,6 +280,22 @@ def test_tuning_cache_needs_an_existing_folder_and_a_valid_file(tmp_path: Path) 
     assert (tmp_path / "tuning.json").read_text() == "{not json"  # left for the user to fix
 
 
+def test_tuning_cache_leaves_the_file_alone_when_a_run_fails_before_its_setup(tmp_path: Path) -> None:
+    from condconv_lightning.functional import clear_tuning_cache
+
+    class Missing(SyntheticImageDataModule):
+        def setup(self, stage: str) -> None:
+            raise FileNotFoundError("no images")
+
+    path = tmp_path / "tuning.json"
+    path.write_text('{"version": 1, "entries": []}')
+    saved = path.read_text()
+    clear_tuning_cache()
+    with pytest.raises(FileNotFoundError):
+        trainer(tmp_path, [TuningCache(path)], max_steps=1).fit(ImageClassifier(TinyNet()), Missing(image_size=8))
+    assert path.read_text() == saved
+
+
 def test_tuning_cache_saves_what_a_failed_run_tuned(tmp_path: Path) -> None:
     from lightning.pytorch import Callback
 

@@ -581,17 +581,32 @@ def test_a_cache_loads_onto_another_device_as_map_location_does(tmp_path):
 
 
 def test_a_checkpointed_forward_and_its_recompute_run_one_strategy_while_another_layer_tunes(timings, monkeypatch):
-    slow_down(monkeypatch, "grouped")  # timed, the rules' choice would lose
+    slow_down(monkeypatch, "grouped")  # timed, the rules' choice loses
     first, second = layer3x3(), layer3x3()
     x = torch.randn(4, 8, 6, 6, requires_grad=True)
     hidden = torch.utils.checkpoint.checkpoint(first, x, use_reentrant=False)
-    assert first.last_strategy == "grouped" and list(tuning_cache().values()) == ["grouped"]
-    second(hidden).sum().backward()  # the same problem, not checkpointed: it finds the kept choice
-    assert second.last_strategy == first.last_strategy == "grouped" and not timings and x.grad is not None
+    assert first.last_strategy == "grouped" and not timings and not tuning_cache()  # the rules, not a measurement
+    second(hidden).sum().backward()  # the same problem outside the checkpoint is tuned, before the recompute
+    assert timings and second.last_strategy != "grouped" and list(tuning_cache().values()) == [second.last_strategy]
+    assert first.last_strategy == "grouped" and x.grad is not None  # the recompute ran what the forward ran
+    hidden = torch.utils.checkpoint.checkpoint(first, x, use_reentrant=False)  # inside hooks the choice stays
+    assert first.last_strategy == "grouped"
+
+
+def test_offloading_hooks_neither_time_nor_save_a_choice(timings):
+    layer = layer3x3()
+    with torch.autograd.graph.save_on_cpu():
+        layer(torch.randn(4, 8, 6, 6, requires_grad=True)).sum().backward()
+    assert not timings and not tuning_cache()
+    meta = CondConv2d(8, 8, 3, padding=1, num_experts=3, device="meta")
+    torch.utils.checkpoint.checkpoint(meta, torch.randn(4, 8, 6, 6, device="meta"), use_reentrant=False)
+    assert not tuning_cache() and all(key[0] != "meta" for key in autotune._pinned)  # only timeable devices
 
 
 def test_timing_copies_keep_the_input_strides():
-    x = torch.randn(4, 8, 12, 12)[:, :, ::2, ::3]  # sliced: neither dense layout
+    x = torch.randn(4, 8, 12, 12)[:, :, :, ::2]  # sliced: neither dense layout
     assert autotune._like(x).stride() == x.stride() and autotune._like(x).shape == x.shape
     expanded = torch.randn(1, 8, 6, 6).expand(4, -1, -1, -1)
     assert autotune._like(expanded).is_contiguous()  # overlapping elements cannot be filled
+    narrow = torch.randn(2, 8, 6, 4000)[..., :6]  # a view of a buffer 600x its size: no copy of the whole span
+    assert autotune._like(narrow).is_contiguous()

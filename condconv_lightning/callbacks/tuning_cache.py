@@ -47,16 +47,15 @@ class TuningCache(Callback):
             raise ValueError(f"TuningCache: folder {self.path.parent} does not exist; create it or pass another path")
         self.loaded = 0
         """How many choices the last setup read from the file."""
-        self._unreadable = False
+        self._ready = False
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.loaded, self._unreadable = 0, False
+        self.loaded, self._ready = 0, False
         if self.path.exists():
             device = trainer.strategy.root_device  # set by now; the module moves there after setup
-            self._unreadable = True
             self.loaded = load_tuning_cache(self.path, device=device if device.type in ("cpu", "cuda") else None)
-            self._unreadable = False
+        self._ready = True
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -64,9 +63,10 @@ class TuningCache(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if not self._unreadable:  # a file that failed to load is the user's to fix, not to overwrite
-            self._save(trainer)
+        self._save(trainer)
 
     def _save(self, trainer: pl.Trainer) -> None:
-        if trainer.is_global_zero:
+        # Only after this process's setup has read the file (or found none): a run that failed
+        # before it (in prepare_data, say), or on a file it could not read, must not replace it.
+        if self._ready and trainer.is_global_zero:
             save_tuning_cache(self.path)

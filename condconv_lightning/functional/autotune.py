@@ -7,11 +7,12 @@ tensors of the call's shapes and caches the fastest; later calls with the same k
 use the cached choice. The rules of :mod:`.auto` remain the fallback: with tuning off
 (which ignores the cache too), and while tracing (``torch.compile``, ``torch.export``,
 ONNX, ``torch.jit.trace``, a dispatch mode such as FakeTensor), under ``torch.func``
-transforms, inside activation checkpointing or a backward pass, and on devices other
-than CPU and CUDA, where nothing is timed and a cached choice is used if there is one
-(export and tracing: never, since their batch size may be symbolic). A problem first met
-inside activation checkpointing keeps the rules' choice, cached, so that the recompute in
-the backward runs what the forward ran.
+transforms, inside activation checkpointing (saved-tensor hooks) or a backward pass,
+and on devices other than CPU and CUDA, where nothing is timed and a cached choice is
+used if there is one (export and tracing: never, since their batch size may be
+symbolic). A problem first met inside saved-tensor hooks keeps the rules' choice inside
+such hooks for the rest of the process (kept apart from the cache, never saved), so that
+a checkpoint's recompute in the backward runs what its forward ran.
 
 What is timed: forward+backward when the call needs gradients, forward only
 otherwise; on CUDA between events after a synchronize, on CPU by the wall clock. A
@@ -152,6 +153,10 @@ _cache: dict[tuple, str] = {}
 _by_problem: dict[tuple, dict[tuple, str]] = {}
 """The same choices by the key without its sizes (batch, height, width), then by those sizes:
 what a ``torch.compile`` trace looks up without hashing a symbolic size (:func:`_lookup`)."""
+_pinned: dict[tuple, str] = {}
+"""The rules' choices for problems first met inside saved-tensor hooks (activation checkpointing,
+offloading such as ``save_on_cpu``), where nothing can be timed: consulted inside such hooks
+only, so that a checkpoint's recompute runs what its forward ran; never saved or shown."""
 _cache_lock = threading.RLock()
 """Held while a problem is timed and while the cache is changed or read as a whole: two threads
 meeting the same new problem time it once, and one problem is timed at a time (other work of
@@ -190,6 +195,7 @@ def clear_tuning_cache() -> None:
     with _cache_lock:
         _cache.clear()
         _by_problem.clear()
+        _pinned.clear()
 
 
 def tuning_cache() -> dict[tuple, str]:
@@ -325,21 +331,25 @@ def tuned_strategy(
     if not _enabled or auto.is_exporting():  # exporting: sizes may be symbolic, so no key and no lookup
         return auto.choose_strategy(x, weight, stride, padding, dilation, groups)
     key = problem_key(x, weight, bias, routing_weights, stride, padding, dilation, groups)
-    if key[-1] and not torch.compiler.is_compiling() and _in_backward() and not _saved_tensor_hooks_active():
+    hooks = not torch.compiler.is_compiling() and _saved_tensor_hooks_active()
+    if key[-1] and not hooks and not torch.compiler.is_compiling() and _in_backward():
         # A reentrant checkpoint recomputes, in the backward, a forward it ran under no_grad:
         # that forward was a forward-only problem, and the recompute must run its strategy so
         # that the gradient is the one of the output the forward returned.
         key = (*key[:-1], False)
+    pinned = _pinned.get(key) if hooks else None
+    if pinned is not None:
+        return pinned
     cached = _lookup(key)
     if cached is not None:
         return cached
     rules = auto.choose_strategy(x, weight, stride, padding, dilation, groups)
     if not _can_time(x):
-        if not torch.compiler.is_compiling() and _saved_tensor_hooks_active():
+        if hooks and _can_time_apart_from_hooks(x):
             # Activation checkpointing recomputes this forward in the backward, by which time
-            # another layer may have tuned the problem: the rules' choice is kept for both.
+            # another layer may have tuned the problem: inside such hooks the rules' choice stays.
             with _cache_lock:
-                return _store(key, _cache.get(key, rules))
+                return _pinned.setdefault(key, rules)
         return rules
     with _cache_lock:
         cached = _cache.get(key)  # another thread may have timed it while this one waited
@@ -400,11 +410,13 @@ def _can_time(x: Tensor) -> bool:
     transform (its tensors cannot be timed outside it), saved-tensor hooks (activation
     checkpointing would count the timing runs as part of the forward it recomputes), inside
     a backward pass, during CUDA graph capture, and on devices other than CPU and CUDA."""
+    return _can_time_apart_from_hooks(x) and not _saved_tensor_hooks_active() and not _in_backward()
+
+
+def _can_time_apart_from_hooks(x: Tensor) -> bool:
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
     if x.device.type not in _DEVICE_TYPES or torch._C._are_functorch_transforms_active():
-        return False
-    if _saved_tensor_hooks_active() or _in_backward():
         return False
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
@@ -511,8 +523,10 @@ def _one_call_ms(call: Callable[[], None], device: torch.device) -> float:
 
 def _like(t: Tensor) -> Tensor:
     """An uninitialized tensor with ``t``'s sizes and strides (a sliced input keeps its gaps, which
-    ``empty_like`` would close); where ``t``'s elements overlap (an expanded tensor), a dense one."""
-    if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
+    ``empty_like`` would close); a dense one where ``t``'s elements overlap (an expanded tensor) or
+    are spread over more than 4x their number (a narrow view of a large buffer)."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size)
+    if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())) or span > 4 * t.numel():
         return torch.empty_like(t)
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
 
