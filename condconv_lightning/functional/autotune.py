@@ -331,8 +331,9 @@ def tuned_strategy(
     if not _enabled or auto.is_exporting():  # exporting: sizes may be symbolic, so no key and no lookup
         return auto.choose_strategy(x, weight, stride, padding, dilation, groups)
     key = problem_key(x, weight, bias, routing_weights, stride, padding, dilation, groups)
-    hooks = not torch.compiler.is_compiling() and _saved_tensor_hooks_active()
-    if key[-1] and not hooks and not torch.compiler.is_compiling() and _in_backward():
+    compiling = torch.compiler.is_compiling()  # first: Dynamo cannot trace the autograd-state queries below
+    hooks = not compiling and _saved_tensor_hooks_active()
+    if key[-1] and not (compiling or hooks) and _in_backward():
         # A reentrant checkpoint recomputes, in the backward, a forward it ran under no_grad:
         # that forward was a forward-only problem, and the recompute must run its strategy so
         # that the gradient is the one of the output the forward returned.
@@ -340,7 +341,7 @@ def tuned_strategy(
     pinned = _pinned.get(key) if hooks else None
     if pinned is not None:
         return pinned
-    cached = _lookup(key)
+    cached = _lookup(key, compiling)
     if cached is not None:
         return cached
     rules = auto.choose_strategy(x, weight, stride, padding, dilation, groups)
@@ -378,7 +379,7 @@ def _split(key: tuple) -> tuple[tuple, tuple]:
     return tuple(v for i, v in enumerate(key) if i not in _SIZE_FIELDS), tuple(key[i] for i in _SIZE_FIELDS)
 
 
-def _lookup(key: tuple) -> str | None:
+def _lookup(key: tuple, compiling: bool) -> str | None:
     """The cached choice for ``key``, if any.
 
     While ``torch.compile`` traces, batch, height and width may be symbolic: hashing them
@@ -388,7 +389,7 @@ def _lookup(key: tuple) -> str | None:
     only with the entries of that problem: the graph is guarded on that problem's entries
     (whether there are any, and their sizes), not on the rest of the cache.
     """
-    if not torch.compiler.is_compiling():
+    if not compiling:
         return _cache.get(key)
     static, sizes = _split(key)
     for cached_sizes, strategy in tuple(_by_problem.get(static, {}).items()):
