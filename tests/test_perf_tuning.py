@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -221,11 +222,14 @@ def test_cost_model_leaves_out_clear_losers_and_a_lone_candidate_is_not_timed(ti
     inner = autotune._fastest
     monkeypatch.setattr(autotune, "_fastest", lambda candidates, *a: seen.append(candidates) or inner(candidates, *a))
     weight, r = torch.randn(4, 16, 16, 1, 1), torch.rand(2, 4)
-    condconv2d(torch.randn(2, 16, 64, 64), weight, r)  # dense 1x1 at 4096 positions: bmm only
+    trained = weight.clone().requires_grad_()
+    condconv2d(torch.randn(2, 16, 64, 64), trained, r)  # dense 1x1 at 4096 positions, training: bmm only
     assert not seen and not timings and list(tuning_cache().values()) == ["bmm"]
-    condconv2d(torch.randn(2, 16, 7, 7), weight, r)  # 49 positions: mixture is worth a try, grouped is not
+    condconv2d(torch.randn(2, 16, 7, 7), trained, r)  # 49 positions: mixture is worth a try, grouped is not
     assert seen == [["bmm", "mixture"]]
-    condconv2d(torch.randn(1, 16, 64, 64), weight, r[:1])  # at B = 1 grouped is a plain conv: timed
+    condconv2d(torch.randn(2, 16, 64, 64), weight, r)  # forward only, grouped can win (few input channels)
+    assert seen[-1] == ["bmm", "grouped"]
+    condconv2d(torch.randn(1, 16, 64, 64), trained, r[:1])  # at B = 1 grouped is a plain conv: timed
     assert seen[-1] == ["grouped", "bmm"]
     assert "fused" not in autotune.CANDIDATES
 
@@ -385,12 +389,47 @@ def test_environment_variable_sets_the_default(value, expected):
     assert out.strip() == str(expected)
 
 
-def test_an_environment_value_that_is_no_switch_is_refused_at_import():
-    run = subprocess.run(**python_with_switch("maybe"))
-    assert run.returncode != 0
-    assert run.stderr.strip().splitlines()[-1] == (
-        "ValueError: CONDCONV_TUNE='maybe' is not a switch; set it to 0 (off) or 1 (on), or unset it"
+NO_SWITCH = "CONDCONV_TUNE='maybe' is not a switch; set it to 0 (off) or 1 (on), or unset it"
+
+
+def test_an_environment_value_that_is_no_switch_is_refused_where_tuning_is_consulted():
+    code = (
+        "import torch\n"
+        "from condconv_lightning import CondConv2d\n"
+        "from condconv_lightning.functional import is_tuning_enabled, set_tuning, tuning\n"
+        "try:\n"
+        "    CondConv2d(4, 4, 3)(torch.randn(1, 4, 5, 5))\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+        "with tuning(False):\n"
+        "    print(is_tuning_enabled())\n"
+        "try:\n"
+        "    is_tuning_enabled()\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+        "set_tuning(True)\n"
+        "print(is_tuning_enabled())\n"
     )
+    run = subprocess.run(**{**python_with_switch("maybe"), "args": [sys.executable, "-c", code]}, check=True)
+    assert run.stdout.splitlines() == [NO_SWITCH, "False", NO_SWITCH, "True"]
+
+
+@pytest.mark.parametrize(
+    "command,status",
+    [
+        (["condconv-convert", "model.pt", "--layers", "layer3"], 1),
+        (["condconv-finetune", "fit", "--trainer.max_steps", "1"], 2),
+    ],
+    ids=["convert", "finetune"],
+)
+def test_a_command_line_reports_a_value_that_is_no_switch_in_one_line(tmp_path, command, status):
+    program = shutil.which(command[0])
+    assert program is not None, f"the {command[0]} console script is not installed; run `pip install -e .`"
+    run = subprocess.run(
+        **{**python_with_switch("maybe"), "args": [program, *command[1:]], "cwd": tmp_path}, timeout=120
+    )
+    assert (run.returncode, run.stderr) == (status, f"{command[0]}: error: {NO_SWITCH}\n")
+    assert not any(tmp_path.iterdir())
 
 
 def python_with_switch(value: str | None) -> dict:

@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..condconv2d import CondConv2d
+from ..functional import is_tuning_enabled
 from ..io import UnsafeFileError, check_writable
 from ..loading import LoadedModel, ModelFileError, import_object, load_model, one_line
 from ..loading.architectures import BUILTIN_MODELS
@@ -196,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     started = time.perf_counter()
+    try:
+        is_tuning_enabled()  # a CONDCONV_TUNE that is no switch stops the command before any work
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     output = None if args.list or args.dry_run else _output_path(args.model, args.output, args.force)
     allow_classes = tuple(import_object(target, "--allow-class") for target in args.allow_class)
     with err.status(f"Loading {escape(str(args.model))} ({_megabytes(args.model)})"):

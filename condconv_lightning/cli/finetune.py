@@ -34,6 +34,7 @@ from ..checkpoints import UntrustedCheckpointError, plain_hparams, read_hparams
 from ..demos.data import SyntheticImageDataModule
 from ..finetune.image_folder import ImageFolderDataModule  # noqa: F401 (--data ImageFolderDataModule resolves it)
 from ..finetune.module import ImageClassifier
+from ..functional import is_tuning_enabled
 from ..loading.errors import one_line
 from ..loading.imports import make_cwd_importable
 from .parser import FinetuneParser
@@ -130,6 +131,10 @@ def main(args: list[str] | None = None) -> None:
     The current folder is importable, as for ``python -m``, so ``--data mydata.MyDataModule``
     and ``--model.arch mymodels:Net`` find the user's own modules.
     """
+    try:
+        is_tuning_enabled()  # a CONDCONV_TUNE that is no switch stops the command before any work
+    except ValueError as error:
+        _exit_with(str(error))
     make_cwd_importable()
     FinetuneCLI(
         ImageClassifier,

@@ -50,10 +50,13 @@ at all (with none, the rules decide):
   strided depthwise 5x5 at K = 8, 1.27-1.56x faster than the tuner's choice under the
   float32 limit; ResNet-50 layer1's 3x3 at B = 128, K = 4, 1.38x) and stayed 2.17x or
   more off beyond 12288;
-- ``grouped`` on dense 1x1 convs with B > 1: ``bmm`` does the same products as one
-  batched matrix product (faster on all 424 dense 1x1 problems with B > 1 in a suite
-  run on 2 CPU cores); at B = 1 ``grouped`` is a plain conv with the mixed kernel and
-  is timed;
+- ``grouped`` on dense 1x1 convs with B > 1 when the call needs gradients: ``bmm`` does
+  the same products as one batched matrix product (faster in training on all 424 dense
+  1x1 problems with B > 1 in a suite run on 2 CPU cores). Forward only it is no such
+  margin, and ``grouped`` is timed: in that run it beat ``bmm`` on 12 of the 424 in
+  inference, all float32 with few input channels at a large output (MobileNetV2's
+  16->96 at 112x112: up to 1.28x by the median of three runs). At B = 1 ``grouped`` is
+  a plain conv with the mixed kernel and is timed;
 - ``bmm`` on a stride-1 depthwise conv (one input and one output channel per group)
   whose ``unfold`` buffer exceeds ``auto.KERNEL_BUDGET_BYTES``: the buffer holds every
   input element kh * kw times for a matrix-vector product per channel, and reading and
@@ -139,14 +142,16 @@ _MEMORY_FORMATS = ("contiguous", "channels_last", "strided")
 _SWITCH = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
 
 
-def _switch_from_environment() -> bool:
-    """``CONDCONV_TUNE`` read at import: 0/false/off/no or 1/true/on/yes, any case; unset or empty means on."""
+def _switch_from_environment() -> tuple[bool | None, str]:
+    """``CONDCONV_TUNE`` read at import: 0/false/off/no or 1/true/on/yes, any case; unset or empty means on.
+
+    Any other value gives no setting but the error :func:`is_tuning_enabled` raises, where
+    tuning is first consulted rather than at import: a command line reports it as one line.
+    """
     value = os.environ.get("CONDCONV_TUNE", "").strip()
     if value.lower() not in _SWITCH and value:
-        raise ValueError(
-            f"CONDCONV_TUNE={reprlib.repr(value)} is not a switch; set it to 0 (off) or 1 (on), or unset it"
-        )
-    return _SWITCH.get(value.lower(), True)
+        return None, f"CONDCONV_TUNE={reprlib.repr(value)} is not a switch; set it to 0 (off) or 1 (on), or unset it"
+    return _SWITCH.get(value.lower(), True), ""
 
 
 _cache: dict[tuple, str] = {}
@@ -161,7 +166,7 @@ _cache_lock = threading.RLock()
 """Held while a problem is timed and while the cache is changed or read as a whole: two threads
 meeting the same new problem time it once, and one problem is timed at a time (other work of
 other threads still runs beside the timing)."""
-_enabled: bool = _switch_from_environment()
+_enabled, _switch_error = _switch_from_environment()  # _enabled is None while CONDCONV_TUNE holds no switch
 
 
 def set_tuning(enabled: bool) -> None:
@@ -175,19 +180,25 @@ def set_tuning(enabled: bool) -> None:
 
 
 def is_tuning_enabled() -> bool:
-    """Whether ``auto`` times the strategies on a new problem and uses the cache (otherwise: the rules)."""
+    """Whether ``auto`` times the strategies on a new problem and uses the cache (otherwise: the rules).
+
+    Raises ``ValueError`` while ``CONDCONV_TUNE`` holds no switch and :func:`set_tuning` was not called.
+    """
+    if _enabled is None:
+        raise ValueError(_switch_error)
     return _enabled
 
 
 @contextlib.contextmanager
 def tuning(enabled: bool) -> Iterator[None]:
     """Turn tuning on or off inside a ``with`` block, restoring the previous setting after it."""
+    global _enabled
     previous = _enabled
     set_tuning(enabled)
     try:
         yield
     finally:
-        set_tuning(previous)
+        _enabled = previous
 
 
 def clear_tuning_cache() -> None:
@@ -328,7 +339,7 @@ def tuned_strategy(
     A cached problem costs one key and one lookup (about 10 us on CPU); the rules are
     consulted only for a problem not in the cache.
     """
-    if not _enabled or auto.is_exporting():  # exporting: sizes may be symbolic, so no key and no lookup
+    if not is_tuning_enabled() or auto.is_exporting():  # exporting: sizes may be symbolic, so no key and no lookup
         return auto.choose_strategy(x, weight, stride, padding, dilation, groups)
     key = problem_key(x, weight, bias, routing_weights, stride, padding, dilation, groups)
     compiling = torch.compiler.is_compiling()  # first: Dynamo cannot trace the autograd-state queries below
@@ -432,7 +443,7 @@ def _worth_timing(strategy: str, x: Tensor, weight: Tensor, key: tuple) -> bool:
         return (weight.shape[0] - 1) * positions <= MIXTURE_MAX_EXTRA_POSITIONS[min(bits, 32)]
     pointwise = (kh, kw) == (1, 1) and groups == 1
     if strategy == "grouped":  # at B = 1 grouped is a plain conv with the mixed kernel
-        return not pointwise or batch == 1
+        return not (pointwise and batch > 1 and key[15])
     unfold_bytes = batch * in_channels * kh * kw * positions * bits // 8
     depthwise = 1 < groups == in_channels == out_channels and (sh, sw) == (1, 1)
     return strategy == "bmm" and (pointwise or not depthwise or unfold_bytes <= auto.KERNEL_BUDGET_BYTES)
