@@ -64,17 +64,19 @@ def test_bench_layers_quick_reports_every_variant_against_static(tmp_path, capsy
         assert summary[variant]["geomean"] > 0 and summary[f"{variant}_over_best"]["worst"] > 0
         assert set(summary[f"{variant}_over_best"]["misses"]) <= shapes
     printed = capsys.readouterr().out
-    assert "fwd+bwd" in printed and "tiny.dw3x3" in printed
+    assert "fwd+bwd" in printed and "tiny.dw3x3" in printed and "forward only" in printed
+    (inference,) = report["summary_infer"]
+    assert inference["auto"]["geomean"] > 0 and set(inference["auto_over_best"]["misses"]) <= shapes
     assert all(title in printed for title in bench_layers.GAPS.values())
     assert bench_layers.main(["--from-json", str(out), "--markdown"]) == json.loads(out.read_text())
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cpu | fp32 | 2 | 4 |")]
     tuned = summary["auto"]
     assert table[0].split(" | ")[8] == f"{tuned['geomean']:.2f}x / {tuned['worst']:.2f}x"  # the tuned auto column
-    assert len(table) == 1 + len(bench_layers.miss_rows(rows))
+    assert len(table) == 2 + sum(len(bench_layers.miss_rows(rows, phase)) for phase in bench_layers.PHASES)
 
 
 def test_bench_layers_markdown_lists_each_miss_of_auto_against_the_fastest_strategy():
-    def row(variant, ms, pick=""):
+    def row(variant, ms, pick="", infer_ms=1.0, infer_pick=""):
         return {
             "device": "cpu",
             "dtype": "fp32",
@@ -86,6 +88,10 @@ def test_bench_layers_markdown_lists_each_miss_of_auto_against_the_fastest_strat
             "train_ratio": ms / 2,
             "static_train_ms": 2.0,
             "auto_picks": pick,
+            "infer_ms": infer_ms,
+            "infer_ratio": infer_ms,
+            "static_infer_ms": 1.0,
+            "auto_picks_infer": infer_pick,
         }
 
     rows = [row("grouped", 2.0), row("mixture", 1.0), row("bmm", 3.0), row("auto", 1.2, "mixture")]
@@ -97,14 +103,49 @@ def test_bench_layers_markdown_lists_each_miss_of_auto_against_the_fastest_strat
     assert bench_layers.miss_rows(rows) == [(rows[3], rows[0], rows[1])]
     assert bench_layers.summary(rows)[0]["auto_choice_over_best"]["misses"] == ["s"]
     report = {"machine": bench_layers.machine(), "channels_last": False, "rows": rows}
-    assert "| 1.20 | 2.00 |" in bench_layers.markdown({**report, "summary": bench_layers.summary(rows)})
+    assert "| 1.20 | 2.00 |" in bench_layers.markdown({**report, **bench_layers.summaries(rows)})
     del rows[0]  # its choice was not timed as a fixed strategy: no choice to compare
     assert bench_layers.miss_rows(rows) == [(rows[2], None, rows[0])]
     assert "auto_choice_over_best" not in bench_layers.summary(rows)[0]
-    assert "| 1.20 | - |" in bench_layers.markdown({**report, "rows": rows, "summary": bench_layers.summary(rows)})
+    assert "| 1.20 | - |" in bench_layers.markdown({**report, "rows": rows, **bench_layers.summaries(rows)})
     rows.insert(0, row("grouped", 2.0))
     rows[3]["train_ms"] = 1.05
     assert bench_layers.miss_rows(rows) == []
+
+
+def test_bench_layers_summarizes_inference_apart_from_training():
+    """auto tunes a forward-only call on its own: a wrong choice there is a miss of inference only."""
+
+    def row(variant, train_ms, infer_ms, picks=("", "")):
+        return {
+            "device": "cpu",
+            "dtype": "fp32",
+            "shape": "s",
+            "batch": 32,
+            "experts": 4,
+            "variant": variant,
+            "train_ms": train_ms,
+            "train_ratio": train_ms,
+            "static_train_ms": 1.0,
+            "infer_ms": infer_ms,
+            "infer_ratio": infer_ms / 0.5,
+            "static_infer_ms": 0.5,
+            "auto_picks": picks[0],
+            "auto_picks_infer": picks[1],
+        }
+
+    rows = [row("grouped", 2.0, 0.5), row("mixture", 4.0, 2.0), row("bmm", 1.0, 0.65), row("auto", 1.0, 0.65)]
+    rows[3]["auto_picks"], rows[3]["auto_picks_infer"] = "bmm", "bmm"
+    assert bench_layers.miss_rows(rows, "train") == []
+    assert bench_layers.miss_rows(rows, "infer") == [(rows[3], rows[2], rows[0])]
+    report = {"machine": bench_layers.machine(), "channels_last": False, "rows": rows, **bench_layers.summaries(rows)}
+    (train,), (infer,) = report["summary"], report["summary_infer"]
+    assert train["auto_choice_over_best"]["misses"] == [] and train["best_per_shape_geomean"] == 1.0
+    assert infer["auto_choice_over_best"] == {"geomean": 1.3, "worst": 1.3, "misses": ["s"]}
+    assert infer["grouped"] == {"geomean": 1.0, "worst": 1.0} and infer["best_per_shape_geomean"] == 1.0
+    text = bench_layers.markdown(report)
+    assert text.count("| cpu | fp32 | 32 | 4 | 1 |") == 2  # one summary row per phase
+    assert "Forward only:" in text and "| `s` | bmm 1.30x | grouped 1.00x | 1.30 | 1.30 |" in text
 
 
 def test_bench_layers_suite_is_every_distinct_conv_of_three_architectures():

@@ -30,12 +30,13 @@ runs under ``torch.autocast`` with a bf16 input, as mixed-precision training doe
 The suite is every distinct conv of ResNet-50, MobileNetV2 and EfficientNet-B0 at
 224x224 (``bench_suite.py``), grouped by model and stage; ``--only`` keeps the shapes
 whose name contains a given text (``--only r50.layer4 effb0.stage6``); ``--quick`` is
-a CI-sized run of two tiny shapes. The summary gives, per (device, dtype, B, K), each
-variant's geometric mean and worst ratio over the static conv, and tuned and
-rules-only ``auto`` against the fastest fixed strategy of each shape: as timed, and by
-the time of the fixed strategy each chose, which tells a wrong choice from the noise of
-timing the same code twice. The JSON keeps every
-timed run (``train_samples_ms``, ``infer_samples_ms``), not only the fastest.
+a CI-sized run of two tiny shapes. The summaries give, for training (forward+backward)
+and for inference (forward only) apart, since ``auto`` tunes each on its own, and per
+(device, dtype, B, K), each variant's geometric mean and worst ratio over the static
+conv, and tuned and rules-only ``auto`` against the fastest fixed strategy of each
+shape: as timed, and by the time of the fixed strategy each chose, which tells a wrong
+choice from the noise of timing the same code twice. The JSON keeps every timed run
+(``train_samples_ms``, ``infer_samples_ms``), not only the fastest.
 
 A whole run takes hours on a few CPU cores; ``--resume`` continues the run saved in
 ``--json`` (written after every shape), measuring only the configurations it lacks. It
@@ -395,10 +396,31 @@ def geomean(values: list[float]) -> float:
     return math.exp(statistics.fmean(math.log(v) for v in values)) if values else float("nan")
 
 
-def summary(rows: list[dict]) -> list[dict]:
-    """Per (device, dtype, B, K): geomean/worst fwd+bwd ratio of each variant, and each auto against the
-    fastest fixed strategy of every shape (geomean, worst, and the shapes more than 10% slower), as timed
-    (``auto_over_best``) and by the fixed strategy's time of its choice (``auto_choice_over_best``)."""
+PHASES = {"train": "forward+backward", "infer": "forward only"}
+"""What a row times (``train_ms``, ``infer_ms``): a training step of the layer, and inference under ``no_grad``.
+``auto`` tunes each on its own (a problem key holds whether gradients are needed)."""
+
+
+SUMMARIES = {"train": "summary", "infer": "summary_infer"}
+"""The report's key of each phase's summary."""
+
+
+def summaries(rows: list[dict]) -> dict[str, list[dict]]:
+    """Both phases' summaries, by their report keys."""
+    return {key: summary(rows, phase) for phase, key in SUMMARIES.items()}
+
+
+def picks(phase: str) -> str:
+    """The row field naming the strategy tuned ``auto`` ran in ``phase``."""
+    return "auto_picks" if phase == "train" else "auto_picks_infer"
+
+
+def summary(rows: list[dict], phase: str = "train") -> list[dict]:
+    """Per (device, dtype, B, K): geomean/worst ratio of each variant over the static conv in ``phase``, and
+    each auto against the fastest fixed strategy of every shape (geomean, worst, and the shapes more than 10%
+    slower), as timed (``auto_over_best``) and by the fixed strategy's time of its choice
+    (``auto_choice_over_best``)."""
+    ms = f"{phase}_ms"
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["device"], row["dtype"], row["batch"], row["experts"]), []).append(row)
@@ -407,45 +429,43 @@ def summary(rows: list[dict]) -> list[dict]:
         entry: dict = {"device": device, "dtype": dtype, "batch": batch, "experts": experts}
         entry["shapes"] = len({m["shape"] for m in members})
         for variant in sorted({m["variant"] for m in members}):
-            ratios_ = [m["train_ratio"] for m in members if m["variant"] == variant]
+            ratios_ = [m[f"{phase}_ratio"] for m in members if m["variant"] == variant]
             entry[variant] = {"geomean": geomean(ratios_), "worst": max(ratios_)}
         configs = {key[2]: by_variant for key, by_variant in by_configuration(members).items()}  # by shape
-        fastest = {shape: row for shape, by_variant in configs.items() if (row := fastest_fixed(by_variant))}
-        static = {m["shape"]: m["static_train_ms"] for m in members}
-        entry["best_per_shape_geomean"] = geomean([row["train_ms"] / static[shape] for shape, row in fastest.items()])
+        fastest = {shape: row for shape, by_variant in configs.items() if (row := fastest_fixed(by_variant, phase))}
+        static = {m["shape"]: m[f"static_{ms}"] for m in members}
+        entry["best_per_shape_geomean"] = geomean([row[ms] / static[shape] for shape, row in fastest.items()])
         rules = [
             (m, chosen)
             for m in members
-            if m["variant"] == "auto-rules" and (chosen := chosen_fixed(m, configs[m["shape"]]))
+            if m["variant"] == "auto-rules" and (chosen := chosen_fixed(m, configs[m["shape"]], phase))
         ]
         if rules:  # the run's own noise: the same code timed twice, as rules-only auto and as its strategy
-            entry["same_code_worst"] = max(
-                max(m["train_ms"] / c["train_ms"], c["train_ms"] / m["train_ms"]) for m, c in rules
-            )
+            entry["same_code_worst"] = max(max(m[ms] / c[ms], c[ms] / m[ms]) for m, c in rules)
         autos = {
             variant: [m for m in members if m["variant"] == variant and m["shape"] in fastest]
             for variant in AUTO_VARIANTS
         }
         times = {
-            "auto_over_best": {m["shape"]: m["train_ms"] for m in autos["auto"]},
+            "auto_over_best": {m["shape"]: m[ms] for m in autos["auto"]},
             "auto_choice_over_best": {
-                m["shape"]: c["train_ms"] for m in autos["auto"] if (c := chosen_fixed(m, configs[m["shape"]]))
+                m["shape"]: c[ms] for m in autos["auto"] if (c := chosen_fixed(m, configs[m["shape"]], phase))
             },
-            "auto-rules_over_best": {m["shape"]: m["train_ms"] for m in autos["auto-rules"]},
+            "auto-rules_over_best": {m["shape"]: m[ms] for m in autos["auto-rules"]},
         }
-        entry |= {key: gaps_to_fastest(times[key], fastest) for key in GAPS if times[key]}
+        entry |= {key: gaps_to_fastest(times[key], fastest, phase) for key in GAPS if times[key]}
         out.append(entry)
     return out
 
 
-def chosen_fixed(auto: dict, by_variant: dict[str, dict]) -> dict | None:
-    """The row of the fixed strategy an ``auto`` row ran, among its configuration's rows, or None."""
-    return by_variant.get(auto["auto_picks"]) if auto["auto_picks"] in FIXED_STRATEGIES else None
+def chosen_fixed(auto: dict, by_variant: dict[str, dict], phase: str = "train") -> dict | None:
+    """The row of the fixed strategy an ``auto`` row ran in ``phase``, among its configuration's rows, or None."""
+    return by_variant.get(auto[picks(phase)]) if auto[picks(phase)] in FIXED_STRATEGIES else None
 
 
-def gaps_to_fastest(times: dict[str, float], fastest: dict[str, dict]) -> dict:
+def gaps_to_fastest(times: dict[str, float], fastest: dict[str, dict], phase: str) -> dict:
     """Per shape, a time over the fastest fixed strategy's: geomean, worst, and the shapes beyond MISS."""
-    gaps = {shape: ms / fastest[shape]["train_ms"] for shape, ms in times.items()}
+    gaps = {shape: ms / fastest[shape][f"{phase}_ms"] for shape, ms in times.items()}
     return {
         "geomean": geomean(list(gaps.values())),
         "worst": max(gaps.values()),
@@ -463,8 +483,9 @@ def by_configuration(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
     return configs
 
 
-def render(rows: list[dict], summaries: list[dict], console: Console) -> None:
-    """One row per configuration, in sections by model and stage; then the summary per (dtype, B, K)."""
+def render(report: dict, console: Console) -> None:
+    """One row per configuration, in sections by model and stage; then the summaries per (dtype, B, K)."""
+    rows = report["rows"]
     names = [v for v in (*STRATEGY_VARIANTS, "fused", "timm") if any(r["variant"] == v for r in rows)]
     table = Table(title="CondConv2d fwd+bwd time / nn.Conv2d's (same shape, same run); auto: (strategy chosen)")
     for column in ("device", "dtype", "shape", "B", "K", "static ms", *names, "auto fwd", "auto peak"):
@@ -481,6 +502,7 @@ def render(rows: list[dict], summaries: list[dict], console: Console) -> None:
             pick = f" ({row['auto_picks']})" if row and row["auto_picks"] else ""
             cells.append(f"{row['train_ratio']:.2f}x{pick}" if row else "-")
         auto = by_variant.get("auto") or by_variant.get("auto-rules") or first
+        pick = f" ({auto['auto_picks_infer']})" if auto["auto_picks_infer"] else ""
         table.add_row(
             device,
             dtype,
@@ -489,30 +511,32 @@ def render(rows: list[dict], summaries: list[dict], console: Console) -> None:
             str(experts),
             f"{first['static_train_ms']:.2f}",
             *cells,
-            f"{auto['infer_ratio']:.2f}x",
+            f"{auto['infer_ratio']:.2f}x{pick}",
             f"{auto['peak_ratio']:.1f}x",
         )
     console.print(table)
-    overview = Table(title="fwd+bwd over static conv, geomean / worst across shapes")
-    variant_names = [v for v in names if any(v in s for s in summaries)]
-    for column in ("device", "dtype", "B", "K", *variant_names, "fastest fixed, per shape"):
-        overview.add_column(column)
-    gaps = Table(
-        title="auto over the fastest fixed strategy per shape, geomean / worst (shapes > 10% slower); "
-        "the same code timed twice, worst pair"
-    )
-    for column in ("device", "dtype", "B", "K", *GAPS.values(), "same code"):
-        gaps.add_column(column)
-    for s in summaries:
-        cell = (s["device"], s["dtype"], str(s["batch"]), str(s["experts"]))
-        overview.add_row(
-            *cell,
-            *(f"{s[v]['geomean']:.2f} / {s[v]['worst']:.2f}" if v in s else "-" for v in variant_names),
-            f"{s['best_per_shape_geomean']:.2f}",
+    for phase, title in PHASES.items():
+        summaries = report[SUMMARIES[phase]]
+        overview = Table(title=f"{title}: CondConv2d over the static conv, geomean / worst across shapes")
+        variant_names = [v for v in names if any(v in s for s in summaries)]
+        for column in ("device", "dtype", "B", "K", *variant_names, "fastest fixed, per shape"):
+            overview.add_column(column)
+        gaps = Table(
+            title=f"{title}: auto over the fastest fixed strategy per shape, geomean / worst (shapes > 10% "
+            "slower); the same code timed twice, worst pair"
         )
-        gaps.add_row(*cell, *gap_cells(s), f"{s['same_code_worst']:.2f}" if "same_code_worst" in s else "-")
-    console.print(overview)
-    console.print(gaps)
+        for column in ("device", "dtype", "B", "K", *GAPS.values(), "same code"):
+            gaps.add_column(column)
+        for s in summaries:
+            cell = (s["device"], s["dtype"], str(s["batch"]), str(s["experts"]))
+            overview.add_row(
+                *cell,
+                *(f"{s[v]['geomean']:.2f} / {s[v]['worst']:.2f}" if v in s else "-" for v in variant_names),
+                f"{s['best_per_shape_geomean']:.2f}",
+            )
+            gaps.add_row(*cell, *gap_cells(s), f"{s['same_code_worst']:.2f}" if "same_code_worst" in s else "-")
+        console.print(overview)
+        console.print(gaps)
 
 
 def gap_cells(summary: dict) -> list[str]:
@@ -524,7 +548,7 @@ def gap_cells(summary: dict) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    """The summary and every miss of ``auto`` as Markdown tables, for the docs (numbers as measured)."""
+    """The summaries and every miss of ``auto``, per phase, as Markdown tables for the docs (numbers as measured)."""
     m = report["machine"]
     lines = [
         f"Measured {m.get('started', '?')} to {m['date']}"
@@ -532,54 +556,61 @@ def markdown(report: dict) -> str:
         + f": {m['cpu']}, {m['threads']} threads, torch {m['torch']}"
         + (f", {m['gpu']}" if "gpu" in m else "")
         + (", channels_last" if report["channels_last"] else "")
-        + ".",
-        "",
-        "| device | dtype | B | K | shapes | grouped | mixture | bmm | tuned `auto` | rules-only `auto` | fastest "
-        "fixed, per shape | " + " | ".join(f"{title} (misses)" for title in GAPS.values()) + " | same code, worst |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        + "."
     ]
-    for s in report["summary"]:
-        cells = [f"{s[v]['geomean']:.2f}x / {s[v]['worst']:.2f}x" if v in s else "-" for v in STRATEGY_VARIANTS]
-        cell = [s["device"], s["dtype"], str(s["batch"]), str(s["experts"]), str(s["shapes"])]
-        noise = f"{s['same_code_worst']:.2f}" if "same_code_worst" in s else "-"
-        lines.append(
-            "| " + " | ".join([*cell, *cells, f"{s['best_per_shape_geomean']:.2f}x", *gap_cells(s), noise]) + " |"
-        )
-    misses = miss_rows(report["rows"])
-    if misses:
+    for phase, title in PHASES.items():
+        ms = f"{phase}_ms"
         lines += [
             "",
-            f"Shapes where tuned `auto` took more than {MISS:.2f}x the fastest fixed strategy:",
+            f"{title.capitalize()}:",
             "",
-            "| device | dtype | B | K | shape | tuned `auto` | fastest fixed | tuned / fastest "
-            "| its choice / fastest |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| device | dtype | B | K | shapes | grouped | mixture | bmm | tuned `auto` | rules-only `auto` | fastest "
+            "fixed, per shape | " + " | ".join(f"{gap} (misses)" for gap in GAPS.values()) + " | same code, worst |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for auto, chosen, best in misses:
-            choice = f"{chosen['train_ms'] / best['train_ms']:.2f}" if chosen else "-"
+        for s in report[SUMMARIES[phase]]:
+            cells = [f"{s[v]['geomean']:.2f}x / {s[v]['worst']:.2f}x" if v in s else "-" for v in STRATEGY_VARIANTS]
+            cell = [s["device"], s["dtype"], str(s["batch"]), str(s["experts"]), str(s["shapes"])]
+            noise = f"{s['same_code_worst']:.2f}" if "same_code_worst" in s else "-"
             lines.append(
-                f"| {auto['device']} | {auto['dtype']} | {auto['batch']} | {auto['experts']} | `{auto['shape']}` "
-                f"| {auto['auto_picks']} {auto['train_ratio']:.2f}x | {best['variant']} {best['train_ratio']:.2f}x "
-                f"| {auto['train_ms'] / best['train_ms']:.2f} | {choice} |"
+                "| " + " | ".join([*cell, *cells, f"{s['best_per_shape_geomean']:.2f}x", *gap_cells(s), noise]) + " |"
             )
+        misses = miss_rows(report["rows"], phase)
+        if misses:
+            lines += [
+                "",
+                f"Shapes where tuned `auto` took more than {MISS:.2f}x the fastest fixed strategy, {title}:",
+                "",
+                "| device | dtype | B | K | shape | tuned `auto` | fastest fixed | tuned / fastest "
+                "| its choice / fastest |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            for auto, chosen, best in misses:
+                choice = f"{chosen[ms] / best[ms]:.2f}" if chosen else "-"
+                lines.append(
+                    f"| {auto['device']} | {auto['dtype']} | {auto['batch']} | {auto['experts']} | `{auto['shape']}` "
+                    f"| {auto[picks(phase)]} {auto[f'{phase}_ratio']:.2f}x | {best['variant']} "
+                    f"{best[f'{phase}_ratio']:.2f}x | {auto[ms] / best[ms]:.2f} | {choice} |"
+                )
     return "\n".join(lines)
 
 
-def fastest_fixed(by_variant: dict[str, dict]) -> dict | None:
-    """The row of the fastest fixed strategy (fwd+bwd) of one configuration, or None if none was measured."""
+def fastest_fixed(by_variant: dict[str, dict], phase: str = "train") -> dict | None:
+    """The row of the fastest fixed strategy in ``phase`` of one configuration, or None if none was measured."""
     fixed = [by_variant[s] for s in FIXED_STRATEGIES if s in by_variant]
-    return min(fixed, key=lambda r: r["train_ms"]) if fixed else None
+    return min(fixed, key=lambda r: r[f"{phase}_ms"]) if fixed else None
 
 
-def miss_rows(rows: list[dict]) -> list[tuple[dict, dict | None, dict]]:
-    """(tuned auto's row, the row of the fixed strategy it chose or None, the fastest fixed strategy's row)
-    wherever auto took more than MISS times as long as the fastest; in the order cells are measured
-    (a resumed run's rows were saved in the order they ran)."""
+def miss_rows(rows: list[dict], phase: str = "train") -> list[tuple[dict, dict | None, dict]]:
+    """(tuned auto's row, the row of the fixed strategy it chose in ``phase`` or None, the fastest fixed
+    strategy's row) wherever auto took more than MISS times as long as the fastest in ``phase``; ordered
+    by batch, K, device and dtype."""
     out = []
+    ms = f"{phase}_ms"
     for by_variant in by_configuration(rows).values():
-        best = fastest_fixed(by_variant)
-        if "auto" in by_variant and best and by_variant["auto"]["train_ms"] > MISS * best["train_ms"]:
-            out.append((by_variant["auto"], chosen_fixed(by_variant["auto"], by_variant), best))
+        best = fastest_fixed(by_variant, phase)
+        if "auto" in by_variant and best and by_variant["auto"][ms] > MISS * best[ms]:
+            out.append((by_variant["auto"], chosen_fixed(by_variant["auto"], by_variant, phase), best))
     dtypes = list(DTYPES)
     return sorted(out, key=lambda m: (m[0]["batch"], m[0]["experts"], m[0]["device"], dtypes.index(m[0]["dtype"])))
 
@@ -637,7 +668,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="continue the run saved in --json: keep its measurements, measure only what it lacks",
     )
-    parser.add_argument("--markdown", action="store_true", help="print the summary and auto's misses as Markdown")
+    parser.add_argument("--markdown", action="store_true", help="print the summaries and auto's misses as Markdown")
     parser.add_argument(
         "--from-json", type=Path, metavar="JSON", help="measure nothing: print the tables of a run saved with --json"
     )
@@ -661,7 +692,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.from_json:
         try:
             report = json.loads(args.from_json.read_text())
-            report["summary"] = summary(report["rows"])  # recomputed: a run saved by an older script gains new columns
+            report |= summaries(report["rows"])  # recomputed: a run saved by an older script gains new columns
         except (OSError, ValueError, KeyError, TypeError) as error:
             sys.exit(f"cannot read {args.from_json}: {error!r}; pass a file written by --json")
     else:
@@ -671,7 +702,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.markdown:
         print(markdown(report))
     else:
-        render(report["rows"], report["summary"], console)
+        render(report, console)
     return report
 
 
@@ -746,7 +777,7 @@ def write_report(rows: list[dict], args: argparse.Namespace, segments: list[str]
         "channels_last": args.channels_last,
         "min_total_ms": args.min_total_ms,
         "rows": rows,
-        "summary": summary(rows),
+        **summaries(rows),
     }
     if args.json:
         with atomic_write(args.json, overwrite=True) as tmp:
