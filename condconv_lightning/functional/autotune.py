@@ -442,8 +442,9 @@ def _worth_timing(strategy: str, x: Tensor, weight: Tensor, key: tuple) -> bool:
     if strategy == "mixture":
         return (weight.shape[0] - 1) * positions <= MIXTURE_MAX_EXTRA_POSITIONS[min(bits, 32)]
     pointwise = (kh, kw) == (1, 1) and groups == 1
-    if strategy == "grouped":  # at B = 1 grouped is a plain conv with the mixed kernel
-        return not (pointwise and batch > 1 and key[15])
+    if strategy == "grouped":  # at B = 1 a plain conv with the mixed kernel; forward only it can win
+        needs_grad = key[-1]
+        return not (pointwise and batch > 1 and needs_grad)
     unfold_bytes = batch * in_channels * kh * kw * positions * bits // 8
     depthwise = 1 < groups == in_channels == out_channels and (sh, sw) == (1, 1)
     return strategy == "bmm" and (pointwise or not depthwise or unfold_bytes <= auto.KERNEL_BUDGET_BYTES)
