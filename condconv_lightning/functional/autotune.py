@@ -45,10 +45,11 @@ at all (with none, the rules decide):
   B = 32, K = 4) EfficientNet-B0's strided depthwise 5x5 (S = 784) ran 0.70x the static
   conv under mixture against grouped's 1.02x, while ResNet-50 layer3's strided 3x3
   (S = 196) ran 4.14x under mixture against grouped's 2.78x; so below it mixture is
-  timed. Over that whole run (B 1/32/128, K 4/8), mixture came within 1.85x of the
-  fastest nowhere beyond 4096 in fp32, while in bf16 it won at 5488 and 9408 (that
-  strided depthwise 5x5 at K = 8, 1.27-1.56x faster than the tuner's choice under the
-  float32 limit; ResNet-50 layer1's 3x3 at B = 128, K = 4, 1.38x) and stayed 2.17x or
+  timed. Over that whole run (B 1/32/128, K 4/8), mixture came within 1.9x of the
+  fastest nowhere beyond 4096 in fp32, while in bf16 it won at 5488 (that strided
+  depthwise 5x5 at K = 8, 1.27-1.56x faster than the tuner's choice under the float32
+  limit) and, in a first measurement, at 9408 (ResNet-50 layer1's 3x3 at B = 128,
+  K = 4, 1.38x; measured again, grouped was 1.19x faster there), and stayed 1.64x or
   more off beyond 12288;
 - ``grouped`` on dense 1x1 convs with B > 1 when the call needs gradients: ``bmm`` does
   the same products as one batched matrix product (faster in training on all 424 dense
@@ -60,19 +61,19 @@ at all (with none, the rules decide):
 - ``bmm`` on a stride-1 depthwise conv (one input and one output channel per group)
   whose ``unfold`` buffer exceeds ``auto.KERNEL_BUDGET_BYTES``: the buffer holds every
   input element kh * kw times for a matrix-vector product per channel, and reading and
-  writing it costs several times the conv (2.9x to 20x the fastest strategy on every
+  writing it costs several times the conv (3.3x to 18x the fastest strategy on every
   such problem of a suite run on 2 CPU cores: B 32 and 128, K 4 and 8, fp32 and bf16). A large
   ``unfold`` alone is no such margin: at B = 128 ``bmm`` ran ResNet-50's 7x7 stem
-  1.6-1.9x (fp32) and 2.8-3.2x (bf16) faster than ``grouped``, and MobileNetV2's
-  strided depthwise 3x3 at 112x112 1.4-1.6x faster in bf16 (K 4 and 8).
+  1.6-1.8x (fp32) and 2.8-3.3x (bf16) faster than ``grouped``, and MobileNetV2's
+  strided depthwise 3x3 at 112x112 1.1-1.6x faster in bf16 (K 4 and 8).
 
 A call whose per-sample kernels exceed ``auto.KERNEL_BUDGET_BYTES`` runs ``grouped`` and
 ``bmm`` in recomputed chunks, and they are timed all the same: which side wins depends
 on the layer, B, K and dtype. In a suite run on 2 CPU cores (K = 4, fp32, glibc's malloc
 keeping freed memory), ResNet-50 layer4's strided 3x3 at B = 32 ran 2.9x the static conv
 chunked under grouped (2.8x under bmm) against mixture's 3.6x; at B = 128 layer3's 3x3
-ran 1.8x chunked under grouped against 4.0x, and layer4's strided 1x1 2.6x under bmm
-against 16x.
+ran 1.8x chunked under grouped against mixture's 4.2x, and layer4's strided 1x1 2.7x
+chunked under bmm against 3.7x chunked under grouped.
 
 Each process tunes on its own, every DDP rank included: the strategies compute the
 same function, so ranks that pick differently still train the same model.
