@@ -22,7 +22,10 @@ sys.path.insert(0, str(TOOLS))
 
 import bench_layers  # noqa: E402
 import bench_model  # noqa: E402
+import bench_retune  # noqa: E402
 import bench_suite  # noqa: E402
+
+from condconv_lightning.functional import autotune  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -37,6 +40,7 @@ def allocator_left_alone(monkeypatch):
 
     monkeypatch.setattr(bench_layers, "keep_freed_memory", keep_freed_memory)
     monkeypatch.setattr(bench_model, "keep_freed_memory", keep_freed_memory)
+    monkeypatch.setattr(bench_retune, "keep_freed_memory", keep_freed_memory)
     return calls
 
 
@@ -203,6 +207,45 @@ def test_gpu_check_measures_one_suite_shape_per_selection():
 def test_bench_layers_rejects_a_selection_that_matches_nothing():
     with pytest.raises(SystemExit, match="no configuration selected"):
         bench_layers.main(["--quick", "--only", "no-such-shape"])
+
+
+def test_bench_retune_tunes_every_problem_afresh_each_time_and_times_the_strategies_after(
+    tmp_path, capsys, monkeypatch, allocator_left_alone
+):
+    timings = []
+    real_fastest = autotune._fastest
+
+    def counted_fastest(candidates, *args):
+        timings.append(tuple(candidates))
+        return real_fastest(candidates, *args)
+
+    monkeypatch.setattr(autotune, "_fastest", counted_fastest)
+    out = tmp_path / "retune.json"
+    rows = bench_retune.main(["--quick", "--tunings", "2", "--json", str(out)])
+    assert allocator_left_alone == [True]
+    # Both tiny shapes leave every strategy to time, in training and inference: 2 shapes x 2 phases x 2 tunings.
+    assert len(timings) == 8 and all(len(candidates) == 3 for candidates in timings)
+    assert {(row["shape"], row["phase"]) for row in rows} == {
+        (shape.name, phase) for shape in bench_layers.QUICK_SUITE for phase in bench_layers.PHASES
+    }
+    for row in rows:
+        assert sum(row["picks"].values()) == 2 and set(row["picks"]) <= set(bench_layers.FIXED_STRATEGIES)
+        assert all(len(row["samples_ms"][name]) == 2 for name in bench_layers.FIXED_STRATEGIES)
+        assert row["fastest"] == min(row["median_ms"], key=row["median_ms"].get)
+        assert row["picked_fastest"] == row["picks"].get(row["fastest"], 0)
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
+    assert "tiny.dw3x3" in capsys.readouterr().out
+    assert autotune.tuning_cache() == {}  # no choice left behind
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--only", "r50.layer4", "--tunings", "0"], "must be positive"), ([], "pass --only")],
+)
+def test_bench_retune_refuses_a_run_that_would_tune_nothing_or_the_whole_suite(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench_retune.main(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_bench_model_quick_reports_throughput_and_memory_ratios(tmp_path, capsys, allocator_left_alone):

@@ -255,6 +255,25 @@ def variants(shape: Shape, experts: int, device: torch.device, names: tuple[str,
     return modules
 
 
+def layer_step(module: nn.Module, x: torch.Tensor, dtype: torch.dtype, tune: bool, train: bool) -> Callable[[], None]:
+    """One call of ``module`` on ``x`` as timed: forward+backward (``train``) or forward only under
+    ``no_grad``; 16-bit dtypes under autocast, as mixed-precision training runs; tuning set to ``tune``
+    (it matters to ``auto`` only)."""
+
+    def step() -> None:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(tuning(tune))
+            if dtype != torch.float32:
+                stack.enter_context(torch.autocast(x.device.type, dtype=dtype))
+            if not train:
+                stack.enter_context(torch.no_grad())
+            y = module(x)
+        if train:
+            y.backward(torch.ones_like(y))
+
+    return step
+
+
 def measured_here(variant: str, shape: Shape, device_type: str) -> bool:
     """Whether ``variant`` is measured on this shape and device: ``fused`` only where its Triton
     kernels run (CUDA, not depthwise), everything else everywhere."""
@@ -281,27 +300,11 @@ def measure(
     x = torch.randn(batch, shape.in_channels, shape.size, shape.size, device=device, dtype=dtype)
     x = x.contiguous(memory_format=memory_format).requires_grad_(True)
 
-    def context(name: str) -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
-        stack.enter_context(tuning(AUTO_VARIANTS.get(name, True)))
-        if dtype != torch.float32:
-            stack.enter_context(torch.autocast(device.type, dtype=dtype))
-        return stack
-
     def train_step(name: str) -> Callable[[], None]:
-        def step() -> None:
-            with context(name):
-                y = modules[name](x)
-            y.backward(torch.ones_like(y))
-
-        return step
+        return layer_step(modules[name], x, dtype, AUTO_VARIANTS.get(name, True), train=True)
 
     def infer_step(name: str) -> Callable[[], None]:
-        def step() -> None:
-            with torch.no_grad(), context(name):
-                modules[name](x)
-
-        return step
+        return layer_step(modules[name], x, dtype, AUTO_VARIANTS.get(name, True), train=False)
 
     train: dict[str, list[float]] = {name: [] for name in modules}
     infer: dict[str, list[float]] = {name: [] for name in modules}
