@@ -220,11 +220,22 @@ def test_bench_retune_tunes_every_problem_afresh_each_time_and_times_the_strateg
         return real_fastest(candidates, *args)
 
     monkeypatch.setattr(autotune, "_fastest", counted_fastest)
+    runs_while_sampling = []
+    real_timed_ms = autotune.timed_ms
+
+    def sample(*args):
+        runs_while_sampling.append(autotune.TIMED_RUNS)
+        return real_timed_ms(*args)
+
+    monkeypatch.setattr(autotune, "timed_ms", sample)
     out = tmp_path / "retune.json"
-    rows = bench_retune.main(["--quick", "--tunings", "2", "--json", str(out)])
+    library_runs = autotune.TIMED_RUNS
+    rows = bench_retune.main(["--quick", "--tunings", "2", "--timed-runs", "5", "--json", str(out)])
     assert allocator_left_alone == [True]
     # Both tiny shapes leave every strategy to time, in training and inference: 2 shapes x 2 phases x 2 tunings.
     assert len(timings) == 8 and all(len(candidates) == 3 for candidates in timings)
+    assert set(runs_while_sampling) == {5}  # --timed-runs held while the tuner sampled, and only then:
+    assert library_runs == autotune.TIMED_RUNS
     assert {(row["shape"], row["phase"]) for row in rows} == {
         (shape.name, phase) for shape in bench_layers.QUICK_SUITE for phase in bench_layers.PHASES
     }
@@ -233,14 +244,19 @@ def test_bench_retune_tunes_every_problem_afresh_each_time_and_times_the_strateg
         assert all(len(row["samples_ms"][name]) == 2 for name in bench_layers.FIXED_STRATEGIES)
         assert row["fastest"] == min(row["median_ms"], key=row["median_ms"].get)
         assert row["picked_fastest"] == row["picks"].get(row["fastest"], 0)
-    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["machine"]["timed_runs"] == 5
     assert "tiny.dw3x3" in capsys.readouterr().out
     assert autotune.tuning_cache() == {}  # no choice left behind
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
-    [(["--only", "r50.layer4", "--tunings", "0"], "must be positive"), ([], "pass --only")],
+    [
+        (["--only", "r50.layer4", "--tunings", "0"], "must be positive"),
+        (["--quick", "--timed-runs", "0"], "must be positive"),
+        ([], "pass --only"),
+    ],
 )
 def test_bench_retune_refuses_a_run_that_would_tune_nothing_or_the_whole_suite(argv, message, capsys):
     with pytest.raises(SystemExit):

@@ -11,7 +11,10 @@ tuning cache, tune a training call (forward+backward) and a forward-only call of
 CondConv2d under ``auto``, as the benchmark's warm-up does, then time each fixed
 strategy once in both phases, in an order that rotates from one repetition to the next.
 Reported per configuration and phase: how often each strategy was picked, each fixed
-strategy's median time, the fastest by that median, and how many picks it got.
+strategy's median time, the fastest by that median, how many picks it got, and how long
+the call that tuned took (the tuning and one call of the layer; the JSON keeps each).
+``--timed-runs`` sets the tuner's number of rounds for the run, to see whether timing
+longer at the first call would settle the near-ties.
 
 The configurations, devices, dtypes and timing (``bench_layers.MIN_SAMPLE_MS`` per
 sample, glibc's malloc keeping freed memory unless ``--system-malloc``) are the
@@ -35,6 +38,7 @@ from bench_layers import (
     DTYPES,
     FIXED_STRATEGIES,
     MIN_SAMPLE_MS,
+    MISS,
     PHASES,
     SYSTEM_MALLOC_HELP,
     configurations,
@@ -48,7 +52,7 @@ from bench_suite import Shape
 from rich.console import Console
 from rich.table import Table
 
-from condconv_lightning.functional import clear_tuning_cache
+from condconv_lightning.functional import autotune, clear_tuning_cache
 from condconv_lightning.functional.autotune import timed_ms
 from condconv_lightning.io import atomic_write
 
@@ -68,12 +72,13 @@ def retune(shape: Shape, batch: int, experts: int, dtype_name: str, device: torc
         for phase in PHASES:
             steps[name, phase]()
     picks = {phase: collections.Counter() for phase in PHASES}
+    tuning_ms: dict[str, list[float]] = {phase: [] for phase in PHASES}
     times = {phase: {name: [] for name in FIXED_STRATEGIES} for phase in PHASES}
     order = list(FIXED_STRATEGIES)
     for _ in range(tunings):
         clear_tuning_cache()
         for phase in PHASES:
-            steps["auto", phase]()  # tunes: the problem is not in the cache
+            tuning_ms[phase].append(timed_ms(steps["auto", phase], device))  # one call, which tunes
             picks[phase][modules["auto"].last_strategy] += 1
         order = order[1:] + order[:1]
         for name in order:
@@ -94,6 +99,7 @@ def retune(shape: Shape, batch: int, experts: int, dtype_name: str, device: torc
                 "phase": phase,
                 "tunings": tunings,
                 "picks": dict(picks[phase].most_common()),
+                "tuning_ms": tuning_ms[phase],
                 "median_ms": medians,
                 "samples_ms": times[phase],
                 "fastest": fastest,
@@ -105,7 +111,9 @@ def retune(shape: Shape, batch: int, experts: int, dtype_name: str, device: torc
 
 def render(rows: list[dict], console: Console) -> None:
     table = Table(title="tuned auto, tuned again and again: its picks against the fixed strategies timed right after")
-    for column in ("device", "dtype", "B", "K", "shape", "phase", "picks", *FIXED_STRATEGIES, "fastest", "agree"):
+    for column in ("device", "dtype", "B", "K", "shape", "phase", "picks", *FIXED_STRATEGIES):
+        table.add_column(column)
+    for column in ("fastest", "agree", "tuning ms"):
         table.add_column(column)
     for row in rows:
         best = row["median_ms"][row["fastest"]]
@@ -120,9 +128,24 @@ def render(rows: list[dict], console: Console) -> None:
             *(f"{row['median_ms'][name] / best:.2f}" for name in FIXED_STRATEGIES),
             row["fastest"],
             f"{row['picked_fastest']}/{row['tunings']}",
+            f"{statistics.median(row['tuning_ms']):.1f}",
         )
     console.print(table)
-    console.print("Strategy columns: median time over the fastest strategy's median (1.00 = the fastest).")
+    console.print(
+        "Strategy columns: median time over the fastest strategy's median (1.00 = the fastest); tuning ms: the "
+        "median of the calls that tuned."
+    )
+    misses = [gap for row in rows for gap in pick_gaps(row) if gap > MISS]
+    console.print(
+        f"{sum(row['tunings'] for row in rows)} tunings, {len(misses)} of them picked a strategy more than {MISS:.2f}x "
+        f"the fastest (worst {max(misses, default=1.0):.2f}x)"
+    )
+
+
+def pick_gaps(row: dict) -> list[float]:
+    """Each tuning's pick, by its median time over the fastest strategy's."""
+    best = row["median_ms"][row["fastest"]]
+    return [row["median_ms"][name] / best for name, count in row["picks"].items() for _ in range(count)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -134,14 +157,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experts", nargs="+", type=int, default=[4])
     parser.add_argument("--only", nargs="+", default=[], help="keep suite shapes whose name contains one of these")
     parser.add_argument("--tunings", type=int, default=10, help="how many times each problem is tuned afresh")
+    parser.add_argument(
+        "--timed-runs",
+        type=int,
+        default=autotune.TIMED_RUNS,
+        help="the tuner's rounds per problem for this run (default: the library's, %(default)s): does timing "
+        "longer settle near-ties?",
+    )
     parser.add_argument("--system-malloc", action="store_true", help=SYSTEM_MALLOC_HELP)
     parser.add_argument("--quick", action="store_true", help="CI-sized run: two tiny shapes, B=2, K=4")
     parser.add_argument("--json", type=Path, help="also write every pick and timing to this JSON file")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.experts = [2], [4]
-    if min(args.batch) < 1 or min(args.experts) < 1 or args.tunings < 1:
-        parser.error("--batch, --experts and --tunings must be positive")
+    if min(args.batch) < 1 or min(args.experts) < 1 or args.tunings < 1 or args.timed_runs < 1:
+        parser.error("--batch, --experts, --tunings and --timed-runs must be positive")
     if not args.quick and not args.only:
         parser.error("pass --only with parts of suite shape names (or --quick): each problem is tuned many times")
     return args
@@ -152,15 +182,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     console = Console(width=None if sys.stdout.isatty() else 150)
     if not args.system_malloc:
         keep_freed_memory()
-    started = machine()
+    started = machine() | {"timed_runs": args.timed_runs}
     rows: list[dict] = []
-    for shape, batch, experts, dtype_name, device in configurations(args):
-        console.log(f"{device} {dtype_name} {shape.name} B={batch} K={experts}")
-        rows.extend(retune(shape, batch, experts, dtype_name, device, args.tunings))
-        return_freed_memory()
-        if args.json:  # after every configuration: a run cut short keeps what it measured
-            with atomic_write(args.json, overwrite=True) as tmp:
-                Path(tmp).write_text(json.dumps({"machine": started, "rows": rows}, indent=1))
+    library_runs, autotune.TIMED_RUNS = autotune.TIMED_RUNS, args.timed_runs
+    try:
+        for shape, batch, experts, dtype_name, device in configurations(args):
+            console.log(f"{device} {dtype_name} {shape.name} B={batch} K={experts}")
+            rows.extend(retune(shape, batch, experts, dtype_name, device, args.tunings))
+            return_freed_memory()
+            if args.json:  # after every configuration: a run cut short keeps what it measured
+                with atomic_write(args.json, overwrite=True) as tmp:
+                    Path(tmp).write_text(json.dumps({"machine": started, "rows": rows}, indent=1))
+    finally:
+        autotune.TIMED_RUNS = library_runs
     if not rows:
         sys.exit("no configuration selected: check --only against the suite's shape names")
     render(rows, console)
