@@ -649,3 +649,26 @@ def test_timing_copies_keep_the_input_strides():
     assert autotune._like(expanded).is_contiguous()  # overlapping elements cannot be filled
     narrow = torch.randn(2, 8, 6, 4000)[..., :6]  # a view of a buffer 600x its size: no copy of the whole span
     assert autotune._like(narrow).is_contiguous()
+
+
+@pytest.mark.parametrize("strategy", ["auto", "grouped", "mixture", "bmm"])
+def test_a_call_asks_once_whether_it_is_exported(monkeypatch, strategy):
+    """The export check costs more than the cached tuner's key and lookup together, so a call makes it once
+    (tuned ``auto`` from the cache, every fixed strategy, chunked ones included)."""
+    layer = CondConv2d(8, 8, 3, padding=1, num_experts=4, strategy=strategy)
+    x = torch.randn(3, 8, 6, 6)
+    layer(x)  # tunes auto's problem
+    checks = []
+    real = condconv.is_exporting
+
+    def counted() -> bool:
+        checks.append(True)
+        return real()
+
+    monkeypatch.setattr(condconv, "is_exporting", counted)
+    monkeypatch.setattr(condconv.auto, "is_exporting", counted)
+    monkeypatch.setattr(condconv.auto, "KERNEL_BUDGET_BYTES", 1)  # grouped and bmm in chunks of one sample
+    expected = condconv2d(x, layer.expert_weight(), layer.route(x), layer.bias, padding=1, strategy="mixture")
+    checks.clear()
+    torch.testing.assert_close(layer(x), expected)
+    assert len(checks) == 1 and layer.last_strategy in ("grouped", "mixture", "bmm")

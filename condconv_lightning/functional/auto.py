@@ -65,11 +65,13 @@ def is_exporting() -> bool:
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the convolution's matrix products run in: autocast's when it is on (autocast
     leaves float64 alone)."""
-    if x.dtype == torch.float64:
-        return x.dtype
-    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+    dtype = x.dtype
+    if dtype == torch.float64:
+        return dtype
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
 
 
 def per_sample_kernel_bytes(x: Tensor, weight: Tensor) -> int:

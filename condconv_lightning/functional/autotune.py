@@ -302,8 +302,8 @@ def problem_key(
         memory_format = "channels_last"
     else:  # permuted or sliced inputs run the strategies at other speeds than either dense layout
         memory_format = "contiguous" if x.is_contiguous() else "strided"
-    tensors = (x, weight, bias, routing_weights)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    requires_grad = x.requires_grad or weight.requires_grad or routing_weights.requires_grad
+    grad = torch.is_grad_enabled() and (requires_grad or (bias is not None and bias.requires_grad))
     return (
         str(x.device),
         str(auto.compute_dtype(x)).removeprefix("torch."),
@@ -337,10 +337,12 @@ def tuned_strategy(
 ) -> str:
     """The strategy ``auto`` runs for this call: cached, else timed now, else the rules' choice.
 
-    A cached problem costs one key and one lookup (about 10 us on CPU); the rules are
-    consulted only for a problem not in the cache.
+    Not for calls under export or TorchScript tracing (``auto.is_exporting``, which the caller
+    checks once per call): their sizes may be symbolic, and a key would guard on them. A cached
+    problem costs one key and one lookup (``tools/bench_dispatch.py`` measures what that adds to
+    a layer's call); the rules are consulted only for a problem not in the cache.
     """
-    if not is_tuning_enabled() or auto.is_exporting():  # exporting: sizes may be symbolic, so no key and no lookup
+    if not is_tuning_enabled():
         return auto.choose_strategy(x, weight, stride, padding, dilation, groups)
     key = problem_key(x, weight, bias, routing_weights, stride, padding, dilation, groups)
     compiling = torch.compiler.is_compiling()  # first: Dynamo cannot trace the autograd-state queries below

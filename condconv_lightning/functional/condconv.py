@@ -165,7 +165,7 @@ def _bmm(x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor, stride, padd
 
 
 def _in_budget_chunks(
-    fn: Callable[..., Tensor], x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor, *conv_args
+    fn: Callable[..., Tensor], x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor, *conv_args, exporting: bool
 ) -> Tensor:
     """Run a per-sample-kernel strategy on batch chunks whose kernels fit ``auto.KERNEL_BUDGET_BYTES``.
 
@@ -175,7 +175,7 @@ def _in_budget_chunks(
     training too, for one extra kernel mixing and conv forward per chunk. Under export
     the batch is symbolic and the call runs whole.
     """
-    if is_exporting():  # checked first: comparing the symbolic batch with chunk would guard on it
+    if exporting:  # checked first: comparing the symbolic batch with chunk would guard on it
         return fn(x, weight, bias, r, *conv_args)
     chunk = max(1, auto.KERNEL_BUDGET_BYTES // per_sample_kernel_bytes(x, weight))
     if x.shape[0] <= chunk:
@@ -199,11 +199,14 @@ _STRATEGY_FNS: dict[str, Callable[..., Tensor]] = {
 _PER_SAMPLE_KERNELS = ("grouped", "bmm")
 
 
-def _run(strategy: str, x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor, *conv_args) -> Tensor:
-    """One call of a named strategy; those holding per-sample kernels stay within the memory budget."""
+def _run(
+    strategy: str, x: Tensor, weight: Tensor, bias: Tensor | None, r: Tensor, *conv_args, exporting: bool
+) -> Tensor:
+    """One call of a named strategy; those holding per-sample kernels stay within the memory budget
+    (``exporting``: :func:`~.auto.is_exporting`, checked once by the caller)."""
     fn = _STRATEGY_FNS[strategy]
     if strategy in _PER_SAMPLE_KERNELS:
-        return _in_budget_chunks(fn, x, weight, bias, r, *conv_args)
+        return _in_budget_chunks(fn, x, weight, bias, r, *conv_args, exporting=exporting)
     return fn(x, weight, bias, r, *conv_args)
 
 
@@ -297,13 +300,18 @@ def condconv2d_with_strategy(
     else:
         conv_padding = (top, left)
 
-    if not is_exporting() and x.shape[0] == 0:  # as nn.Conv2d: an empty output; grouped would need 0 groups
-        strategy = "mixture"
     conv_args = (stride, conv_padding, dilation, groups)
-    if strategy in ("fused", "grouped") and is_exporting():
-        strategy = "auto"  # exported graphs must not need Triton, nor hold the traced batch in grouped's groups
-    if strategy == "auto":
-        strategy = tuned_strategy(
-            x, weight, bias, routing_weights, *conv_args, run=lambda name, *tensors: _run(name, *tensors, *conv_args)
-        )
-    return _run(strategy, x, weight, bias, routing_weights, *conv_args), strategy
+    exporting = is_exporting()  # once per call: it costs more than the cached tuner's lookup
+    if exporting:  # checked first: the batch may be symbolic, and comparing it would guard on it
+        if strategy in ("auto", "fused", "grouped"):
+            # Exported graphs must not need Triton, nor hold the traced batch in grouped's groups.
+            strategy = auto.choose_strategy(x, weight, *conv_args)
+    elif x.shape[0] == 0:  # as nn.Conv2d: an empty output; grouped would need 0 groups
+        strategy = "mixture"
+    elif strategy == "auto":
+
+        def timed(name: str, *tensors: Tensor | None) -> Tensor:  # what the tuner times: never under export
+            return _run(name, *tensors, *conv_args, exporting=False)
+
+        strategy = tuned_strategy(x, weight, bias, routing_weights, *conv_args, run=timed)
+    return _run(strategy, x, weight, bias, routing_weights, *conv_args, exporting=exporting), strategy
