@@ -63,6 +63,16 @@ def test_every_test_file_with_cuda_tests_is_run_by_the_script():
     assert all(case in import_fused.CASES for _, case in fused if case)
 
 
+def test_the_stages_time_limits_add_up_to_under_eight_minutes():
+    """Each stage may take its limit and the kill grace after it; together they stay under 8 minutes."""
+    text = SCRIPT.read_text()
+    limits = {name: int(limit) for name, limit in re.findall(r'^\s*stage "?([\w$]+)"? (\d+) ', text, re.MULTILINE)}
+    assert "bench_dispatch" in limits and "pytest_fused" in limits
+    runs = {name: 2 if "$dtype" in name else 1 for name in limits}  # bench_layers, once per dtype
+    (grace,) = map(int, re.findall(r"--kill-after=(\d+)", text))
+    assert sum((limits[name] + grace) * runs[name] for name in limits) < 8 * 60
+
+
 def probe_wheel(folder: Path) -> None:
     """A minimal pure-Python wheel, as pip download would bring one."""
     dist = "gpucheckprobe-0.1.dist-info"
@@ -89,6 +99,7 @@ def test_cpu_dry_run_writes_every_stage_json(tmp_path, monkeypatch):
     tmp_path = tmp_path / "out"
     summary = json.loads((tmp_path / "summary.json").read_text())
     stages = {"wheels", "environment", "pytest_cuda", "bench_layers_fp32", "bench_layers_bf16", "bench_model"}
+    stages |= {"bench_dispatch"}
     assert set(summary) == stages | {"finetune", "pytest_fused"}
     assert (tmp_path / "site" / "gpucheckprobe" / "__init__.py").exists()
     failed = {
@@ -100,5 +111,7 @@ def test_cpu_dry_run_writes_every_stage_json(tmp_path, monkeypatch):
     layers = json.loads((tmp_path / "bench_layers_bf16.json").read_text())
     assert {row["dtype"] for row in layers["rows"]} == {"bf16"} and layers["summary"]
     assert json.loads((tmp_path / "bench_model.json").read_text())["converted_layers"] > 0
+    dispatch = json.loads((tmp_path / "bench_dispatch.json").read_text())
+    assert {row["phase"] for row in dispatch["rows"]} == {"train", "infer"}
     assert json.loads((tmp_path / "environment.json").read_text())["torch"]
     assert json.loads((tmp_path / "finetune.json").read_text())["logged_rows"] > 0

@@ -10,6 +10,7 @@ import json
 import math
 import platform
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
 
+import bench_dispatch  # noqa: E402
 import bench_layers  # noqa: E402
 import bench_model  # noqa: E402
 import bench_retune  # noqa: E402
@@ -261,6 +263,41 @@ def test_bench_retune_tunes_every_problem_afresh_each_time_and_times_the_strateg
 def test_bench_retune_refuses_a_run_that_would_tune_nothing_or_the_whole_suite(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench_retune.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_bench_dispatch_quick_reports_what_auto_adds_to_the_strategy_it_ran(tmp_path, capsys):
+    out = tmp_path / "dispatch.json"
+    report = bench_dispatch.main(["--quick", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert [row["phase"] for row in report["rows"]] == list(bench_layers.PHASES)
+    cached = autotune.tuning_cache()
+    for row in report["rows"]:
+        assert set(row["extra"]) == set(bench_layers.AUTO_VARIANTS)
+        # At B = 1 the rules pick grouped; tuned auto runs what the cache holds for the layer's problem.
+        assert row["extra"]["auto-rules"]["ran"] == "grouped"
+        grad = row["phase"] == "train"
+        (choice,) = {
+            strategy
+            for key, strategy in cached.items()
+            if key[3:8] == (1, 8, 8, 4, 4) and key[13] == bench_dispatch.EXPERTS and key[-1] == grad
+        }
+        assert row["extra"]["auto"]["ran"] == choice
+        for name, extra in row["extra"].items():
+            own, ran = row["samples_us"][name], row["samples_us"][extra["ran"]]
+            assert len(own) == len(ran) == 3 and min(own + ran) > 0
+            assert extra["median_us"] == pytest.approx(statistics.median(a - b for a, b in zip(own, ran)))
+            assert row["median_us"][name] == pytest.approx(statistics.median(own))
+    assert "auto against the fixed strategy it ran" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--device", "tpu"], "--device tpu"), (["--rounds", "0"], "must be positive")],
+)
+def test_bench_dispatch_refuses_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench_dispatch.main(argv)
     assert message in capsys.readouterr().err
 
 

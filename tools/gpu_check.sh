@@ -99,7 +99,7 @@ EOF
 }
 
 if [ -n "$WHEELS" ]; then
-    stage wheels 20 "$PYTHON" -m pip install --no-deps --no-index --target "$OUT/site" "${WHEEL_FILES[@]}"
+    stage wheels 10 "$PYTHON" -m pip install --no-deps --no-index --target "$OUT/site" "${WHEEL_FILES[@]}"
 fi
 # Fails (and says what to download) if a module the stages need is missing; optional ones are listed.
 stage environment 20 "$PYTHON" -c "
@@ -136,17 +136,19 @@ if [ "$DEVICE" = cpu ]; then  # no CUDA test can run: check that they are found
     FUSED_TESTS=(--collect-only "${FUSED_TESTS[@]}")
 fi
 PYTEST=("$PYTHON" -m pytest -m cuda -v -p no:cacheprovider --continue-on-collection-errors)
-stage pytest_cuda 60 "${PYTEST[@]}" --junitxml="$OUT/pytest_cuda.xml" "${CUDA_TESTS[@]}"
+stage pytest_cuda 55 "${PYTEST[@]}" --junitxml="$OUT/pytest_cuda.xml" "${CUDA_TESTS[@]}"
 
 if [ "$QUICK" = 1 ]; then
     LAYERS=(--quick)
     MODEL=(--quick)
+    DISPATCH=(--quick)
     STEPS=3
 else  # fp32 with PyTorch's default TF32 settings; one shape of each kind (event timing needs few rounds)
     SHAPES=("r50.conv1" "r50.layer1 3x3" "r50.layer3 1x1 1024->256" "r50.layer3 3x3 256" "r50.layer4 3x3 512"
         "r50.layer4 1x1/2" "mbv2.stage2 dw3x3/2" "effb0.stage6 dw5x5/2")
     LAYERS=(--batch 32 128 --experts 4 8 --repeats 3 --min-total-ms 50 --fused --only "${SHAPES[@]}")
     MODEL=(--batch 64 --dtype bf16 --channels-last --steps 5)
+    DISPATCH=(--rounds 11 --sample-ms 10)
     STEPS=40
 fi
 for dtype in fp32 bf16; do
@@ -154,6 +156,8 @@ for dtype in fp32 bf16; do
         --json "$OUT/bench_layers_$dtype.json"
 done
 stage bench_model 45 "$PYTHON" tools/bench_model.py --device "$DEVICE" "${MODEL[@]}" --json "$OUT/bench_model.json"
+stage bench_dispatch 10 "$PYTHON" tools/bench_dispatch.py --device "$DEVICE" "${DISPATCH[@]}" \
+    --json "$OUT/bench_dispatch.json"
 ACCELERATOR=$([ "$DEVICE" = cuda ] && echo gpu || echo cpu)
 FIT=(--trainer.accelerator "$ACCELERATOR" --trainer.devices 1 --trainer.max_steps $STEPS --trainer.precision bf16-mixed)
 stage finetune 70 "$PYTHON" -m condconv_lightning.cli.finetune fit "${FIT[@]}" --trainer.enable_progress_bar false \
