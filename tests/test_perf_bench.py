@@ -119,6 +119,21 @@ def test_bench_layers_markdown_lists_each_miss_of_auto_against_the_fastest_strat
     assert bench_layers.miss_rows(rows) == []
 
 
+def test_bench_layers_pairs_tuned_auto_with_each_fixed_strategy_round_by_round():
+    """A round that ran slow for every variant cancels out: by the fastest runs bmm looks 2x faster than auto,
+    round by round it is 1.25x; a strategy that sat out after its first run is not compared."""
+    by_variant = {
+        "auto": {"train_samples_ms": [2.0, 5.0, 2.0]},
+        "grouped": {"train_samples_ms": [2.0, 5.0, 2.0]},
+        "bmm": {"train_samples_ms": [1.6, 1.0, 1.6]},
+        "mixture": {"train_samples_ms": [0.1]},
+    }
+    assert bench_layers.paired_over_fastest(by_variant["auto"], by_variant) == pytest.approx(1.25)
+    del by_variant["bmm"]
+    assert bench_layers.paired_over_fastest(by_variant["auto"], by_variant) == pytest.approx(1.0)
+    assert bench_layers.paired_over_fastest({"train_ms": 1.0}, by_variant) is None  # no per-round samples
+
+
 def test_bench_layers_summarizes_inference_apart_from_training():
     """auto tunes a forward-only call on its own: a wrong choice there is a miss of inference only."""
 

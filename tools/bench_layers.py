@@ -96,6 +96,7 @@ MISS = 1.10
 """A shape where ``auto`` takes more than this times the fastest fixed strategy is listed as a miss."""
 GAPS = {
     "auto_over_best": "tuned / fastest",
+    "auto_paired_over_best": "tuned / fastest, paired",
     "auto_choice_over_best": "tuned's choice / fastest",
     "auto-rules_over_best": "rules / fastest",
 }
@@ -421,8 +422,8 @@ def picks(phase: str) -> str:
 def summary(rows: list[dict], phase: str = "train") -> list[dict]:
     """Per (device, dtype, B, K): geomean/worst ratio of each variant over the static conv in ``phase``, and
     each auto against the fastest fixed strategy of every shape (geomean, worst, and the shapes more than 10%
-    slower), as timed (``auto_over_best``) and by the fixed strategy's time of its choice
-    (``auto_choice_over_best``)."""
+    slower), as timed (``auto_over_best``), round by round (``auto_paired_over_best``) and by the fixed
+    strategy's time of its choice (``auto_choice_over_best``)."""
     ms = f"{phase}_ms"
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -456,7 +457,11 @@ def summary(rows: list[dict], phase: str = "train") -> list[dict]:
             },
             "auto-rules_over_best": {m["shape"]: m[ms] for m in autos["auto-rules"]},
         }
-        entry |= {key: gaps_to_fastest(times[key], fastest, phase) for key in GAPS if times[key]}
+        gaps = {key: {shape: t / fastest[shape][ms] for shape, t in of.items()} for key, of in times.items()}
+        gaps["auto_paired_over_best"] = {
+            m["shape"]: gap for m in autos["auto"] if (gap := paired_over_fastest(m, configs[m["shape"]], phase))
+        }
+        entry |= {key: gap_summary(gaps[key]) for key in GAPS if gaps[key]}
         out.append(entry)
     return out
 
@@ -466,9 +471,22 @@ def chosen_fixed(auto: dict, by_variant: dict[str, dict], phase: str = "train") 
     return by_variant.get(auto[picks(phase)]) if auto[picks(phase)] in FIXED_STRATEGIES else None
 
 
-def gaps_to_fastest(times: dict[str, float], fastest: dict[str, dict], phase: str) -> dict:
-    """Per shape, a time over the fastest fixed strategy's: geomean, worst, and the shapes beyond MISS."""
-    gaps = {shape: ms / fastest[shape][f"{phase}_ms"] for shape, ms in times.items()}
+def paired_over_fastest(auto: dict, by_variant: dict[str, dict], phase: str = "train") -> float | None:
+    """Tuned ``auto`` over the fastest fixed strategy, round by round: over the fixed strategies that ran
+    every round beside it, the largest median of its time over theirs within a round (the variants of a
+    round run one after the other, so the machine's slower drifts cancel). None without per-round samples."""
+    key = f"{phase}_samples_ms"
+    samples = auto.get(key)
+    ratios = [
+        statistics.median(a / f for a, f in zip(samples, row[key], strict=True))
+        for strategy in FIXED_STRATEGIES
+        if samples and (row := by_variant.get(strategy)) and len(row.get(key, ())) == len(samples)
+    ]
+    return max(ratios, default=None)
+
+
+def gap_summary(gaps: dict[str, float]) -> dict:
+    """Per-shape ratios to the fastest fixed strategy: geomean, worst, and the shapes beyond MISS."""
     return {
         "geomean": geomean(list(gaps.values())),
         "worst": max(gaps.values()),
@@ -569,7 +587,7 @@ def markdown(report: dict) -> str:
             "",
             "| device | dtype | B | K | shapes | grouped | mixture | bmm | tuned `auto` | rules-only `auto` | fastest "
             "fixed, per shape | " + " | ".join(f"{gap} (misses)" for gap in GAPS.values()) + " | same code, worst |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|" + "---|" * (12 + len(GAPS)),
         ]
         for s in report[SUMMARIES[phase]]:
             cells = [f"{s[v]['geomean']:.2f}x / {s[v]['worst']:.2f}x" if v in s else "-" for v in STRATEGY_VARIANTS]
