@@ -34,8 +34,9 @@ a CI-sized run of two tiny shapes. The summaries give, for training (forward+bac
 and for inference (forward only) apart, since ``auto`` tunes each on its own, and per
 (device, dtype, B, K), each variant's geometric mean and worst ratio over the static
 conv, and tuned and rules-only ``auto`` against the fastest fixed strategy of each
-shape: as timed, and by the time of the fixed strategy each chose, which tells a wrong
-choice from the noise of timing the same code twice. The JSON keeps every timed run
+shape: as timed, tuned ``auto`` also round by round (paired: the median of its time over
+each fixed strategy's in the same round), and by the time of the fixed strategy each
+chose, which tells a wrong choice from the noise of timing the same code twice. The JSON keeps every timed run
 (``train_samples_ms``, ``infer_samples_ms``), not only the fastest.
 
 A whole run takes hours on a few CPU cores; ``--resume`` continues the run saved in
