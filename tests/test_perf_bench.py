@@ -340,6 +340,8 @@ def test_bench_layers_stops_repeating_a_strategy_only_when_it_is_slow_in_trainin
     infer = {"static": [1.0], "grouped": [1.0], "mixture": [2.1], "bmm": [2.5], "auto": [9.0], "timm": [1.5]}
     out = {name for name in train if bench_layers.out_of_the_race(name, train, infer)}
     assert out == {"mixture"}  # bmm is within 2x in training, timm in inference; static and auto always run
+    chosen = frozenset({"mixture", ""})  # what the autos ran (a fixed strategy's own pick is empty)
+    assert not any(bench_layers.out_of_the_race(name, train, infer, chosen) for name in train)
 
 
 def test_bench_layers_resume_measures_only_the_configurations_the_saved_run_lacks(tmp_path, monkeypatch):

@@ -13,7 +13,8 @@ to the next, so that none always runs right after the same one (a call that foll
 a memory-hungry strategy starts with cold caches). A fixed strategy (or timm) more
 than :data:`SLOW` times slower than the fastest in its first round sits out the other
 rounds (``samples`` in the JSON): it cannot be the fastest, and at B = 128 such runs
-would take most of the time. Cells run from the smallest batch and K up, so a run cut
+would take most of the time; a strategy that an ``auto`` chose races on, since its time
+judges that choice. Cells run from the smallest batch and K up, so a run cut
 short keeps complete cells. Each cell reports its own noise floor: rules-only ``auto``
 against the fixed strategy it ran, the same code timed twice. Reported per variant
 (the fastest of its runs; the JSON keeps them all, for other estimators):
@@ -326,7 +327,8 @@ def measure(
             train[name].append(timed_ms(train_step(name), device, MIN_SAMPLE_MS))
             infer[name].append(timed_ms(infer_step(name), device, MIN_SAMPLE_MS))
         if repeat == 0:
-            racing = [name for name in modules if not out_of_the_race(name, train, infer)]
+            chosen = frozenset(pick for pair in picks.values() for pick in pair)
+            racing = [name for name in modules if not out_of_the_race(name, train, infer, chosen)]
     peaks = {}
     for name, module in modules.items():  # gradients start unallocated, so each peak counts them once
         module.zero_grad(set_to_none=True)
@@ -353,10 +355,14 @@ def measure(
     ]
 
 
-def out_of_the_race(name: str, train: dict[str, list[float]], infer: dict[str, list[float]]) -> bool:
+def out_of_the_race(
+    name: str, train: dict[str, list[float]], infer: dict[str, list[float]], chosen: frozenset[str] = frozenset()
+) -> bool:
     """Whether a comparator's first run was more than :data:`SLOW` times the fastest fixed strategy's,
-    for training and inference alike: repeating it cannot make it the fastest."""
-    if name == "static" or name in AUTO_VARIANTS:
+    for training and inference alike: repeating it cannot make it the fastest. A strategy an ``auto``
+    chose (``chosen``) races on: its time judges that choice, and one run, if noise slowed it, would
+    make a right choice look wrong."""
+    if name == "static" or name in AUTO_VARIANTS or name in chosen:
         return False
     fixed = [s for s in FIXED_STRATEGIES if s in train]
     return all(times[name][0] > SLOW * min(times[s][0] for s in fixed) for times in (train, infer))
