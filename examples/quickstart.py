@@ -1,6 +1,6 @@
 """Quickstart: the whole product on CPU in a few minutes, no downloads.
 
-    python examples/quickstart.py [--quick] [--out runs/quickstart]
+    python examples/quickstart.py [--quick] [--out runs/quickstart] [--seed 0]
 
 1. trains ``resnet_tiny`` (stages ``layer1..layer4``) briefly on the built-in
    context-dependent gratings (:func:`condconv_lightning.finetune.make_context_gratings`:

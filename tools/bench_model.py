@@ -1,7 +1,7 @@
 """Training-step throughput and peak memory of a model before and after CondConv conversion, in one run.
 
 What conversion costs end to end: a ResNet-50-like network
-(``condconv_lightning.models.resnet50_like``) trains as is and with ``layer3`` and
+(``condconv_lightning.demos.resnet50_like``) trains as is and with ``layer3`` and
 ``layer4`` converted by ``condconv_lightning.surgery.convert`` (K=4 experts,
 ``auto`` strategy). Steps of the two models alternate in one process, so both see
 the same caches and the same other load. A step is forward, cross-entropy,
@@ -34,9 +34,9 @@ from bench_layers import DTYPES, SYSTEM_MALLOC_HELP, keep_freed_memory, machine,
 from rich.console import Console
 from rich.table import Table
 
+from condconv_lightning.demos import resnet50_like, resnet_tiny
 from condconv_lightning.functional import is_tuning_enabled, tuning_cache
 from condconv_lightning.io import atomic_write
-from condconv_lightning.models import resnet50_like, resnet_tiny
 from condconv_lightning.surgery import convert
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"resnet50_like": resnet50_like, "resnet_tiny": resnet_tiny}

@@ -1,6 +1,6 @@
 """The layer benchmark's shapes, read off real architectures by one forward pass each.
 
-Every ``nn.Conv2d`` of ResNet-50 (``condconv_lightning.models.resnet50_like``), of
+Every ``nn.Conv2d`` of ResNet-50 (``condconv_lightning.demos.resnet50_like``), of
 MobileNetV2 (Sandler et al., CVPR 2018, arXiv:1801.04381) and of EfficientNet-B0 (Tan
 and Le, ICML 2019, arXiv:1905.11946) at 224x224 input is recorded by a forward hook as
 (Cin, Cout, k, stride, groups, input size), deduplicated, and named by model and
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from condconv_lightning.models import resnet50_like
+from condconv_lightning.demos import resnet50_like
 
 
 @dataclass(frozen=True)

@@ -128,8 +128,9 @@ def _exit_with(message: str) -> NoReturn:
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``condconv-finetune`` (``args`` replaces ``sys.argv[1:]``, for tests and notebooks).
 
-    The current folder is importable, as for ``python -m``, so ``--data mydata.MyDataModule``
-    and ``--model.arch mymodels:Net`` find the user's own modules.
+    The current folder is importable (appended to ``sys.path``, so it never shadows an installed
+    package), so ``--data mydata.MyDataModule`` and ``--model.arch mymodels:Net`` find the user's
+    own modules.
     """
     try:
         is_tuning_enabled()  # a CONDCONV_TUNE that is no switch stops the command before any work
