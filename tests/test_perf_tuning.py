@@ -313,6 +313,25 @@ def test_cache_round_trips_through_json(tmp_path, timings):
     assert len(timings) == count  # loaded choices are used without timing
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex64])
+def test_every_dtype_a_problem_is_tuned_in_saves_and_loads(tmp_path, dtype):
+    condconv2d(
+        torch.randn(2, 4, 5, 5, dtype=dtype), torch.randn(2, 4, 4, 3, 3, dtype=dtype), torch.rand(2, 2, dtype=dtype)
+    )
+    cache = tuning_cache()
+    save_tuning_cache(tmp_path / "tuning.json")
+    clear_tuning_cache()
+    assert load_tuning_cache(tmp_path / "tuning.json") == 1 and tuning_cache() == cache
+    assert next(iter(cache))[1] == str(dtype).removeprefix("torch.")
+
+
+def test_a_complex_kernel_counts_two_floats_per_element():
+    from condconv_lightning.functional.auto import per_sample_kernel_bytes
+
+    weight = torch.randn(2, 4, 4, 3, 3, dtype=torch.complex64)
+    assert per_sample_kernel_bytes(torch.randn(1, 4, 5, 5, dtype=torch.complex64), weight) == 4 * 4 * 3 * 3 * 8
+
+
 def saved_entry(tmp_path) -> dict:
     condconv2d(torch.randn(2, 4, 5, 5), torch.randn(2, 4, 4, 3, 3), torch.rand(2, 2))
     save_tuning_cache(tmp_path / "good.json")
@@ -549,6 +568,27 @@ def test_dynamic_torch_compile_keeps_one_graph_over_batch_sizes_and_uses_a_cache
     autotune._store(other, "mixture")  # another layer's problem: no guard of this graph looks at it
     compiled(torch.randn(4, 8, 6, 6))
     assert counters["stats"]["unique_graphs"] == graphs and not timings
+
+
+def test_inference_mode_is_a_forward_only_problem_even_with_grad_enabled(timings):
+    # Lightning's predict and validation steps run under inference mode; a step may turn grad mode on.
+    layer, x = layer3x3(), torch.randn(4, 8, 6, 6)
+    with torch.inference_mode(), torch.enable_grad():
+        y = layer(x)
+    assert timings and [key[-1] for key in tuning_cache()] == [False]
+    with torch.no_grad():
+        assert torch.equal(y, layer3x3(strategy=layer.last_strategy)(x))
+
+
+@pytest.mark.parametrize("tracing_mode", ["symbolic", "fake"])
+def test_make_fx_traces_with_the_rules_and_times_nothing(timings, tracing_mode):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    weight, r, x = torch.randn(3, 8, 8, 3, 3), torch.rand(4, 3), torch.randn(4, 8, 6, 6)
+    graph = make_fx(lambda *a: condconv2d(*a, padding=1), tracing_mode=tracing_mode)(x, weight, r)
+    assert not timings and not tuning_cache()
+    with tuning(False):
+        torch.testing.assert_close(graph(x, weight, r), condconv2d(x, weight, r, padding=1))
 
 
 def test_a_reentrant_checkpoint_recomputes_with_the_strategy_its_forward_ran(timings, monkeypatch):

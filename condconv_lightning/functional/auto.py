@@ -76,7 +76,7 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 def per_sample_kernel_bytes(x: Tensor, weight: Tensor) -> int:
     """Bytes of one sample's mixed kernel ``[Cout, Cin/groups, kh, kw]`` in the compute dtype."""
-    return weight[0].numel() * torch.finfo(compute_dtype(x)).bits // 8
+    return weight[0].numel() * compute_dtype(x).itemsize  # complex: two floats per element
 
 
 def choose_strategy(

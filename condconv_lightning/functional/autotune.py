@@ -136,7 +136,7 @@ _SIZE_FIELDS = (3, 6, 7)
 _CACHE_VERSION = 1
 MAX_CACHE_FILE_BYTES = 64 * 2**20
 """A larger file is refused unread: a cache holds one short entry per problem."""
-_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_DTYPES = ("float16", "bfloat16", "float32", "float64", "complex64", "complex128")
 _DEVICE_TYPES = ("cpu", "cuda")
 """Where anything is timed (elsewhere the rules decide): CPU by the wall clock, CUDA by events."""
 _MEMORY_FORMATS = ("contiguous", "channels_last", "strided")
@@ -303,7 +303,10 @@ def problem_key(
     else:  # permuted or sliced inputs run the strategies at other speeds than either dense layout
         memory_format = "contiguous" if x.is_contiguous() else "strided"
     requires_grad = x.requires_grad or weight.requires_grad or routing_weights.requires_grad
-    grad = torch.is_grad_enabled() and (requires_grad or (bias is not None and bias.requires_grad))
+    # Inference mode records no graph even where enable_grad() turns grad mode back on (Dynamo
+    # cannot trace the query, and a compiled graph runs under inference mode as under no_grad).
+    recording = torch.is_grad_enabled() and (torch.compiler.is_compiling() or not torch.is_inference_mode_enabled())
+    grad = recording and (requires_grad or (bias is not None and bias.requires_grad))
     return (
         str(x.device),
         str(auto.compute_dtype(x)).removeprefix("torch."),
@@ -346,6 +349,8 @@ def tuned_strategy(
         return auto.choose_strategy(x, weight, stride, padding, dilation, groups)
     key = problem_key(x, weight, bias, routing_weights, stride, padding, dilation, groups)
     compiling = torch.compiler.is_compiling()  # first: Dynamo cannot trace the autograd-state queries below
+    if _symbolic(key, compiling):
+        return auto.choose_strategy(x, weight, stride, padding, dilation, groups)
     hooks = not compiling and _saved_tensor_hooks_active()
     if key[-1] and not (compiling or hooks) and _in_backward():
         # A reentrant checkpoint recomputes, in the backward, a forward it ran under no_grad:
@@ -378,6 +383,20 @@ def tuned_strategy(
                     candidates = [rules]
             cached = _store(key, candidates[0])
     return cached
+
+
+def _symbolic(key: tuple, compiling: bool) -> bool:
+    """Whether sizes of ``key`` are symbolic outside ``torch.compile`` (``make_fx`` with
+    ``tracing_mode="symbolic"``, FakeTensor with a shape environment): such a size cannot be
+    hashed, so no cache holds it and nothing can be timed. Under ``torch.compile`` the sizes
+    may be symbolic too, and :func:`_lookup` compares them without hashing."""
+    if compiling:
+        return False
+    try:
+        hash(key)
+    except TypeError:
+        return True
+    return False
 
 
 def _store(key: tuple, strategy: str) -> str:
@@ -441,14 +460,15 @@ def _worth_timing(strategy: str, x: Tensor, weight: Tensor, key: tuple) -> bool:
     batch, in_channels, out_channels, height, width = key[3:8]
     (kh, kw), (sh, sw), (ph, pw), (dh, dw), groups = key[8:13]
     positions = ((height + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((width + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
-    bits = torch.finfo(auto.compute_dtype(x)).bits
+    dtype = auto.compute_dtype(x)
+    bits = torch.finfo(dtype).bits
     if strategy == "mixture":
         return (weight.shape[0] - 1) * positions <= MIXTURE_MAX_EXTRA_POSITIONS[min(bits, 32)]
     pointwise = (kh, kw) == (1, 1) and groups == 1
     if strategy == "grouped":  # at B = 1 a plain conv with the mixed kernel; forward only it can win
         needs_grad = key[-1]
         return not (pointwise and batch > 1 and needs_grad)
-    unfold_bytes = batch * in_channels * kh * kw * positions * bits // 8
+    unfold_bytes = batch * in_channels * kh * kw * positions * dtype.itemsize
     depthwise = 1 < groups == in_channels == out_channels and (sh, sw) == (1, 1)
     return strategy == "bmm" and (pointwise or not depthwise or unfold_bytes <= auto.KERNEL_BUDGET_BYTES)
 
