@@ -117,6 +117,9 @@ class CondConv2d(nn.Module):
         factory = {"device": device, "dtype": dtype}
         if not isinstance(groups, int) or groups < 1:
             raise ValueError(f"groups must be a positive integer, got {groups!r}")
+        for name, channels in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+                raise ValueError(f"{name} must be a positive integer, got {channels!r}")
         if in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"in_channels ({in_channels}) and out_channels ({out_channels}) must both be divisible by "
@@ -128,9 +131,9 @@ class CondConv2d(nn.Module):
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = pair(kernel_size, "kernel_size")
-        self.stride = pair(stride, "stride")
-        self.dilation = pair(dilation, "dilation")
+        self.kernel_size = pair(kernel_size, "kernel_size", positive=True)
+        self.stride = pair(stride, "stride", positive=True)
+        self.dilation = pair(dilation, "dilation", positive=True)
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
                 raise ValueError(f"padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")

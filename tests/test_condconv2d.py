@@ -14,6 +14,7 @@ from conftest import CUDA_PARAM
 from reference import reference_parameters, reference_routing
 
 from condconv_lightning import CondConv2d
+from condconv_lightning.functional import condconv2d
 
 CONV_CONFIGS = [
     dict(in_channels=4, out_channels=6, kernel_size=3),
@@ -66,6 +67,11 @@ def test_attributes_and_output_shape_match_conv2d(cfg):
         (dict(strategy="fast"), "strategy must be one of"),
         (dict(temperature=0.0), "temperature must be a positive finite number"),
         (dict(kernel_size=(1, 2, 3)), "kernel_size must be an int or a pair"),
+        (dict(kernel_size=0), "kernel_size must be positive"),
+        (dict(stride=0), "stride must be positive"),
+        (dict(dilation=(1, 0)), "dilation must be positive"),
+        (dict(in_channels=0, groups=1), "in_channels must be a positive integer"),
+        (dict(out_channels=True), "out_channels must be a positive integer"),
     ],
 )
 def test_bad_arguments_raise_one_line_errors(kwargs, message):
@@ -73,6 +79,21 @@ def test_bad_arguments_raise_one_line_errors(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message) as info:
         CondConv2d(**args)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "grouped", "mixture", "bmm"])
+@pytest.mark.parametrize(
+    "weight_shape, kwargs, message",
+    [
+        ((2, 4, 4, 3, 3), dict(stride=0), "stride must be positive"),
+        ((2, 4, 4, 3, 3), dict(dilation=0), "dilation must be positive"),
+        ((2, 0, 4, 1, 1), {}, "none of them 0"),
+    ],
+)
+def test_the_function_refuses_degenerate_arguments_in_one_line(strategy, weight_shape, kwargs, message):
+    with pytest.raises(ValueError, match=message) as info:
+        condconv2d(torch.randn(2, 4, 6, 6), torch.randn(weight_shape), torch.rand(2, 2), strategy=strategy, **kwargs)
     assert "\n" not in str(info.value)
 
 

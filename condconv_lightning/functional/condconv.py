@@ -48,13 +48,17 @@ IntPair = int | Sequence[int]
 Padding = str | int | Sequence[int]
 
 
-def pair(value: IntPair, name: str = "value") -> tuple[int, int]:
-    """``3 -> (3, 3)``, ``(3, 5) -> (3, 5)``; anything else is a one-line ValueError."""
+def pair(value: IntPair, name: str = "value", positive: bool = False) -> tuple[int, int]:
+    """``3 -> (3, 3)``, ``(3, 5) -> (3, 5)``; anything else, or with ``positive`` a value below 1,
+    is a one-line ValueError."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    items = tuple(value)
-    if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        items = (value, value)
+    else:
+        items = tuple(value)
+        if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if positive and min(items) < 1:
+        raise ValueError(f"{name} must be positive, got {value!r}")
     return items  # type: ignore[return-value]
 
 
@@ -272,8 +276,10 @@ def condconv2d_with_strategy(
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
     if x.dim() != 4:
         raise ValueError(f"condconv2d expects input of shape [B, C, H, W], got {tuple(x.shape)}")
-    if weight.dim() != 5:
-        raise ValueError(f"weight must have shape [K, Cout, Cin/groups, kh, kw], got {tuple(weight.shape)}")
+    if weight.dim() != 5 or 0 in weight.shape:
+        raise ValueError(
+            f"weight must have shape [K, Cout, Cin/groups, kh, kw], none of them 0, got {tuple(weight.shape)}"
+        )
     num_experts, out_channels, in_per_group = weight.shape[:3]
     if groups < 1 or out_channels % groups or x.shape[1] != in_per_group * groups:
         raise ValueError(
@@ -289,7 +295,7 @@ def condconv2d_with_strategy(
         raise ValueError(f"bias must have shape [K, Cout] = [{num_experts}, {out_channels}], got {tuple(bias.shape)}")
 
     kernel_size = (weight.shape[3], weight.shape[4])
-    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
+    stride, dilation = pair(stride, "stride", positive=True), pair(dilation, "dilation", positive=True)
     if padding == "same" and stride != (1, 1):
         raise ValueError("padding='same' is not supported for strided convolutions (as in nn.Conv2d)")
     left, right, top, bottom = explicit_padding(kernel_size, padding, dilation)
