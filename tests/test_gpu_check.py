@@ -1,7 +1,8 @@
 """``tools/gpu_check.sh``: its argument handling, and a dry run of its CPU-side parts.
 
 The dry run (``--devices cpu``) runs every stage with tiny sizes and must leave each
-stage's JSON behind, so the script is known to work before a GPU machine runs it.
+stage's JSON behind, packed in the two files a device machine returns, so the script is
+known to work before a GPU machine runs it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -35,11 +37,15 @@ def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
         (["--out"], "usage:"),
         (["--wheels", "/no/such/folder"], "is not a folder"),
         (["--wheels", "EMPTY"], "holds no .whl file"),
+        (["--wheels", "TWICE"], "more than one version of: gpucheckprobe;"),
     ],
-    ids=["unknown", "bad-device", "missing-value", "wheels-not-a-folder", "wheels-empty"],
+    ids=["unknown", "bad-device", "missing-value", "wheels-not-a-folder", "wheels-empty", "wheels-twice"],
 )
 def test_bad_arguments_exit_2_with_a_message(args, message, tmp_path):
-    args = [str(tmp_path) if a == "EMPTY" else a for a in args]
+    if "TWICE" in args:  # pip would install neither version
+        probe_wheel(tmp_path)
+        probe_wheel(tmp_path, "0.2")
+    args = [str(tmp_path) if a in ("EMPTY", "TWICE") else a for a in args]
     result = run(*args, "--out", str(tmp_path)) if args != ["--out"] else run(*args)
     assert result.returncode == 2 and message in result.stderr
     assert not list(tmp_path.glob("*.json"))
@@ -73,12 +79,12 @@ def test_the_stages_time_limits_add_up_to_under_eight_minutes():
     assert sum((limits[name] + grace) * runs[name] for name in limits) < 8 * 60
 
 
-def probe_wheel(folder: Path) -> None:
+def probe_wheel(folder: Path, version: str = "0.1") -> None:
     """A minimal pure-Python wheel, as pip download would bring one."""
-    dist = "gpucheckprobe-0.1.dist-info"
-    with zipfile.ZipFile(folder / "gpucheckprobe-0.1-py3-none-any.whl", "w") as wheel:
+    dist = f"gpucheckprobe-{version}.dist-info"
+    with zipfile.ZipFile(folder / f"gpucheckprobe-{version}-py3-none-any.whl", "w") as wheel:
         wheel.writestr("gpucheckprobe/__init__.py", "VALUE = 1\n")
-        wheel.writestr(f"{dist}/METADATA", "Metadata-Version: 2.1\nName: gpucheckprobe\nVersion: 0.1\n")
+        wheel.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: gpucheckprobe\nVersion: {version}\n")
         wheel.writestr(
             f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
         )
@@ -96,12 +102,16 @@ def test_cpu_dry_run_writes_every_stage_json(tmp_path, monkeypatch):
     probe_wheel(tmp_path / "wheels")
     monkeypatch.chdir(tmp_path)  # a relative --wheels folder, while the stages run from the repository
     result = run("--devices", "cpu", "--quick", "--out", "out", "--wheels", "wheels", timeout=600)
-    tmp_path = tmp_path / "out"
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    out = tmp_path / "out"
+    assert sorted(path.name for path in out.iterdir()) == ["results.tar.gz", "summary.json"]
+    with tarfile.open(out / "results.tar.gz") as archive:
+        archive.extractall(tmp_path / "unpacked", filter="data")
+    summary = json.loads((out / "summary.json").read_text())
+    tmp_path = tmp_path / "unpacked" / "results"
     stages = {"wheels", "environment", "pytest_cuda", "bench_layers_fp32", "bench_layers_bf16", "bench_model"}
     stages |= {"bench_dispatch"}
     assert set(summary) == stages | {"finetune", "pytest_fused"}
-    assert (tmp_path / "site" / "gpucheckprobe" / "__init__.py").exists()
+    assert "Successfully installed gpucheckprobe" in (tmp_path / "wheels.log").read_text()
     failed = {
         name: json.loads((tmp_path / f"{name}.status.json").read_text())["output_tail"][-600:]
         for name, stage in summary.items()
