@@ -94,6 +94,57 @@ def test_logged_values_equal_the_routing_of_the_batches_since_the_last_log(tmp_p
     assert all(not layer._routing_hooks for layer in (net.conv1, net.conv2)), "hooks must be removed in teardown"
 
 
+def test_under_gradient_accumulation_a_log_covers_its_optimizer_steps_micro_batches(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = TinyNet()
+    data = tiny_data()
+    t = trainer(tmp_path, [RoutingEntropyMonitor()], max_steps=2, limit_val_batches=0, accumulate_grad_batches=2)
+    t.fit(ImageClassifier(net, optimizer=frozen_optimizer), data)
+    rows = [r for r in csv_rows(t) if r.get("routing/model.conv1/entropy")]
+    assert [int(r["step"]) for r in rows] == [0, 1]
+    batches = [images for images, _ in data.train_dataloader()]
+    with torch.no_grad():
+        for row, (first, second) in zip(rows, [(0, 1), (2, 3)]):
+            expected = reference(net.conv1.route(torch.cat([batches[first], batches[second]])))
+            logged = [float(row[f"routing/model.conv1/expert_{k}"]) for k in range(4)]
+            torch.testing.assert_close(torch.tensor(logged), torch.tensor(expected["expert_mean"]), atol=1e-5, rtol=0)
+
+
+def test_a_failed_run_leaves_no_hook_and_the_monitor_serves_a_new_run(tmp_path: Path) -> None:
+    from lightning.pytorch import Callback
+
+    class Fail(Callback):
+        def on_train_batch_end(self, *args) -> None:
+            raise RuntimeError("stopped")
+
+    net, monitor = TinyNet(), RoutingEntropyMonitor()
+    with pytest.raises(RuntimeError, match="stopped"):
+        trainer(tmp_path, [monitor, Fail()], max_steps=2).fit(ImageClassifier(net), tiny_data())
+    assert not net.conv1._routing_hooks and not net.conv2._routing_hooks
+    for run in range(2):  # the same monitor in fresh Trainers: each logs from its first step
+        t = trainer(tmp_path / str(run), [monitor], max_steps=1, limit_val_batches=0)
+        t.fit(ImageClassifier(net, optimizer=frozen_optimizer), tiny_data())
+        assert [int(r["step"]) for r in csv_rows(t) if r.get("routing/entropy")] == [0]
+
+
+def test_a_layer_that_saw_no_sample_is_left_out_and_the_others_are_logged(tmp_path: Path) -> None:
+    class TrainingHead(TinyNet):  # a CondConv head used in training only
+        def __init__(self) -> None:
+            super().__init__()
+            self.aux = CondConv2d(3, 4, 1, num_experts=4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = super().forward(x)
+            return y + 0 * self.aux(x).mean() if self.training else y
+
+    t = trainer(tmp_path, [RoutingEntropyMonitor()], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    t.fit(ImageClassifier(TrainingHead(), optimizer=frozen_optimizer), tiny_data())
+    (row,) = [r for r in csv_rows(t) if r.get("val_loss")]
+    assert row["val_routing/model.conv1/entropy"] and not row.get("val_routing/model.aux/entropy")
+    means = [float(row[f"val_routing/model.{n}/entropy"]) for n in ("conv1", "conv2")]
+    assert float(row["val_routing/entropy"]) == pytest.approx(sum(means) / 2, abs=1e-6)
+
+
 def test_a_logging_interval_other_than_the_trainers_is_refused(tmp_path: Path) -> None:
     t = trainer(tmp_path, [RoutingEntropyMonitor(logging_interval=2)], max_steps=1, log_every_n_steps=1)
     with pytest.raises(ValueError, match=r"set Trainer\(log_every_n_steps=2\) and leave logging_interval None"):
@@ -126,13 +177,18 @@ def test_tensorboard_and_bf16_mixed(tmp_path: Path) -> None:
     assert values and all(0.0 <= v <= 1.0 for v in values)
 
 
-def test_collapse_warns_once_per_collapsed_layer(tmp_path: Path) -> None:
+@pytest.mark.parametrize("with_logger", [True, False], ids=["logger", "no-logger"])
+def test_collapse_warns_once_per_collapsed_layer(tmp_path: Path, with_logger: bool) -> None:
     net = TinyNet(routing="softmax")
     with torch.no_grad():
         net.conv2.router.weight.zero_()
         net.conv2.router.bias.copy_(torch.tensor([30.0, 0.0, 0.0, 0.0]))  # every sample -> expert 0
     t = trainer(
-        tmp_path, [RoutingEntropyMonitor(logging_interval=1, collapse_threshold=0.2)], max_steps=3, limit_val_batches=0
+        tmp_path,
+        [RoutingEntropyMonitor(logging_interval=1, collapse_threshold=0.2)],
+        max_steps=3,
+        limit_val_batches=0,
+        **({} if with_logger else {"logger": False}),
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -215,6 +271,18 @@ def test_temperature_scheduler_rejects_bad_arguments(kwargs: dict, message: str)
         RoutingTemperatureScheduler(**kwargs)
 
 
+def test_a_scheduler_per_routing_in_one_trainer_each_restores_its_own_temperature(tmp_path: Path) -> None:
+    net = TinyNet(routing="softmax")
+    net.conv2 = CondConv2d(8, 8, 3, padding=1, num_experts=4, routing="sigmoid")
+    schedulers = [RoutingTemperatureScheduler(30.0, 1.0, 4, interval="step", routing=r) for r in ("softmax", "sigmoid")]
+    t = trainer(tmp_path, schedulers, max_steps=2, limit_val_batches=0)
+    t.fit(ImageClassifier(net, optimizer=frozen_optimizer), tiny_data())
+    t.save_checkpoint(tmp_path / "two.ckpt")
+    states = torch.load(tmp_path / "two.ckpt", weights_only=False)["callbacks"]
+    assert sorted(states) == sorted(s.state_key for s in schedulers) and len(states) == 2
+    assert net.conv1.temperature == net.conv2.temperature == schedulers[0].temperature != 30.0
+
+
 def conversion_trainer(tmp_path: Path, conversion, **kwargs) -> Trainer:
     return trainer(tmp_path, [conversion], logger=False, limit_val_batches=1, **kwargs)
 
@@ -294,6 +362,20 @@ def test_tuning_cache_leaves_the_file_alone_when_a_run_fails_before_its_setup(tm
     with pytest.raises(FileNotFoundError):
         trainer(tmp_path, [TuningCache(path)], max_steps=1).fit(ImageClassifier(TinyNet()), Missing(image_size=8))
     assert path.read_text() == saved
+
+
+def test_a_tuning_cache_reused_by_a_run_that_fails_before_its_setup_leaves_the_file(tmp_path: Path) -> None:
+    class Missing(SyntheticImageDataModule):
+        def prepare_data(self) -> None:
+            raise FileNotFoundError("no images")
+
+    path = tmp_path / "tuning.json"
+    cache = TuningCache(path)
+    trainer(tmp_path, [cache], max_steps=1, limit_val_batches=0).fit(ImageClassifier(TinyNet()), tiny_data())
+    path.write_text('{"version": 1, "entries": []}')  # another job's choices, say
+    with pytest.raises(FileNotFoundError):
+        trainer(tmp_path, [cache], max_steps=1).fit(ImageClassifier(TinyNet()), Missing(image_size=8))
+    assert path.read_text() == '{"version": 1, "entries": []}'
 
 
 def test_tuning_cache_saves_what_a_failed_run_tuned(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ of the same validation), to every logger of the Trainer.
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import Any
 
@@ -43,7 +44,11 @@ class RoutingEntropyMonitor(Callback):
     synchronization per step). A logged training value covers every training sample
     since the previous training log; under DDP the states are summed over processes
     before the values are computed, so they are the values of the global batches.
-    Hooks are registered at fit/validation start and removed in ``teardown``.
+    Under gradient accumulation a training log comes at the optimizer step Lightning
+    logs, and covers all of its micro-batches. A layer that saw no sample since the
+    previous log (a head used only in training, say) is left out of that log, and of
+    the means over layers. Collapse is checked with or without a logger. Hooks are
+    registered at fit/validation start and removed in ``teardown`` or when the run fails.
 
     Args:
         logging_interval: ``None`` logs training statistics when Lightning logs its own
@@ -93,7 +98,6 @@ class RoutingEntropyMonitor(Callback):
         self._active: dict[str, RoutingEntropy] | None = None
         self._handles: list[RemovableHandle] = []
         self._warned: set[str] = set()
-        self._last_logged_step = -1
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -121,9 +125,7 @@ class RoutingEntropyMonitor(Callback):
     ) -> None:
         self._active = None
         interval = trainer.log_every_n_steps if self.logging_interval is None else self.logging_interval
-        step = _logging_step(trainer)
-        if interval and (step + 1) % interval == 0 and step != self._last_logged_step:
-            self._last_logged_step = step
+        if interval and _lightning_logs_this_batch(trainer, interval):
             self._log(trainer, pl_module, self._train, self.prefix, in_training=True)
 
     @override
@@ -141,6 +143,10 @@ class RoutingEntropyMonitor(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._detach()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._detach()  # Lightning calls no teardown then: the hooks must not outlive the run
 
     def _detach(self) -> None:
         for handle in self._handles:
@@ -178,15 +184,25 @@ class RoutingEntropyMonitor(Callback):
         prefix: str,
         in_training: bool,
     ) -> None:
-        """Compute (synchronized across processes), log beside the module's metrics, check collapse, reset."""
-        if not trainer.loggers or not metrics or any(m.update_count == 0 for m in metrics.values()):
+        """Compute (synchronized across processes), log beside the module's metrics, check collapse, reset.
+
+        The layers observed by any process are computed on every process (each computes with the
+        same collective calls); the others are left out."""
+        counts = torch.tensor([m.update_count for m in metrics.values()], device=pl_module.device)
+        observed = [
+            name for name, count in zip(metrics, trainer.strategy.reduce(counts, reduce_op="sum").tolist()) if count
+        ]
+        if not observed:
             _reset(metrics)
             return
         names: list[str] = []
         values: list[Tensor] = []
         entropies, usages = [], []
-        for layer, metric in metrics.items():
-            stats = metric.compute()
+        for layer in observed:
+            metric = metrics[layer]
+            with warnings.catch_warnings():  # a process that saw none of this layer's samples still syncs them
+                warnings.filterwarnings("ignore", message=".*compute.*before the.*update.*")
+                stats = metric.compute()
             entropies.append(stats["entropy"])
             usages.append(stats["usage_entropy"])
             names += [f"{prefix}/{layer}/entropy", f"{prefix}/{layer}/usage_entropy"]
@@ -198,13 +214,13 @@ class RoutingEntropyMonitor(Callback):
         values += [torch.stack(entropies).mean(), torch.stack(usages).mean()]
         logged = dict(zip(names, torch.stack(values).tolist()))  # the one host read of this log
         _reset(metrics)
-        # already summed over processes: no sync_dist; rank zero's loggers write them
-        pl_module.log_dict(logged, on_step=in_training, on_epoch=not in_training, sync_dist=False)
-        self._warn_on_collapse(logged, prefix)
+        if trainer.loggers:  # already summed over processes: no sync_dist; rank zero's loggers write them
+            pl_module.log_dict(logged, on_step=in_training, on_epoch=not in_training, sync_dist=False)
+        self._warn_on_collapse(logged, prefix, observed)
 
-    def _warn_on_collapse(self, logged: dict[str, float], prefix: str) -> None:
-        for name, layer in self._layers.items():
-            usage = logged[f"{prefix}/{name}/usage_entropy"]
+    def _warn_on_collapse(self, logged: dict[str, float], prefix: str, observed: list[str]) -> None:
+        for name in observed:
+            layer, usage = self._layers[name], logged[f"{prefix}/{name}/usage_entropy"]
             if layer.num_experts > 1 and usage < self.collapse_threshold and name not in self._warned:
                 self._warned.add(name)
                 rank_zero_warn(
@@ -214,9 +230,14 @@ class RoutingEntropyMonitor(Callback):
                 )
 
 
-def _logging_step(trainer: pl.Trainer) -> int:
-    """The step count Lightning decides its logging with (``_LoggerConnector.should_update_logs``)."""
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
+def _lightning_logs_this_batch(trainer: pl.Trainer, interval: int) -> bool:
+    """Whether Lightning writes its step metrics after this training batch, as its logger connector
+    decides (``update_train_step_metrics``, ``should_update_logs``): not while gradients accumulate,
+    then every ``interval`` optimizer steps or when the run is stopping."""
+    loop = trainer.fit_loop.epoch_loop
+    if loop._should_accumulate() and trainer.lightning_module.automatic_optimization:
+        return False
+    return (loop._batches_that_stepped + 1) % interval == 0 or trainer.should_stop
 
 
 def _reset(metrics: dict[str, RoutingEntropy]) -> None:

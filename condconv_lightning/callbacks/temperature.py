@@ -108,6 +108,19 @@ class RoutingTemperatureScheduler(Callback):
     ) -> None:
         self._update(trainer)
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # One scheduler per routing (or schedule) in a Trainer: each restores its own temperature.
+        return self._generate_state_key(
+            routing=self.routing,
+            start=self.start,
+            end=self.end,
+            duration=self.duration,
+            interval=self.interval,
+            annealing=self.annealing,
+        )
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"temperature": self.temperature}

@@ -70,3 +70,4 @@ class TuningCache(Callback):
         # before it (in prepare_data, say), or on a file it could not read, must not replace it.
         if self._ready and trainer.is_global_zero:
             save_tuning_cache(self.path)
+        self._ready = False  # once per run: the next run's setup reads the file again first
