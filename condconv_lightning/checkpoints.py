@@ -1,7 +1,8 @@
 """What a Lightning checkpoint may decide when it is loaded: data, never code.
 
 Lightning rebuilds a LightningModule from the ``hyper_parameters`` stored in its
-checkpoint. Two kinds of entry there name code: ``_instantiator`` (LightningCLI's
+checkpoint, merged over those under the keys of older releases (``hparams``,
+``module_arguments``), which are checked alike. Two kinds of entry there name code: ``_instantiator`` (LightningCLI's
 function that builds the module) and ``class_path`` / ``_class_path`` entries
 (jsonargparse imports the class they name and builds it with arguments from the
 file). A checkpoint from anywhere is untrusted: such entries are refused unless the
@@ -23,6 +24,9 @@ from .io import PathLike, load_weights_only
 LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 CLASS_PATH_KEYS = frozenset({"class_path", "_class_path"})
 HPARAMS_KEY = "hyper_parameters"
+PAST_HPARAMS_KEYS = ("hparams", "module_arguments")
+"""Keys of older releases that Lightning's ``load_from_checkpoint`` still merges, before ``hyper_parameters``
+(``lightning.pytorch.core.saving.CHECKPOINT_PAST_HPARAMS_KEYS``): they reach ``__init__`` as well."""
 ARCH_KEY = "arch"
 REGISTRIES = ("timm", "torchvision")
 """Registries an architecture may name as ``REGISTRY:NAME`` (:mod:`condconv_lightning.loading.architectures`)."""
@@ -88,4 +92,17 @@ def read_hparams(checkpoint: PathLike | IO[bytes]) -> object:
         checkpoint.seek(position)  # type: ignore[union-attr]
     else:
         loaded = load_weights_only(checkpoint, mmap=zipfile.is_zipfile(checkpoint))
-    return loaded.get(HPARAMS_KEY, {}) if isinstance(loaded, Mapping) else {}
+    return checkpoint_hparams(loaded) if isinstance(loaded, Mapping) else {}
+
+
+def checkpoint_hparams(checkpoint: Mapping) -> dict[Any, Any]:
+    """The hyperparameters ``load_from_checkpoint`` passes to ``__init__``: each of
+    :data:`PAST_HPARAMS_KEYS`, then ``hyper_parameters``, merged in that order as Lightning does
+    (``dict.update``, so pairs count as a mapping; what ``update`` refuses stops Lightning too)."""
+    merged: dict[Any, Any] = {}
+    for key in (*PAST_HPARAMS_KEYS, HPARAMS_KEY):
+        try:
+            merged.update(checkpoint.get(key) or {})
+        except (TypeError, ValueError):
+            continue
+    return merged

@@ -113,6 +113,28 @@ def test_checkpoint_naming_a_class_is_refused_unless_trusted(evil: dict[str, Pat
     assert isinstance(trusted.model, nn.Linear)  # the caller's decision: Lightning's behaviour
 
 
+@pytest.mark.parametrize("key", ["hparams", "module_arguments"])
+@pytest.mark.parametrize("form", [dict, lambda entries: list(entries.items())], ids=["mapping", "pairs"])
+def test_hyperparameters_under_lightnings_older_keys_are_checked_too(tmp_path: Path, key: str, form) -> None:
+    """load_from_checkpoint merges them into what __init__ receives: an arch there builds code as well."""
+    from lightning.pytorch.core.saving import CHECKPOINT_PAST_HPARAMS_KEYS
+
+    from condconv_lightning.checkpoints import PAST_HPARAMS_KEYS
+    from condconv_lightning.loading import ModelFileError, load_model
+
+    assert PAST_HPARAMS_KEYS == CHECKPOINT_PAST_HPARAMS_KEYS  # the keys the installed Lightning merges
+    marker = tmp_path / "pwned"
+    path = classifier_checkpoint(tmp_path / "legacy.ckpt", converted=False)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint[key] = form({"arch": "os:system", "arch_kwargs": {"command": f"touch {marker}"}})
+    torch.save(checkpoint, path)
+    with pytest.raises(UntrustedCheckpointError, match=r"arch='os:system'.*trust_checkpoint=True"):
+        ImageClassifier.load_from_checkpoint(path)
+    with pytest.raises(ModelFileError, match=r"arch='os:system'.*--trust-pickle"):
+        load_model(path, arch=ARCH)
+    assert not marker.exists()
+
+
 def test_code_references_are_found_at_any_depth() -> None:
     hparams = {"a": [{"b": {"class_path": "x.Y"}}], "_instantiator": "evil.build", "c": 1}
     assert sorted(code_references(hparams)) == [

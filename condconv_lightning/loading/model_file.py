@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..checkpoints import HPARAMS_KEY, UntrustedCheckpointError, plain_hparams
+from ..checkpoints import UntrustedCheckpointError, checkpoint_hparams, plain_hparams
 from ..io import SAFETENSORS_SUFFIXES, UnsafeFileError, load_state_dict, load_trusted_pickle, load_weights_only
 from ..surgery import load_converted, read_spec
 from ..surgery.persist import FILE_FORMAT as CONVERTED_FILE_FORMAT
@@ -88,7 +88,7 @@ def load_model(
     if checkpoint and _is_lightning_module_class(builder):
         if not trust_pickle:
             try:
-                plain_hparams(content.get(HPARAMS_KEY, {}), path, "--trust-pickle")  # type: ignore[union-attr]
+                plain_hparams(checkpoint_hparams(content), path, "--trust-pickle")  # type: ignore[arg-type]
             except UntrustedCheckpointError as error:
                 raise ModelFileError(str(error)) from None
         model = _load_lightning_checkpoint(builder, path, arch, arch_kwargs or {}, trust_pickle)
