@@ -176,7 +176,8 @@ def load_trusted_pickle(path: PathLike | IO[bytes], map_location: str | torch.de
 
 
 def check_not_zip_bomb(path: PathLike | IO[bytes]) -> None:
-    """Refuse a zip archive with a compressed record that inflates more than :data:`MAX_INFLATION_RATIO`-fold.
+    """Refuse a zip archive whose compressed records, one or all together, inflate more than
+    :data:`MAX_INFLATION_RATIO`-fold.
 
     A file object is left at the position it had.
     """
@@ -191,15 +192,15 @@ def check_not_zip_bomb(path: PathLike | IO[bytes]) -> None:
 
 
 def _check_records(path: object, records: list[zipfile.ZipInfo]) -> None:
-    for info in records:
-        if (
-            info.compress_type != zipfile.ZIP_STORED
-            and info.file_size > 2**20
-            and info.file_size > MAX_INFLATION_RATIO * max(info.compress_size, 1)
-        ):
+    """Each compressed record, and all of them together (many records of just under the limit add up)."""
+    compressed = [info for info in records if info.compress_type != zipfile.ZIP_STORED]
+    sizes = [(f"record {info.filename} inflates", info.compress_size, info.file_size) for info in compressed]
+    total = (sum(info.compress_size for info in compressed), sum(info.file_size for info in compressed))
+    for what, packed, inflated in (*sizes, (f"its {len(compressed)} compressed records inflate", *total)):
+        if inflated > 2**20 and inflated > MAX_INFLATION_RATIO * max(packed, 1):
             raise UnsafeFileError(
-                f"{path}: record {info.filename} inflates from {info.compress_size} to {info.file_size} bytes; "
-                "torch.save never compresses, so this looks like a zip bomb; save the model again with torch.save"
+                f"{path}: {what} from {packed} to {inflated} bytes; torch.save never compresses, so this looks "
+                "like a zip bomb; save the model again with torch.save"
             )
 
 

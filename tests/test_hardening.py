@@ -453,6 +453,29 @@ def test_zip_bomb_is_refused_before_it_inflates(tmp_path: Path) -> None:
     assert result.returncode == 1 and "zip bomb" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_many_records_each_under_the_limit_are_a_zip_bomb_together(tmp_path: Path) -> None:
+    bomb = tmp_path / "many.pt"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for index in range(64):  # each 1 MiB: no single record is over the limit
+            archive.writestr(f"archive/data/{index}", b"\0" * 2**20)
+    with pytest.raises(UnsafeFileError, match=r"its 64 compressed records inflate from \d+ to 67108864 bytes"):
+        load_weights_only(bomb)
+
+
+def test_a_spec_cannot_make_a_layer_larger_than_its_weights(tmp_path: Path) -> None:
+    """The weights' expert count matches the spec's, but each expert is far smaller than the layer's:
+    loading would allocate K full-size experts before the weights are found not to fit."""
+    model = resnet_tiny()
+    report = convert(model, "layer4.0.conv2", num_experts=4)
+    state = {**model.state_dict(), "layer4.0.conv2.weight": torch.zeros(4096, 1)}
+    spec = json.loads(report.spec.to_json())
+    spec["layers"]["layer4.0.conv2"]["num_experts"] = 4096
+    path = tmp_path / "huge.pt"
+    torch.save({"format": "condconv_lightning.converted/1", "spec": json.dumps(spec), "state_dict": state}, path)
+    with pytest.raises(ValueError, match=r"shape \[4096, 1\] for it \(expected \[4096, 147456\]\)"):
+        load_converted(path, resnet_tiny())
+
+
 @pytest.mark.parametrize("seed", [str(2**70), "-1"])
 def test_out_of_range_seed_is_a_usage_error(tmp_path: Path, seed: str, capsys) -> None:
     from condconv_lightning.cli.convert import main

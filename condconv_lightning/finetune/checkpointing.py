@@ -34,7 +34,7 @@ def restore_conversion(module: nn.Module, checkpoint: dict[str, Any]) -> None:
     """Convert ``module``'s layers as ``checkpoint`` records, so that its state dict loads; converted ones stay."""
     if CHECKPOINT_KEY in checkpoint:
         spec = ConversionSpec.from_dict(checkpoint[CHECKPOINT_KEY])
-        check_against_weights(spec, checkpoint.get("state_dict", {}), "checkpoint")
+        check_against_weights(spec, checkpoint.get("state_dict", {}), "checkpoint", module)
         apply_spec(module, spec, upcycle=False)  # the checkpoint's weights replace the experts next
 
 

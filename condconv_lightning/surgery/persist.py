@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..condconv2d import CondConv2d
 from ..io import (
     SAFETENSORS_SUFFIXES,
     PathLike,
@@ -130,7 +131,7 @@ def load_into(model: nn.Module, spec: ConversionSpec, state: Mapping[str, torch.
     Raises:
         ValueError: the spec does not match the weights.
     """
-    check_against_weights(spec, state, source)
+    check_against_weights(spec, state, source, model)
     before = modules_by_name(model)
     try:
         apply_spec(model, spec, upcycle=False)  # the weights replace the experts next: skip upcycling's draws
@@ -141,18 +142,43 @@ def load_into(model: nn.Module, spec: ConversionSpec, state: Mapping[str, torch.
     return model
 
 
-def check_against_weights(spec: ConversionSpec, state: Mapping[str, torch.Tensor], source: object) -> None:
-    """Each spec layer's ``weight`` must be in ``state`` as ``[num_experts, P]``."""
+def check_against_weights(
+    spec: ConversionSpec, state: Mapping[str, torch.Tensor], source: object, model: nn.Module
+) -> None:
+    """Each spec layer's ``weight`` must be in ``state`` as ``[num_experts, P]``, P being the weights per
+    expert of that layer of ``model`` (a spec may not make a layer larger than the weights it came with)."""
     stripped = strip_keys(state)
     for name, options in spec.layers.items():
         weight = stripped.get(f"{strip(name)}.weight")
-        if weight is None or weight.dim() != 2 or weight.shape[0] != options.num_experts:
+        layer = _submodule_or_none(model, name)
+        size = None if layer is None else _weights_per_expert(layer)
+        if (
+            weight is None
+            or weight.dim() != 2
+            or weight.shape[0] != options.num_experts
+            or (size is not None and weight.shape[1] != size)
+        ):
             found = "no such tensor" if weight is None else f"a tensor of shape {list(weight.shape)}"
             raise ValueError(
                 f"{source}: the conversion spec gives layer {name!r} {options.num_experts} experts, but the weights "
-                f"hold {found} for it (expected [{options.num_experts}, P]); the spec and weights do not belong "
-                "together"
+                f"hold {found} for it (expected [{options.num_experts}, {size or 'P'}]); the spec and weights do "
+                "not belong together"
             )
+
+
+def _submodule_or_none(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:  # apply_spec names the missing layer
+        return None
+
+
+def _weights_per_expert(layer: nn.Module) -> int | None:
+    """P of a conv about to be converted, or of a CondConv2d (``weight`` is then ``[K, P]``)."""
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    return weight.shape[1] if isinstance(layer, CondConv2d) else weight.numel()
 
 
 def read_spec(path: PathLike) -> ConversionSpec:
