@@ -135,11 +135,39 @@ def load_into(model: nn.Module, spec: ConversionSpec, state: Mapping[str, torch.
     before = modules_by_name(model)
     try:
         apply_spec(model, spec, upcycle=False)  # the weights replace the experts next: skip upcycling's draws
+        check_fits(model, state, source)  # load_state_dict copies what fits before it raises on the rest
         model.load_state_dict(state, strict=True)
     except BaseException:
         restore_modules(model, before)
         raise
     return model
+
+
+def check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], source: object) -> None:
+    """Raise, naming the first few, unless ``state`` has exactly ``model``'s keys with its tensors' shapes.
+
+    Raises:
+        RuntimeError: missing or unexpected keys, or a size mismatch (as ``load_state_dict`` would).
+    """
+    expected = model.state_dict()
+    problems = {
+        "missing keys": [key for key in expected if key not in state],
+        "unexpected keys": [key for key in state if key not in expected],
+        "size mismatch for": [
+            f"{key} ({list(state[key].shape)} in the file, {list(expected[key].shape)} in the model)"
+            for key in expected
+            if isinstance(expected[key], torch.Tensor)
+            and isinstance(state.get(key), torch.Tensor)
+            and state[key].shape != expected[key].shape
+        ],
+    }
+    found = [
+        f"{what} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        for what, keys in problems.items()
+        if keys
+    ]
+    if found:
+        raise RuntimeError(f"{source}: the weights do not fit the model: {'; '.join(found)}")
 
 
 def check_against_weights(
