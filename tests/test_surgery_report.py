@@ -174,3 +174,16 @@ def test_names_too_long_for_the_console_fold_instead_of_dropping_columns() -> No
         "16.4k",
         report.converted[0].strategy,
     ]
+
+
+def test_a_conversion_whose_probe_fails_converts_nothing(monkeypatch) -> None:
+    """The input fits the original model; the converted one cannot run it (fused on CPU without Triton's interpreter)."""
+    from condconv_lightning import CondConv2d
+    from condconv_lightning.demos import resnet_tiny
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = resnet_tiny()
+    before = dict(model.named_modules())
+    with pytest.raises(ValueError, match=r"converted model fails on input_size=\(3, 32, 32\).*nothing was converted"):
+        convert(model, "layer4", strategy="fused", input_size=(3, 32, 32))
+    assert dict(model.named_modules()) == before and not any(isinstance(m, CondConv2d) for m in model.modules())

@@ -25,8 +25,8 @@ from torch.nn.utils.weight_norm import WeightNorm
 from ..condconv2d import CondConv2d
 from ..wrappers import strip
 from .config import ConversionConfig
-from .replace import carry_hooks, replace_modules
-from .report import ConversionReport, ConvertedLayer, LayerShapes, SkippedLayer, probe_shapes
+from .replace import carry_hooks, modules_by_name, replace_modules, restore_modules
+from .report import ConversionReport, ConvertedLayer, InputSizeError, LayerShapes, SkippedLayer, probe_shapes
 from .select import (
     Candidate,
     SelectorError,
@@ -214,8 +214,8 @@ def _convert_planned(
 ) -> list[ConvertedLayer]:
     """The one mechanism both entry points share: measure, build with ``from_conv``, replace.
 
-    With ``input_size``, the model is probed before (shapes, unless the caller measured them;
-    a failure changes nothing) and after the replacement (the strategy each CondConv2d ran).
+    With ``input_size``, the model is probed before (shapes, unless the caller measured them)
+    and after the replacement (the strategy each CondConv2d ran); a failure of either changes nothing.
     """
     if shapes is None:
         shapes = probe_shapes(model, [c.module for c, _ in plan], input_size) if input_size is not None and plan else {}
@@ -236,8 +236,20 @@ def _convert_planned(
         carry_hooks(conv, layer)
         replacements[id(conv)] = layer
         built.append((candidate, conv, layer))
+    before = modules_by_name(model)
     replace_modules(model, replacements)
-    ran = probe_shapes(model, [layer for *_, layer in built], input_size) if input_size is not None and built else {}
+    try:
+        ran = (
+            probe_shapes(model, [layer for *_, layer in built], input_size) if input_size is not None and built else {}
+        )
+    except BaseException as error:  # the converted model cannot run (fused without Triton, say): leave it as it was
+        restore_modules(model, before)
+        if isinstance(error, InputSizeError):  # the input fitted the model before: the options are at fault
+            raise ValueError(
+                f"the converted model fails on input_size={error.input_size} ({error.reason}); nothing was "
+                "converted: check the conversion options (the strategy, say)"
+            ) from None
+        raise
     return [
         ConvertedLayer.measure(c.name, c.aliases, conv, layer, shapes.get(id(conv)), ran.get(id(layer)))
         for c, conv, layer in built
