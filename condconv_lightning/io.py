@@ -166,13 +166,28 @@ def load_weights_only(
         pickle.UnpicklingError: the file holds other Python objects (see :func:`load_trusted_pickle`).
     """
     check_not_zip_bomb(path)
-    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    if mmap:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    with _opened(path) as f:
+        return torch.load(f, map_location=map_location, weights_only=True)
 
 
 def load_trusted_pickle(path: PathLike | IO[bytes], map_location: str | torch.device = "cpu") -> object:
     """``torch.load(weights_only=False)``: unpickling runs code from the file; only for files the caller trusts."""
     check_not_zip_bomb(path)
-    return torch.load(path, map_location=map_location, weights_only=False)
+    with _opened(path) as f:
+        return torch.load(f, map_location=map_location, weights_only=False)
+
+
+@contextlib.contextmanager
+def _opened(path: PathLike | IO[bytes]) -> Iterator[IO[bytes]]:
+    """``path`` as an open binary file: ``torch.load`` given a path ending in ``.safetensors`` reads it as
+    safetensors whatever it holds, and the caller has already told the formats apart by their bytes."""
+    if hasattr(path, "read"):
+        yield path  # type: ignore[misc]
+    else:
+        with open(path, "rb") as f:
+            yield f
 
 
 def check_not_zip_bomb(path: PathLike | IO[bytes]) -> None:
@@ -229,16 +244,39 @@ def save_state_dict(
     return target
 
 
+def is_safetensors(path: PathLike) -> bool:
+    """Whether ``path``'s bytes start as a safetensors file does (an 8-byte little-endian header length,
+    then a JSON object that fits in the file): files are read by what they hold, not by their suffix
+    (https://github.com/huggingface/safetensors#format)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+        size = os.fstat(f.fileno()).st_size
+    return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+
+
+@contextlib.contextmanager
+def reading_safetensors(path: PathLike) -> Iterator[None]:
+    """safetensors' own errors (a crafted header, overlapping tensors) as one ValueError naming ``path``."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"cannot read {path} as a safetensors file ({reason}); it is corrupted") from None
+
+
 def load_state_dict(path: PathLike, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """Read a state dict weights-only (safetensors or torch) and strip wrapper prefixes.
+    """Read a state dict weights-only (safetensors or torch, told apart by the bytes) and strip wrapper prefixes.
 
     A Lightning checkpoint (a dict with a ``state_dict`` entry) yields that entry.
     """
     source = Path(path)
-    if source.suffix in SAFETENSORS_SUFFIXES:
+    if is_safetensors(source):
         from safetensors.torch import load_file
 
-        loaded: object = load_file(str(source), device=str(map_location))
+        with reading_safetensors(source):
+            loaded: object = load_file(str(source), device=str(map_location))
     else:
         loaded = load_weights_only(source, map_location)
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):

@@ -484,3 +484,71 @@ def test_out_of_range_seed_is_a_usage_error(tmp_path: Path, seed: str, capsys) -
     with pytest.raises(SystemExit) as info:
         main(["model.pt", "--layers", "x", "--seed", seed])
     assert info.value.code == 2 and "seed must be an integer in [0, 2**63)" in capsys.readouterr().err
+
+
+def safetensors_bytes(header: dict, data: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},  # 3 floats in 8 bytes
+        {"w": {"dtype": "XYZ", "shape": [2], "data_offsets": [0, 8]}},
+        {"__metadata__": {"a": 1}, "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+        {
+            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        },
+    ],
+    ids=["short-data", "unknown-dtype", "metadata-not-text", "overlapping"],
+)
+def test_a_crafted_safetensors_header_is_one_clear_line(tmp_path: Path, header: dict) -> None:
+    from condconv_lightning.io import load_state_dict
+    from condconv_lightning.loading import ModelFileError, load_model
+
+    path = tmp_path / "crafted.safetensors"
+    path.write_bytes(safetensors_bytes(header, b"\0" * 8))
+    with pytest.raises(
+        ValueError, match=r"cannot read .*crafted.safetensors as a safetensors file \(.*\); it is corrupted$"
+    ):
+        load_state_dict(path)
+    with pytest.raises(ModelFileError, match=r"as a safetensors file") as info:
+        load_model(path, arch="resnet_tiny")
+    assert "\n" not in str(info.value)
+
+
+def test_files_are_read_by_their_bytes_not_their_suffix(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from condconv_lightning.io import load_state_dict
+    from condconv_lightning.loading import load_model
+
+    state = resnet_tiny().state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "safetensors.pt")
+    torch.save(state, tmp_path / "torch.safetensors")  # torch.load itself would read this as safetensors
+    for name in ("safetensors.pt", "torch.safetensors"):
+        loaded = load_state_dict(tmp_path / name)
+        assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
+        assert load_model(tmp_path / name, arch="resnet_tiny").holds.startswith("state dict")
+
+
+def test_a_damaged_pickle_is_unreadable_without_advice_to_unpickle_it(tmp_path: Path) -> None:
+    from condconv_lightning.loading import ModelFileError, load_model
+
+    path = tmp_path / "damaged.pt"
+    torch.save(resnet_tiny().state_dict(), path)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        record = next(info for info in archive.infolist() if info.filename.endswith("data.pkl"))
+    data[record.header_offset + 30 + len(record.filename) + 84] ^= 0x55  # inside the stored pickle
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match=r"cannot read .*damaged.pt \(.*\); it is truncated or corrupted$") as info:
+        load_model(path, arch="resnet_tiny")
+    assert "weights_only=False" not in str(info.value) and "\x1b" not in str(info.value)
+
+
+def test_a_spec_nested_beyond_pythons_stack_is_invalid_json() -> None:
+    with pytest.raises(ValueError, match="conversion spec is not valid JSON"):
+        ConversionSpec.from_json("[" * 100_000 + "]" * 100_000)

@@ -29,7 +29,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..checkpoints import UntrustedCheckpointError, checkpoint_hparams, plain_hparams
-from ..io import SAFETENSORS_SUFFIXES, UnsafeFileError, load_state_dict, load_trusted_pickle, load_weights_only
+from ..io import UnsafeFileError, is_safetensors, load_state_dict, load_trusted_pickle, load_weights_only
 from ..surgery import load_converted, read_spec
 from ..surgery.persist import FILE_FORMAT as CONVERTED_FILE_FORMAT
 from ..wrappers import strip_keys, unwrap
@@ -165,7 +165,10 @@ def _read(path: Path, file_format: FileFormat, trust_pickle: bool, trust_flag: s
             "torch.save(model.state_dict()) with --arch, or a torch.save(model) file"
         )
     if file_format is FileFormat.SAFETENSORS:
-        return load_state_dict(path)
+        try:
+            return load_state_dict(path)
+        except ValueError as error:  # a crafted header, a tensor that is no mapping of names
+            raise ModelFileError(str(error)) from None
     return _torch_load(path, file_format, trust_pickle, trust_flag)
 
 
@@ -183,7 +186,10 @@ def _torch_load(path: Path, file_format: FileFormat, trust_pickle: bool, trust_f
             return load_weights_only(path)
     except pickle.UnpicklingError as error:
         allowed = _weights_only_globals()
-        foreign = [g for g in pickled_globals(path, file_format) if g not in allowed]
+        try:
+            foreign = [g for g in pickled_globals(path, file_format) if g not in allowed]
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, StopIteration):  # a damaged data.pkl
+            raise _unreadable(path, error) from None
         if not foreign:  # weights-only loading failed on the data itself, not on a global
             raise _unreadable(path, error) from None
         if not trust_pickle:
@@ -209,8 +215,10 @@ def _torch_load(path: Path, file_format: FileFormat, trust_pickle: bool, trust_f
 
 
 def _unreadable(path: object, error: BaseException) -> ModelFileError:
-    """The one message for a file whose bytes torch cannot parse."""
-    return ModelFileError(f"cannot read {path} ({one_line(error)}); it is truncated or corrupted")
+    """The one message for a file whose bytes torch cannot parse (not torch's own advice to load the file
+    with ``weights_only=False``, which would run code from a file nobody can read)."""
+    reason = "its pickled data is damaged" if isinstance(error, pickle.UnpicklingError) else one_line(error)
+    return ModelFileError(f"cannot read {path} ({reason}); it is truncated or corrupted")
 
 
 def _weights_only_globals() -> set[str]:
@@ -230,7 +238,7 @@ def _is_converted(path: Path, content: object) -> bool:
     """Whether ``path`` is a weights file with a conversion spec (the layout of :func:`save_converted`)."""
     if isinstance(content, Mapping) and content.get("format") == CONVERTED_FILE_FORMAT:
         return True
-    if path.suffix in SAFETENSORS_SUFFIXES:
+    if is_safetensors(path):
         try:
             read_spec(path)
         except ValueError:

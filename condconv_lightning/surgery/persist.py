@@ -27,9 +27,11 @@ from ..io import (
     SAFETENSORS_SUFFIXES,
     PathLike,
     atomic_write,
+    is_safetensors,
     load_state_dict,
     load_trusted_pickle,
     load_weights_only,
+    reading_safetensors,
     save_state_dict,
     torch_save,
 )
@@ -105,7 +107,7 @@ def load_converted(
     source = Path(path)
     if not source.is_file():
         raise FileNotFoundError(f"{source} does not exist or is not a file")
-    if source.suffix in SAFETENSORS_SUFFIXES:
+    if is_safetensors(source):
         spec = _spec_or_error(source, _safetensors_spec(source))
         state = load_state_dict(source, map_location)
     else:
@@ -212,7 +214,7 @@ def _weights_per_expert(layer: nn.Module) -> int | None:
 def read_spec(path: PathLike) -> ConversionSpec:
     """The conversion spec stored in a weights file :func:`save_converted` wrote."""
     source = Path(path)
-    if source.suffix in SAFETENSORS_SUFFIXES:
+    if is_safetensors(source):
         return _spec_or_error(source, _safetensors_spec(source))
     return _spec_or_error(source, _torch_spec(load_weights_only(source)))
 
@@ -232,7 +234,7 @@ def _load_module(source: Path, map_location: str | torch.device, trust_pickle: b
 def _safetensors_spec(source: Path) -> str | None:
     from safetensors import safe_open
 
-    with safe_open(str(source), framework="pt") as handle:
+    with reading_safetensors(source), safe_open(str(source), framework="pt") as handle:
         return (handle.metadata() or {}).get(SPEC_KEY)
 
 

@@ -145,8 +145,8 @@ class ConversionSpec:
     def from_json(cls, text: str) -> ConversionSpec:
         try:
             data = json.loads(text)
-        except ValueError as error:
-            raise ValueError(f"conversion spec is not valid JSON ({error})") from None
+        except (ValueError, RecursionError) as error:  # RecursionError: nesting deeper than Python's stack
+            raise ValueError(f"conversion spec is not valid JSON ({type(error).__name__}: {error})") from None
         return cls.from_dict(data)
 
 
