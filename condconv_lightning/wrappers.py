@@ -8,7 +8,7 @@ unwrapped one and the other way round, and selectors written for either must res
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
 import torch.nn as nn
@@ -27,6 +27,24 @@ def strip(name: str) -> str:
 def strip_keys(state: Mapping[str, Value]) -> dict[str, Value]:
     """``state`` with every key :func:`strip`-ped."""
     return {strip(key): value for key, value in state.items()}
+
+
+def match_keys(state: Mapping[str, Value], names: Iterable[str]) -> dict[str, Value]:
+    """``state`` with each key renamed to the one of ``names`` it equals without wrapper prefixes.
+
+    A key that is one of ``names`` stays as it is, so a model whose own child is called
+    ``module`` loads its keys unchanged, while weights saved from (or for) a wrapped model
+    gain or lose the prefix; a key whose stripped form matches several names is left as it is.
+    """
+    names = set(names)
+    by_stripped: dict[str, list[str]] = {}
+    for name in names:
+        by_stripped.setdefault(strip(name), []).append(name)
+    renamed: dict[str, Value] = {}
+    for key, value in state.items():
+        targets = [key] if key in names else by_stripped.get(strip(key), [])
+        renamed[targets[0] if len(targets) == 1 else key] = value
+    return renamed
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -284,3 +284,30 @@ def test_default_spec_of_an_allowed_subclass_loads_into_a_fresh_instance(tmp_pat
     loaded = load_converted(path, build())
     x = torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+class ChildNamedModule(nn.Module):
+    """A model whose own child is called ``module``, as DataParallel's is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.module = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def test_a_child_named_module_is_no_wrapper_prefix(tmp_path) -> None:
+    from condconv_lightning.loading import load_model
+
+    torch.manual_seed(0)
+    model = ChildNamedModule()
+    convert(model, "module.0", num_experts=4)
+    path = save_converted(model, tmp_path / "child.pt")
+    loaded = load_converted(path, ChildNamedModule())
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    plain = ChildNamedModule()
+    torch.save(plain.state_dict(), tmp_path / "plain.pt")
+    reloaded = load_model(tmp_path / "plain.pt", arch=f"{__name__}:ChildNamedModule").model
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), plain.state_dict().values()))

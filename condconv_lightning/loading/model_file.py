@@ -32,7 +32,7 @@ from ..checkpoints import UntrustedCheckpointError, checkpoint_hparams, plain_hp
 from ..io import UnsafeFileError, is_safetensors, load_state_dict, load_trusted_pickle, load_weights_only
 from ..surgery import load_converted, read_spec
 from ..surgery.persist import FILE_FORMAT as CONVERTED_FILE_FORMAT
-from ..wrappers import strip_keys, unwrap
+from ..wrappers import match_keys, strip_keys, unwrap
 from .architectures import build_with, resolve_architecture
 from .errors import ModelFileError, one_line
 from .formats import FileFormat, detect_format, pickled_globals
@@ -291,7 +291,7 @@ def _load_weights(
     they are returned.
     """
     expected = model.state_dict()
-    state = _without_common_prefix(state, expected)
+    state = match_keys(_without_common_prefix(state, expected), expected)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]

@@ -35,7 +35,7 @@ from ..io import (
     save_state_dict,
     torch_save,
 )
-from ..wrappers import strip, strip_keys
+from ..wrappers import match_keys, strip, strip_keys
 from .convert import apply_spec, describe
 from .replace import modules_by_name, restore_modules
 from .spec import ConversionSpec
@@ -137,6 +137,7 @@ def load_into(model: nn.Module, spec: ConversionSpec, state: Mapping[str, torch.
     before = modules_by_name(model)
     try:
         apply_spec(model, spec, upcycle=False)  # the weights replace the experts next: skip upcycling's draws
+        state = match_keys(state, model.state_dict())
         check_fits(model, state, source)  # load_state_dict copies what fits before it raises on the rest
         model.load_state_dict(state, strict=True)
     except BaseException:
