@@ -653,3 +653,22 @@ def test_a_built_in_architecture_is_named_by_its_bare_name(work: Path) -> None:
     assert_same_function(original, converted)
     result = run_cli("weights.pt", "--arch", "resnet", "--layers", "layer4", cwd=work)
     assert result.returncode == 2 and "a built-in model (mobilenet_tiny, resnet50_like, resnet_tiny)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"), [(torch.bfloat16, 2**-7), (torch.float16, 2**-10), (torch.float64, 1e-5)]
+)
+def test_the_check_holds_a_bf16_or_fp16_model_to_its_own_precision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, dtype: torch.dtype, tolerance: float
+) -> None:
+    """Each upcycled expert is rounded to the model's dtype on its own, so their mix is the kernel to within that
+    rounding; the default tolerance would refuse every bf16 model."""
+    torch.manual_seed(0)
+    torch.save(resnet_tiny().to(dtype), tmp_path / "model.pt")
+    monkeypatch.chdir(tmp_path)
+    status, facts = run_in_process(["model.pt", "--trust-pickle", "--layers", "layer4", "--dry-run", "--json"], capsys)
+    assert status == 0 and facts["check"]["passed"] and facts["check"]["tolerance"] == tolerance
+    status, facts = run_in_process(
+        ["model.pt", "--trust-pickle", "--layers", "layer4", "--dry-run", "--json", "--tolerance", "1e-9"], capsys
+    )
+    assert facts["check"]["tolerance"] == 1e-9  # an explicit --tolerance is taken as given

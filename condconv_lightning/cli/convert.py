@@ -40,6 +40,7 @@ from ..loading.check import (
     DEFAULT_TOLERANCE,
     CheckResult,
     compare,
+    default_tolerance,
     float32_outputs,
     inferred_input_shapes,
     reference_run,
@@ -184,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tolerance",
         type=_positive_float,
-        default=DEFAULT_TOLERANCE,
-        help=f"largest relative output difference the check accepts (default: {DEFAULT_TOLERANCE:g})",
+        default=None,
+        help=f"largest relative output difference the check accepts (default: {DEFAULT_TOLERANCE:g}; for a bf16 "
+        "or fp16 model, its dtype's machine epsilon)",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing output file")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
@@ -213,6 +215,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     if not args.no_check:
         with err.status("Running the original model"):
             check_input, reference = reference_run(model, _check_shapes(args, model), args.seed)
+        tolerance = default_tolerance(model) if args.tolerance is None else args.tolerance
     # A model converted before needs a spec of all its CondConv2d layers, not only of this run's.
     spec_of_model = any(isinstance(m, CondConv2d) for m in model.modules())
     with err.status("Converting"):
@@ -220,7 +223,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     check = None
     if check_input is not None:
         with err.status("Running the converted model"):
-            check = compare(reference, float32_outputs(model, check_input), check_input.shape, args.tolerance)
+            check = compare(reference, float32_outputs(model, check_input), check_input.shape, tolerance)
     if check is not None and not check.passed:
         if not args.json:
             _print_result(args, loaded, report, check, None, out)

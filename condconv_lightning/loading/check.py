@@ -32,6 +32,14 @@ SPATIAL_SIZES = (64, 224)
 DEFAULT_TOLERANCE = 1e-5  # the acceptance bar of exact upcycling: relative difference in float32
 
 
+def default_tolerance(model: nn.Module) -> float:
+    """:data:`DEFAULT_TOLERANCE`, or the machine epsilon of the model's least precise floating dtype if that is
+    larger: a bf16 or fp16 model stores each upcycled expert rounded on its own, so the experts' mix is the
+    original kernel to within that rounding (a wrong conversion differs by far more)."""
+    dtypes = {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
+    return max([DEFAULT_TOLERANCE, *(torch.finfo(dtype).eps for dtype in dtypes)])
+
+
 @dataclass(frozen=True)
 class CheckResult:
     """Largest differences between the original and converted outputs on one random input."""
