@@ -257,3 +257,19 @@ def test_no_warning_for_plain_convs() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         convert(zoo_model("mobilenet"), "*")
+
+
+def test_converting_convs_that_share_a_weight_warns_that_they_train_apart() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    model[2].weight = model[0].weight  # tied, as some weight-sharing models do
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.warns(UserWarning, match=r"no longer share their weight: 0 = 2;"):
+        convert(model, "*", num_experts=4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    plain = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(plain, "*", num_experts=4)  # nothing shared: no warning

@@ -136,6 +136,12 @@ def convert(
         warnings.warn(
             "convert left these convs alone: " + "; ".join(f"{s.name} ({s.reason})" for s in refused), stacklevel=2
         )
+    if tied := _tied_weights(model, [candidate.module for candidate, _ in plan]):
+        warnings.warn(
+            f"convert gives each CondConv2d its own experts, so these convs no longer share their weight: {tied}; "
+            "they compute what they did now and train apart from here on",
+            stacklevel=2,
+        )
     spec = ConversionSpec(
         layers={candidate.name: layer_options for candidate, layer_options in plan},
         selectors=selectors,
@@ -145,6 +151,21 @@ def convert(
     )
     converted = _convert_planned(model, plan, config, input_size, shapes)
     return ConversionReport(converted, refused + skipped, already, spec, _size(input_size))
+
+
+def _tied_weights(model: nn.Module, planned: list[nn.Module]) -> str:
+    """Names of convs that share one weight tensor with a conv about to be converted ('a = b' groups), or ''."""
+    converting = {id(module) for module in planned}
+    by_weight: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():  # a module used twice is listed once: it stays one layer
+        if isinstance(module, nn.Conv2d) and not isinstance(module, CondConv2d):
+            by_weight.setdefault(id(module.weight), []).append((name, module))
+    groups = [
+        " = ".join(name for name, _ in sharing)
+        for sharing in by_weight.values()
+        if len(sharing) > 1 and any(id(module) in converting for _, module in sharing)
+    ]
+    return "; ".join(groups)
 
 
 def with_options(config: ConversionConfig | None, options: dict[str, Any]) -> ConversionConfig:
