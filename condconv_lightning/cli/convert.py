@@ -67,9 +67,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
     args.written = None  # the output path once it exists: every later message must say so
-    previous = signal.signal(signal.SIGTERM, _terminate)  # so atomic_write's cleanup runs on SIGTERM too
+    received: list[int] = []  # a signal raised inside torch's file writer reaches us as its RuntimeError
+
+    def stop(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}  # atomic_write cleans up
     try:
-        return _run(args, out, err)
+        try:
+            return _run(args, out, err)
+        except Exception:
+            if received:  # the interruption, not what it broke, is what happened
+                raise KeyboardInterrupt() if received[0] == signal.SIGINT else Terminated() from None
+            raise
     except KeyboardInterrupt:
         return _fail(args, "interrupted" + _nothing_written(args), 130)
     except Terminated:
@@ -90,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args, f"unexpected {one_line(error)}{_nothing_written(args)} (set {DEBUG_ENV}=1 for the traceback)"
         )
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _nothing_written(args: argparse.Namespace) -> str:
@@ -99,10 +111,6 @@ def _nothing_written(args: argparse.Namespace) -> str:
 
 class Terminated(BaseException):
     """SIGTERM, raised where the program is so that ``finally`` blocks (temporary files) run."""
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated()
 
 
 def build_parser() -> argparse.ArgumentParser:
