@@ -508,6 +508,12 @@ IN_PROCESS_CASES = [
         1,
         ["is the input"],
     ),
+    (
+        "full module to safetensors",
+        ["full.pt", "--trust-pickle", "--layers", "layer4", "-o", "out.safetensors"],
+        1,
+        ["-o out.safetensors: a full pickled module", "pass a .pt path"],
+    ),
 ]
 
 

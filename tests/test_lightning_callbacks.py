@@ -283,6 +283,28 @@ def test_a_scheduler_per_routing_in_one_trainer_each_restores_its_own_temperatur
     assert net.conv1.temperature == net.conv2.temperature == schedulers[0].temperature != 30.0
 
 
+def test_a_checkpoint_of_the_previous_release_restores_the_temperature_by_the_class_name(tmp_path: Path) -> None:
+    """Older checkpoints keep the scheduler's state under its class name; Lightning falls back to it."""
+    net = TinyNet(routing="softmax")
+    first = RoutingTemperatureScheduler(30.0, 1.0, 4, interval="step")
+    t = trainer(tmp_path, [first], max_steps=2, limit_val_batches=0)
+    t.fit(ImageClassifier(net, optimizer=frozen_optimizer), tiny_data())
+    t.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=False)
+    checkpoint["callbacks"] = {"RoutingTemperatureScheduler": checkpoint["callbacks"][first.state_key]}
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    restored: list[dict] = []
+    second = RoutingTemperatureScheduler(30.0, 1.0, 4, interval="step")
+    second.load_state_dict = restored.append  # what Lightning hands over
+    t = trainer(tmp_path, [second], max_steps=3, limit_val_batches=0)
+    t.fit(
+        ImageClassifier(TinyNet(routing="softmax"), optimizer=frozen_optimizer),
+        tiny_data(),
+        ckpt_path=tmp_path / "old.ckpt",
+    )
+    assert restored == [{"temperature": first.temperature}]
+
+
 def conversion_trainer(tmp_path: Path, conversion, **kwargs) -> Trainer:
     return trainer(tmp_path, [conversion], logger=False, limit_val_batches=1, **kwargs)
 

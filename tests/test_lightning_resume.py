@@ -127,7 +127,8 @@ def final_state(run_dir: Path) -> dict[str, Any]:
     saved = torch.load(run_dir / "checkpoints" / f"step={MAX_STEPS}.ckpt", map_location="cpu", weights_only=False)
     assert saved["global_step"] == MAX_STEPS
     state = {key: saved[key] for key in ("state_dict", "optimizer_states", "lr_schedulers")}
-    return {**state, "temperature": saved["callbacks"]["RoutingTemperatureScheduler"]}
+    (temperature,) = [v for k, v in saved["callbacks"].items() if k.startswith("RoutingTemperatureScheduler")]
+    return {**state, "temperature": temperature}
 
 
 def epoch(loader: ResumableDataLoader, number: int) -> list[list[int]]:

@@ -122,6 +122,15 @@ class RoutingTemperatureScheduler(Callback):
         )
 
     @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Checkpoints of earlier releases hold the state under the class name (one scheduler per Trainer then).
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key not in states and type(self).__qualname__ in states:
+            states[self.state_key] = states[type(self).__qualname__]
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"temperature": self.temperature}
 

@@ -33,7 +33,7 @@ from rich.markup import escape
 
 from ..condconv2d import CondConv2d
 from ..functional import is_tuning_enabled
-from ..io import UnsafeFileError, check_writable
+from ..io import SAFETENSORS_SUFFIXES, UnsafeFileError, check_writable
 from ..loading import LoadedModel, ModelFileError, import_object, load_model, one_line
 from ..loading.architectures import BUILTIN_MODELS
 from ..loading.check import (
@@ -218,6 +218,11 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     model = loaded.model
     if args.list:
         return _list(args, loaded, allow_classes, out)
+    if output is not None and loaded.full_module and output.suffix in SAFETENSORS_SUFFIXES:
+        raise CommandError(
+            f"-o {output}: a full pickled module is written back as one, which safetensors cannot hold; pass a .pt "
+            "path, or the model's state dict with --arch to write weights + spec as safetensors"
+        )
 
     check_input = None
     if not args.no_check:
