@@ -145,6 +145,26 @@ def test_a_layer_that_saw_no_sample_is_left_out_and_the_others_are_logged(tmp_pa
     assert float(row["val_routing/entropy"]) == pytest.approx(sum(means) / 2, abs=1e-6)
 
 
+def test_a_layer_that_saw_only_empty_batches_is_left_out_not_logged_as_nan(tmp_path: Path) -> None:
+    class EmptyAux(TinyNet):  # in validation the head sees only an empty batch (a filtered one, say)
+        def __init__(self) -> None:
+            super().__init__()
+            self.aux = CondConv2d(3, 4, 1, num_experts=4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            head = self.aux(x if self.training else x[:0])
+            return super().forward(x) + 0 * head.sum()
+
+    t = trainer(tmp_path, [RoutingEntropyMonitor()], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    t.fit(ImageClassifier(EmptyAux(), optimizer=frozen_optimizer), tiny_data())
+    (row,) = [r for r in csv_rows(t) if r.get("val_loss")]
+    values = {k: float(v) for k, v in row.items() if k.startswith("val_routing/") and v}
+    assert "val_routing/model.conv1/entropy" in values and not any(
+        k.startswith("val_routing/model.aux/") for k in values
+    )
+    assert all(math.isfinite(v) for v in values.values())
+
+
 def test_a_logging_interval_other_than_the_trainers_is_refused(tmp_path: Path) -> None:
     t = trainer(tmp_path, [RoutingEntropyMonitor(logging_interval=2)], max_steps=1, log_every_n_steps=1)
     with pytest.raises(ValueError, match=r"set Trainer\(log_every_n_steps=2\) and leave logging_interval None"):

@@ -173,7 +173,7 @@ class RoutingEntropyMonitor(Callback):
             self._handles.append(layer.register_routing_hook(partial(self._record, name)))
 
     def _record(self, name: str, layer: CondConv2d, routing: Tensor) -> None:
-        if self._active is not None:
+        if self._active is not None and routing.shape[0]:  # an empty batch has no routing to average
             self._active[name].update(routing)
 
     def _log(
