@@ -286,6 +286,21 @@ def load_state_dict(path: PathLike, map_location: str | torch.device = "cpu") ->
     return strip_keys(loaded)
 
 
+def key_mismatches(
+    expected: Mapping[str, object], state: Mapping[str, object]
+) -> tuple[list[str], list[str], list[str]]:
+    """Keys ``state`` lacks, keys ``expected`` lacks, and shared keys whose tensors differ in shape: what a
+    strict ``load_state_dict`` would report, found before it has copied anything."""
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    reshaped = [
+        key
+        for key, tensor in expected.items()
+        if isinstance(tensor, Tensor) and isinstance(other := state.get(key), Tensor) and other.shape != tensor.shape
+    ]
+    return missing, unexpected, reshaped
+
+
 def _unshare(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """safetensors refuses tensors that share memory (tied weights): give each its own copy."""
     seen: set[int] = set()

@@ -29,7 +29,14 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..checkpoints import UntrustedCheckpointError, checkpoint_hparams, plain_hparams
-from ..io import UnsafeFileError, is_safetensors, load_state_dict, load_trusted_pickle, load_weights_only
+from ..io import (
+    UnsafeFileError,
+    is_safetensors,
+    key_mismatches,
+    load_state_dict,
+    load_trusted_pickle,
+    load_weights_only,
+)
 from ..surgery import load_converted, read_spec
 from ..surgery.persist import FILE_FORMAT as CONVERTED_FILE_FORMAT
 from ..wrappers import match_keys, strip_keys, unwrap
@@ -292,9 +299,7 @@ def _load_weights(
     """
     expected = model.state_dict()
     state = match_keys(_without_common_prefix(state, expected), expected)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    missing, unexpected, reshaped = key_mismatches(expected, state)
     head_keys = [k for k in expected if new_head is not None and k.startswith(f"{new_head}.")]
     left_out: list[str] = []
     if reshaped and not missing and not unexpected and set(reshaped) <= set(head_keys):

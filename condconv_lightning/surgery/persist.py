@@ -28,6 +28,7 @@ from ..io import (
     PathLike,
     atomic_write,
     is_safetensors,
+    key_mismatches,
     load_state_dict,
     load_trusted_pickle,
     load_weights_only,
@@ -153,15 +154,13 @@ def check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], source: obje
         RuntimeError: missing or unexpected keys, or a size mismatch (as ``load_state_dict`` would).
     """
     expected = model.state_dict()
+    missing, unexpected, reshaped = key_mismatches(expected, state)
     problems = {
-        "missing keys": [key for key in expected if key not in state],
-        "unexpected keys": [key for key in state if key not in expected],
+        "missing keys": missing,
+        "unexpected keys": unexpected,
         "size mismatch for": [
             f"{key} ({list(state[key].shape)} in the file, {list(expected[key].shape)} in the model)"
-            for key in expected
-            if isinstance(expected[key], torch.Tensor)
-            and isinstance(state.get(key), torch.Tensor)
-            and state[key].shape != expected[key].shape
+            for key in reshaped
         ],
     }
     found = [
