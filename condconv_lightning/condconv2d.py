@@ -322,7 +322,8 @@ class CondConv2d(nn.Module):
     ) -> CondConv2d:
         """Seed experts and router in place so the layer computes ``conv2d(x, weight, bias)`` exactly.
 
-        See :meth:`from_conv` for the construction. Computed in float32 on the CPU, then copied.
+        See :meth:`from_conv` for the construction. Computed on the CPU in float32, or float64 for a float64
+        weight (whose exactness float32 would round away), then copied.
         """
         expected = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         if tuple(weight.shape) != expected:
@@ -336,16 +337,18 @@ class CondConv2d(nn.Module):
         self.router.bias.zero_()
         initial_routing = 0.5 if self.routing == "sigmoid" else 1.0 / k
         scale = 1.0 / (k * initial_routing)
-        # float32 is enough: the offsets sum to zero up to float32 rounding, the same
-        # rounding the experts get when stored; drawing K x P float64 numbers was the
-        # main cost of converting large models.
-        w = weight.detach().to(device="cpu", dtype=torch.float32).reshape(1, -1)
+        # float32 is enough below float64: the offsets sum to zero up to float32 rounding, the
+        # same rounding the experts get when stored; drawing K x P float64 numbers was the
+        # main cost of converting large models. The draws are float32 in both cases, so a
+        # seed gives the same experts up to rounding in every dtype.
+        dtype = torch.promote_types(torch.float32, weight.dtype)
+        w = weight.detach().to(device="cpu", dtype=dtype).reshape(1, -1)
         spread = float(w.std()) if w.numel() > 1 else 0.0
         if not spread > 0:
             spread = 1.0 / math.sqrt(self.fan_in)
-        noise = torch.randn(k, w.shape[1], generator=generator)
+        noise = torch.randn(k, w.shape[1], generator=generator).to(dtype)
         offsets = noise.sub_(noise.mean(dim=0, keepdim=True)).mul_(perturbation * spread)
         self.weight.copy_(offsets.add_(w).mul_(scale))
         if bias is not None:
-            self.bias.copy_(bias.detach().to(device="cpu", dtype=torch.float32).expand(k, -1) * scale)
+            self.bias.copy_(bias.detach().to(device="cpu", dtype=dtype).expand(k, -1) * scale)
         return self

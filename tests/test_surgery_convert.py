@@ -47,6 +47,20 @@ def test_upcycled_model_computes_what_the_original_did(name: str, routing: str, 
             torch.testing.assert_close(buffers[name], want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("routing", "num_experts"), [("sigmoid", 4), ("softmax", 3), ("sigmoid", 1)])
+def test_a_float64_conv_upcycles_to_float64_precision(routing: str, num_experts: int) -> None:
+    """Float64 weights are upcycled in float64: float32 would round away the exactness their dtype holds."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2, dtype=torch.float64)  # weights float32 cannot hold exactly
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    layer = CondConv2d.from_conv(conv, num_experts, routing=routing)
+    with torch.no_grad():
+        assert relative_difference(layer(x), conv(x)) <= 1e-13
+        exact = CondConv2d.from_conv(conv, num_experts, routing=routing, perturbation=0.0)
+        if num_experts == 1:  # one expert, no offsets: the kernel itself, scaled by powers of two
+            assert torch.equal(exact(x), conv(x))
+
+
 def test_defaults_kept_by_the_upcycling_study_zero_router_perturbation_0_05_router_lr_of_the_optimizer() -> None:
     """docs/upcycling.md: no variant beat these over 5 seeds, and a random router init gives up exactness."""
     import inspect

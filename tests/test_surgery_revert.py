@@ -110,3 +110,14 @@ def test_layers_the_inputs_never_reach_fall_back_with_a_warning() -> None:
     with pytest.warns(UserWarning, match=r"revert: the inputs never reached unused; those use the plain expert mean"):
         revert(model, torch.randn(2, 3, 6, 6))
     assert type(model.unused) is nn.Conv2d
+
+
+def test_reverting_a_bare_layer_returns_its_conv() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    layer = CondConv2d.from_conv(conv, 4)
+    x = torch.randn(2, 4, 8, 8)
+    reverted = revert(layer, x)
+    assert type(reverted) is nn.Conv2d
+    with torch.no_grad():
+        torch.testing.assert_close(reverted(x), conv(x), rtol=1e-5, atol=1e-6)

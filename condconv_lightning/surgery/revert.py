@@ -22,7 +22,8 @@ from .replace import carry_hooks, replace_modules
 
 
 def revert(model: nn.Module, inputs: Tensor | None = None) -> nn.Module:
-    """Replace every CondConv2d in ``model`` by an ``nn.Conv2d`` in place, and return ``model``.
+    """Replace every CondConv2d in ``model`` by an ``nn.Conv2d`` in place, and return ``model`` (the new
+    ``nn.Conv2d`` when ``model`` itself is a CondConv2d).
 
     Args:
         model: a model holding CondConv2d layers.
@@ -44,7 +45,7 @@ def revert(model: nn.Module, inputs: Tensor | None = None) -> nn.Module:
         carry_hooks(layer, conv)
         replacements[key] = conv
     replace_modules(model, replacements)
-    return model
+    return replacements.get(id(model), model)  # a bare layer has no parent to swap it in: its Conv2d is the result
 
 
 @torch.no_grad()
