@@ -131,3 +131,39 @@ def test_mismatched_classes_and_bad_weights_are_one_line_errors(tmp_path: Path) 
     last = bad.stderr.strip().splitlines()[-1]
     assert last.startswith("condconv-finetune: error: the weights in other.pt do not match the model (ResNet): ")
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--data.batch_size", "64"], "training images per process is less than batch_size 64: lower batch_size"),
+        (["--data.val_split", "0.01"], "val_split 0.01 of 18 images holds none out: raise val_split or add images"),
+        (
+            ["--data.root", "EMPTY_CLASS"],
+            "has no PNG or JPEG images (.png, .jpg, .jpeg): add some or remove the folder",
+        ),
+        (["--ckpt_path", "missing.ckpt"], "missing.ckpt: no such file; check the path"),
+    ],
+    ids=["batch-too-large", "nothing-held-out", "empty-class", "missing-checkpoint"],
+)
+def test_what_the_data_or_checkpoint_lacks_is_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, arguments: list[str], message: str
+) -> None:
+    """Found while the Trainer sets up the data (after the classes were built), or before anything is built."""
+    from test_image_folder import make_images
+
+    from condconv_lightning.cli.finetune import main
+
+    images = make_images(tmp_path / "images")
+    make_images(tmp_path / "empty", per_class=1)
+    for image in (tmp_path / "empty" / "red").iterdir():
+        image.unlink()  # one class folder without images
+    arguments = [str(tmp_path / "empty") if a == "EMPTY_CLASS" else a for a in arguments]
+    monkeypatch.chdir(tmp_path)
+    common = ["--data", "ImageFolderDataModule", "--data.root", str(images), "--data.batch_size", "4"]
+    common += ["--model.num_classes", "3", "--trainer.max_steps", "1", "--trainer.logger", "false"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *common, "--trainer.enable_checkpointing", "false", *arguments])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err.strip().splitlines()[-1], err[-2000:]
+    assert "Traceback" not in err

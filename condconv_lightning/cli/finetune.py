@@ -32,12 +32,18 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from ..callbacks import CondConvConversion, RoutingEntropyMonitor
 from ..checkpoints import UntrustedCheckpointError, plain_hparams, read_hparams
 from ..demos.data import SyntheticImageDataModule
-from ..finetune.image_folder import ImageFolderDataModule  # noqa: F401 (--data ImageFolderDataModule resolves it)
+from ..finetune.image_folder import (  # noqa: F401 (--data ImageFolderDataModule resolves it)
+    DataFolderError,
+    ImageFolderDataModule,
+)
 from ..finetune.module import ImageClassifier
 from ..functional import is_tuning_enabled
 from ..loading.errors import one_line
 from ..loading.imports import make_cwd_importable
 from .parser import FinetuneParser
+
+LIGHTNING_CKPT_NAMES = ("best", "last", "hpc", "registry")
+"""``--ckpt_path`` values Lightning resolves itself (``Trainer.fit(ckpt_path=...)``), not files."""
 
 __all__ = ["main"]
 
@@ -104,6 +110,8 @@ class FinetuneCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         settings = self._settings() if subcommand else None
         ckpt_path = settings.get("ckpt_path") if settings else None
+        if ckpt_path and not (Path(ckpt_path).is_file() or ckpt_path in LIGHTNING_CKPT_NAMES or "://" in ckpt_path):
+            self.parser.error(f"--ckpt_path {ckpt_path}: no such file; check the path")
         if not ckpt_path or not Path(ckpt_path).is_file() or settings.get("trust_checkpoint"):
             super()._parse_ckpt_path()
             return
@@ -137,15 +145,18 @@ def main(args: list[str] | None = None) -> None:
     except ValueError as error:
         _exit_with(str(error))
     make_cwd_importable()
-    FinetuneCLI(
-        ImageClassifier,
-        LightningDataModule,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        parser_class=FinetuneParser,
-        auto_configure_optimizers=False,
-        args=args,
-    )
+    try:
+        FinetuneCLI(
+            ImageClassifier,
+            LightningDataModule,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_class=FinetuneParser,
+            auto_configure_optimizers=False,
+            args=args,
+        )
+    except DataFolderError as error:  # found while the Trainer set the data up, after the classes were built
+        _exit_with(str(error))
 
 
 if __name__ == "__main__":

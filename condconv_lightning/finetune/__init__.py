@@ -6,11 +6,12 @@
 
 from ..demos.data import SyntheticImageDataModule, make_context_gratings
 from .checkpointing import ConversionCheckpointMixin, restore_conversion, save_conversion
-from .image_folder import ImageFolderDataModule
+from .image_folder import DataFolderError, ImageFolderDataModule
 from .module import ImageClassifier, parameter_groups
 
 __all__ = [
     "ConversionCheckpointMixin",
+    "DataFolderError",
     "ImageClassifier",
     "ImageFolderDataModule",
     "SyntheticImageDataModule",

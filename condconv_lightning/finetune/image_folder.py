@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..demos.data import EpochShuffleSampler, ResumableDataLoader
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataModule", "ImageFolderDataset"]
+__all__ = ["IMAGE_EXTENSIONS", "DataFolderError", "ImageFolderDataModule", "ImageFolderDataset"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 """File name endings read as images, compared case-insensitively."""
@@ -39,6 +39,12 @@ def find_classes(folder: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
 
 
+class DataFolderError(ValueError):
+    """The image folder cannot serve this run (no images in a class, nothing held out, a batch larger than the
+    data): one line saying what to change. Raised while the Trainer sets the data up, so ``condconv-finetune``
+    reports it as a usage error."""
+
+
 def find_samples(folder: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
     """``(path, class index)`` for every image below each class folder, in sorted order, subfolders included."""
     samples: list[tuple[str, int]] = []
@@ -50,7 +56,7 @@ def find_samples(folder: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
                 os.path.join(directory, file) for file in sorted(files) if file.lower().endswith(IMAGE_EXTENSIONS)
             ]
         if not found:
-            raise ValueError(
+            raise DataFolderError(
                 f"class folder {folder / name} has no PNG or JPEG images ({', '.join(IMAGE_EXTENSIONS)}): "
                 "add some or remove the folder"
             )
@@ -283,7 +289,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             val += [members[i] for i in sorted(order[:held_out])]
             train += [members[i] for i in sorted(order[held_out:])]
         if not val:
-            raise ValueError(
+            raise DataFolderError(
                 f"val_split {self.val_split} of {len(samples)} images holds none out: raise val_split or add images"
             )
         return train, val
@@ -300,7 +306,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         model = self.trainer.lightning_module if self.trainer is not None else None
         outputs = getattr(model, "hparams", {}).get("num_classes")
         if isinstance(outputs, int) and outputs != self.num_classes:
-            raise ValueError(
+            raise DataFolderError(
                 f"{self.root} has {self.num_classes} classes but the model has num_classes={outputs}: "
                 f"pass --model.num_classes {self.num_classes}"
             )
@@ -309,7 +315,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         shards = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
         sampler = _EpochSampler(self.train_set, seed=self.seed, **(shards or {}))
         if len(sampler) < self.batch_size:
-            raise ValueError(
+            raise DataFolderError(
                 f"{len(sampler)} training images per process is less than batch_size {self.batch_size}: "
                 "lower batch_size or add images"
             )
