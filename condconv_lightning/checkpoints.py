@@ -24,6 +24,8 @@ from .io import PathLike, load_weights_only
 LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 CLASS_PATH_KEYS = frozenset({"class_path", "_class_path"})
 HPARAMS_KEY = "hyper_parameters"
+CONVERSION_KEY = "condconv_conversion"
+"""Checkpoint entry holding the conversion spec, with layer names relative to the LightningModule."""
 PAST_HPARAMS_KEYS = ("hparams", "module_arguments")
 """Keys of older releases that Lightning's ``load_from_checkpoint`` still merges, before ``hyper_parameters``
 (``lightning.pytorch.core.saving.CHECKPOINT_PAST_HPARAMS_KEYS``): they reach ``__init__`` as well."""

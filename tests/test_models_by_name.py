@@ -161,3 +161,24 @@ def test_a_checkpoint_naming_an_import_path_as_arch_is_untrusted(tmp_path: Path)
     with pytest.raises(UntrustedCheckpointError, match=r"hyper_parameters.arch='os:system'.*trust_checkpoint=True"):
         ImageClassifier.load_from_checkpoint(tmp_path / "evil.ckpt")
     assert not Path("pwned").exists()
+
+
+def test_a_checkpoint_of_a_converted_run_serves_as_weights(tmp_path: Path) -> None:
+    """What condconv-finetune writes after converting layer3: its spec converts the new model before the weights load."""
+    from lightning.pytorch import Trainer
+
+    from condconv_lightning.surgery import convert
+
+    torch.manual_seed(0)
+    trained = ImageClassifier(num_classes=4)
+    report = convert(trained.model, ["layer3"], num_experts=4)
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=0)
+    trainer.strategy.connect(trained)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    fresh = ImageClassifier(num_classes=4, weights=str(tmp_path / "run.ckpt"))
+    assert [name for name, m in fresh.model.named_modules() if isinstance(m, CondConv2d)] == [
+        layer.name for layer in report.converted
+    ]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), trained.eval()(x), rtol=0, atol=0)

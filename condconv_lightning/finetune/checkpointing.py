@@ -16,11 +16,9 @@ from typing import Any
 
 from torch import nn
 
+from ..checkpoints import CONVERSION_KEY as CHECKPOINT_KEY
 from ..surgery import ConversionSpec, apply_spec, describe
 from ..surgery.persist import check_against_weights
-
-CHECKPOINT_KEY = "condconv_conversion"
-"""Checkpoint entry holding the spec, with layer names relative to the LightningModule."""
 
 
 def save_conversion(module: nn.Module, checkpoint: dict[str, Any]) -> None:

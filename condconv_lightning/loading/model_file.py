@@ -16,10 +16,11 @@ caller built (pretrained weights before conversion and fine-tuning).
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..checkpoints import UntrustedCheckpointError, checkpoint_hparams, plain_hparams
+from ..checkpoints import CONVERSION_KEY, UntrustedCheckpointError, checkpoint_hparams, plain_hparams
 from ..io import (
     UnsafeFileError,
     is_safetensors,
@@ -37,8 +38,9 @@ from ..io import (
     load_trusted_pickle,
     load_weights_only,
 )
-from ..surgery import load_converted, read_spec
+from ..surgery import ConversionSpec, load_converted, read_spec
 from ..surgery.persist import FILE_FORMAT as CONVERTED_FILE_FORMAT
+from ..surgery.persist import load_into
 from ..wrappers import match_keys, strip_keys, unwrap
 from .architectures import build_with, resolve_architecture
 from .errors import ModelFileError, one_line
@@ -132,9 +134,11 @@ def load_pretrained(
     content = _read(path, file_format, trust_pickle, trust_flag)
     if isinstance(content, nn.Module):
         return unwrap(content)
-    state, _ = _weights_in(content, path)
+    state, checkpoint = _weights_in(content, path)
     if _is_converted(path, content):
         return _load_converted(path, model, label)
+    if checkpoint and CONVERSION_KEY in content:  # type: ignore[operator]
+        return _load_converted_run(path, model, content[CONVERSION_KEY], state, label)  # type: ignore[index]
     head = classifier_name(model)
     left_out = _load_weights(model, state, path, label, new_head=head)
     if left_out:
@@ -179,9 +183,31 @@ def _read(path: Path, file_format: FileFormat, trust_pickle: bool, trust_flag: s
     return _torch_load(path, file_format, trust_pickle, trust_flag)
 
 
+def _load_converted_run(path: Path, model: nn.Module, spec: object, state: dict[str, Tensor], label: str) -> nn.Module:
+    """A checkpoint of a converted run: its spec (layer names relative to the LightningModule, as its state dict's
+    keys) converts ``model`` first, both read without the first name component they all share (``model.``)."""
+
+    def load() -> nn.Module:
+        parsed = ConversionSpec.from_dict(spec)
+        firsts = {key.split(".", 1)[0] for key in state}
+        prefix = f"{firsts.pop()}." if len(firsts) == 1 else ""
+        if not all(name.startswith(prefix) for name in parsed.layers):
+            prefix = ""
+        layers = {name.removeprefix(prefix): options for name, options in parsed.layers.items()}
+        relative = {key.removeprefix(prefix): value for key, value in state.items()}
+        return load_into(model, dataclasses.replace(parsed, layers=layers), relative, path)
+
+    return _converted(path, label, load)
+
+
 def _load_converted(path: Path, model: nn.Module, label: str) -> nn.Module:
+    return _converted(path, label, lambda: load_converted(path, model))
+
+
+def _converted(path: Path, label: str, load: Callable[[], nn.Module]) -> nn.Module:
+    """``load()`` of converted weights, its failure as one line naming ``label``."""
     try:
-        return load_converted(path, model)
+        return load()
     except (ValueError, TypeError, RuntimeError, KeyError) as error:
         raise ModelFileError(f"the converted weights in {path} do not load into {label}: {one_line(error)}") from None
 
