@@ -271,3 +271,11 @@ def test_interpreter_leaves_triton_unpatched(interpret):
     layer(x).sum().backward()
     changed = [name for name, value in vars(tl.core).items() if before.get(name) is not value]
     assert not changed
+
+
+def test_float64_is_refused_rather_than_computed_at_float32_precision(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, weight, r = (t.double() for t in (torch.randn(2, 4, 5, 5), torch.randn(3, 6, 4, 3, 3), torch.rand(2, 3)))
+    with pytest.raises(ValueError, match=r"computes in float32, bfloat16 or float16, got torch.float64") as info:
+        condconv2d(x, weight, r, padding=1, strategy="fused")
+    assert "\n" not in str(info.value)

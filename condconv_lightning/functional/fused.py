@@ -45,6 +45,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
 
 
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""What the Triton kernels compute in (accumulating in float32)."""
+
+
 def check_fused(x: Tensor, groups: int) -> None:
     """Raise a one-line error if the ``fused`` strategy cannot run on ``x`` with these ``groups``."""
     has_triton = importlib.util.find_spec("triton") is not None
@@ -57,6 +61,11 @@ def check_fused(x: Tensor, groups: int) -> None:
     if groups > 1 and groups == x.shape[1]:
         raise ValueError(
             "strategy='fused' does not support depthwise convolutions (groups == in_channels); use 'grouped'"
+        )
+    if compute_dtype(x) not in FUSED_DTYPES:  # its tiles accumulate in float32: float64 would lose its precision
+        raise ValueError(
+            f"strategy='fused' computes in float32, bfloat16 or float16, got {compute_dtype(x)}; "
+            "use 'grouped' or 'auto'"
         )
 
 
