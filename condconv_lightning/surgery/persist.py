@@ -138,8 +138,9 @@ def load_into(model: nn.Module, spec: ConversionSpec, state: Mapping[str, torch.
     before = modules_by_name(model)
     try:
         apply_spec(model, spec, upcycle=False)  # the weights replace the experts next: skip upcycling's draws
-        state = match_keys(state, model.state_dict())
-        check_fits(model, state, source)  # load_state_dict copies what fits before it raises on the rest
+        expected = model.state_dict()
+        state = match_keys(state, expected)
+        check_fits(expected, state, source)  # load_state_dict copies what fits before it raises on the rest
         model.load_state_dict(state, strict=True)
     except BaseException:
         restore_modules(model, before)
@@ -147,13 +148,13 @@ def load_into(model: nn.Module, spec: ConversionSpec, state: Mapping[str, torch.
     return model
 
 
-def check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], source: object) -> None:
-    """Raise, naming the first few, unless ``state`` has exactly ``model``'s keys with its tensors' shapes.
+def check_fits(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], source: object) -> None:
+    """Raise, naming the first few, unless ``state`` has exactly the keys of ``expected`` (a model's state dict)
+    with its tensors' shapes.
 
     Raises:
         RuntimeError: missing or unexpected keys, or a size mismatch (as ``load_state_dict`` would).
     """
-    expected = model.state_dict()
     missing, unexpected, reshaped = key_mismatches(expected, state)
     problems = {
         "missing keys": missing,
