@@ -230,7 +230,7 @@ class CondConv2d(nn.Module):
             self.padding_mode,
             self.strategy,
         )
-        if torch.fx._symbolic_trace._is_fx_tracing_flag:  # one condconv2d node in the graph, see torch.fx.wrap above
+        if isinstance(x, torch.fx.Proxy):  # symbolic tracing: one condconv2d node, see torch.fx.wrap above
             return condconv2d(*args)
         output, self.last_strategy = condconv2d_with_strategy(*args)
         return output

@@ -13,6 +13,8 @@ from typing import TypeVar
 
 import torch.nn as nn
 
+from .compat import compiled_module_inside
+
 WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
 Value = TypeVar("Value")
 
@@ -52,7 +54,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+        elif (compiled := compiled_module_inside(model)) is not None:
+            model = compiled
         else:
             return model

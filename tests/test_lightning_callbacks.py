@@ -110,6 +110,32 @@ def test_under_gradient_accumulation_a_log_covers_its_optimizer_steps_micro_batc
             torch.testing.assert_close(torch.tensor(logged), torch.tensor(expected["expert_mean"]), atol=1e-5, rtol=0)
 
 
+def test_under_manual_optimization_routing_shares_the_rows_lightning_logs(tmp_path: Path) -> None:
+    class TwoOptimizers(ImageClassifier):  # two optimizer steps per batch: global_step runs twice as fast
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__(net)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            for optimizer in self.optimizers():
+                optimizer.zero_grad()
+            self.manual_backward(loss)
+            for optimizer in self.optimizers():
+                optimizer.step()
+            return loss
+
+        def configure_optimizers(self):
+            return [torch.optim.SGD(self.model.parameters(), lr=0.0), torch.optim.SGD(self.model.parameters(), lr=0.0)]
+
+    t = trainer(tmp_path, [RoutingEntropyMonitor()], max_steps=8, limit_val_batches=0, log_every_n_steps=2)
+    t.fit(TwoOptimizers(TinyNet()), tiny_data())
+    loss_steps = [int(r["step"]) for r in csv_rows(t) if r.get("train_loss")]
+    routing_steps = [int(r["step"]) for r in csv_rows(t) if r.get("routing/entropy")]
+    assert loss_steps == [1, 3], "Lightning logs every second batch"
+    assert routing_steps == loss_steps
+
+
 def test_a_failed_run_leaves_no_hook_and_the_monitor_serves_a_new_run(tmp_path: Path) -> None:
     from lightning.pytorch import Callback
 

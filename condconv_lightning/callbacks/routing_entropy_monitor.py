@@ -125,7 +125,7 @@ class RoutingEntropyMonitor(Callback):
     ) -> None:
         self._active = None
         interval = trainer.log_every_n_steps if self.logging_interval is None else self.logging_interval
-        if interval and _lightning_logs_this_batch(trainer, interval):
+        if interval and _lightning_logs_this_batch(trainer, batch_idx, interval):
             self._log(trainer, pl_module, self._train, self.prefix, in_training=True)
 
     @override
@@ -230,14 +230,23 @@ class RoutingEntropyMonitor(Callback):
                 )
 
 
-def _lightning_logs_this_batch(trainer: pl.Trainer, interval: int) -> bool:
-    """Whether Lightning writes its step metrics after this training batch, as its logger connector
-    decides (``update_train_step_metrics``, ``should_update_logs``): not while gradients accumulate,
-    then every ``interval`` optimizer steps or when the run is stopping."""
-    loop = trainer.fit_loop.epoch_loop
-    if loop._should_accumulate() and trainer.lightning_module.automatic_optimization:
-        return False
-    return (loop._batches_that_stepped + 1) % interval == 0 or trainer.should_stop
+def _lightning_logs_this_batch(trainer: pl.Trainer, batch_idx: int, interval: int) -> bool:
+    """Whether Lightning writes its step metrics after training batch ``batch_idx``, as its logger connector
+    decides (``update_train_step_metrics``, ``should_update_logs``), from public Trainer state only.
+
+    Lightning counts the batches that ended in an optimizer step. Under automatic optimization that is
+    ``global_step`` (which already counts this batch's step), and nothing is logged while gradients
+    accumulate; under manual optimization every batch counts, however many optimizers it steps.
+    """
+    if not trainer.lightning_module.automatic_optimization:
+        stepped = trainer.fit_loop.epoch_loop.total_batch_idx + 1
+    else:
+        accumulated = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        last = batch_idx + 1 == trainer.num_training_batches
+        if not accumulated and (trainer.strategy.handles_gradient_accumulation or not last):
+            return False
+        stepped = trainer.global_step
+    return stepped % interval == 0 or trainer.should_stop
 
 
 def _reset(metrics: dict[str, RoutingEntropy]) -> None:

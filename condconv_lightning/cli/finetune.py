@@ -77,7 +77,10 @@ class FinetuneCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """Let a short step-bounded run log and validate (see the module docstring)."""
+        """Put back an untrusted ``--ckpt_path`` (see :meth:`parse_arguments`); let a short step-bounded run
+        log and validate (see the module docstring)."""
+        if self._untrusted_ckpt_path is not None:
+            self._settings()["ckpt_path"] = self._untrusted_ckpt_path
         trainer = self._settings().get("trainer")
         if trainer is None:
             return
@@ -105,23 +108,32 @@ class FinetuneCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         return self.config.get(subcommand) if subcommand else self.config
 
-    def _parse_ckpt_path(self) -> None:
-        """Use an untrusted checkpoint's hyperparameters as model defaults, as plain values only."""
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then read an untrusted ``--ckpt_path`` checkpoint's hyperparameters as plain values only.
+
+        LightningCLI reads a checkpoint's hyperparameters right after parsing and hands them to the
+        parser, which builds any class they name. Without ``--trust_checkpoint`` this method reads
+        them instead and sets ``ckpt_path`` aside until the classes are built, so Lightning finds
+        none to read; :meth:`before_instantiate_classes` puts it back for ``Trainer.fit``.
+        """
+        super().parse_arguments(parser, args)
+        self._untrusted_ckpt_path = None
         subcommand = self.config.get("subcommand")
         settings = self._settings() if subcommand else None
         ckpt_path = settings.get("ckpt_path") if settings else None
         if ckpt_path and not (Path(ckpt_path).is_file() or ckpt_path in LIGHTNING_CKPT_NAMES or "://" in ckpt_path):
-            self.parser.error(f"--ckpt_path {ckpt_path}: no such file; check the path")
+            parser.error(f"--ckpt_path {ckpt_path}: no such file; check the path")
         if not ckpt_path or not Path(ckpt_path).is_file() or settings.get("trust_checkpoint"):
-            super()._parse_ckpt_path()
             return
         try:
             hparams = plain_hparams(read_hparams(ckpt_path), ckpt_path, "--trust_checkpoint true")
         except (UntrustedCheckpointError, OSError, RuntimeError) as error:
-            self.parser.error(str(error))
+            parser.error(str(error))
         hparams = {key: value for key, value in hparams.items() if key not in ("weights", "trust_pickle")}
         if hparams:
-            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+            self.config = parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        self._untrusted_ckpt_path = ckpt_path
+        self._settings()["ckpt_path"] = None
 
 
 def _class_path(cls: type) -> str:

@@ -94,8 +94,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .. import compat
 from ..io import atomic_write
 from . import auto
 
@@ -351,8 +351,8 @@ def tuned_strategy(
     compiling = torch.compiler.is_compiling()  # first: Dynamo cannot trace the autograd-state queries below
     if _symbolic(key, compiling):
         return auto.choose_strategy(x, weight, stride, padding, dilation, groups)
-    hooks = not compiling and _saved_tensor_hooks_active()
-    if key[-1] and not (compiling or hooks) and _in_backward():
+    hooks = not compiling and compat.saved_tensor_hooks_active()
+    if key[-1] and not (compiling or hooks) and compat.in_backward_pass():
         # A reentrant checkpoint recomputes, in the backward, a forward it ran under no_grad:
         # that forward was a forward-only problem, and the recompute must run its strategy so
         # that the gradient is the one of the output the forward returned.
@@ -431,26 +431,18 @@ def _lookup(key: tuple, compiling: bool) -> str | None:
     return None
 
 
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
-
-
-def _saved_tensor_hooks_active() -> bool:
-    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-
-
 def _can_time(x: Tensor) -> bool:
     """False while tracing, under a dispatch mode (FakeTensor, op logging), a ``torch.func``
     transform (its tensors cannot be timed outside it), saved-tensor hooks (activation
     checkpointing would count the timing runs as part of the forward it recomputes), inside
     a backward pass, during CUDA graph capture, and on devices other than CPU and CUDA."""
-    return _can_time_apart_from_hooks(x) and not _saved_tensor_hooks_active() and not _in_backward()
+    return _can_time_apart_from_hooks(x) and not compat.saved_tensor_hooks_active() and not compat.in_backward_pass()
 
 
 def _can_time_apart_from_hooks(x: Tensor) -> bool:
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or compat.dispatch_mode_active():
         return False
-    if x.device.type not in _DEVICE_TYPES or torch._C._are_functorch_transforms_active():
+    if x.device.type not in _DEVICE_TYPES or compat.functorch_transform_active():
         return False
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .. import compat
 from ..checkpoints import CONVERSION_KEY, UntrustedCheckpointError, checkpoint_hparams, plain_hparams
 from ..io import (
     UnsafeFileError,
@@ -257,14 +258,13 @@ def _unreadable(path: object, error: BaseException) -> ModelFileError:
 def _weights_only_globals() -> set[str]:
     """Globals ``torch.load(weights_only=True)`` resolves: its default allowlist and the user's safe globals.
 
-    The default allowlist is private to torch; without it every global counts as
-    foreign, which only makes the refusal message name a torch class first.
+    The default allowlist is private to torch (:mod:`condconv_lightning.compat`); without it every
+    global counts as foreign, which only makes the refusal message name a torch class first.
     """
-    allowlist = getattr(torch._weights_only_unpickler, "_get_allowed_globals", dict)
     user = {
         f"{g.__module__}.{g.__qualname__}" for g in torch.serialization.get_safe_globals() if hasattr(g, "__qualname__")
     }
-    return set(allowlist()) | user
+    return compat.weights_only_default_globals() | user
 
 
 def _is_converted(path: Path, content: object) -> bool:

@@ -22,10 +22,11 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from ..compat import forward_pre_hooks, move_hooks
 from ..condconv2d import CondConv2d
 from ..wrappers import strip
 from .config import ConversionConfig
-from .replace import carry_hooks, modules_by_name, replace_modules, restore_modules
+from .replace import modules_by_name, replace_modules, restore_modules
 from .report import ConversionReport, ConvertedLayer, InputSizeError, LayerShapes, SkippedLayer, probe_shapes
 from .select import (
     Candidate,
@@ -254,7 +255,7 @@ def _convert_planned(
             perturbation=config.perturbation,
             generator=_layer_generator(config.seed, candidate.name),
         )
-        carry_hooks(conv, layer)
+        move_hooks(conv, layer)
         replacements[id(conv)] = layer
         built.append((candidate, conv, layer))
     before = modules_by_name(model)
@@ -316,7 +317,7 @@ def _refusal(module: nn.Module, allowed: tuple[type, ...]) -> str | None:
             f"a subclass of nn.Conv2d ({class_path(type(module))}) that {what}; its behaviour would be lost. "
             f"Pass allow_classes=({type(module).__name__},) if its forward is a plain convolution"
         )
-    for hook in module._forward_pre_hooks.values():
+    for hook in forward_pre_hooks(module):
         if isinstance(hook, (WeightNorm, SpectralNorm)):
             return (
                 f"has a {type(hook).__name__} hook that recomputes its weight every forward; remove it "

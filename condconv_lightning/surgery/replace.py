@@ -10,32 +10,13 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-# Module attributes holding the hooks registered on one module. The dicts move as they
-# are, so the handles the caller holds still remove their hooks from the new module.
-HOOK_DICTS: tuple[str, ...] = (
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_backward_pre_hooks",
-    "_backward_hooks",
-)
-
-
-def carry_hooks(old: nn.Module, new: nn.Module) -> None:
-    """Give ``new`` the forward (pre-)hooks and backward hooks registered on ``old``, handles included."""
-    for attr in HOOK_DICTS:
-        setattr(new, attr, getattr(old, attr))
-    new._is_full_backward_hook = old._is_full_backward_hook
-
 
 def replace_modules(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
     """Put ``replacements[id(old)]`` wherever ``old`` is a child of some module in ``model``."""
-    for parent in list(model.modules()):
-        for child_name, child in list(parent._modules.items()):
-            if child is not None and id(child) in replacements:
-                setattr(parent, child_name, replacements[id(child)])
+    for path, child in list(model.named_modules(remove_duplicate=False)):
+        if path and id(child) in replacements:
+            parent, _, child_name = path.rpartition(".")
+            setattr(model.get_submodule(parent), child_name, replacements[id(child)])
 
 
 def modules_by_name(model: nn.Module) -> dict[str, nn.Module]:

@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..compat import move_hooks
 from ..condconv2d import CondConv2d, conv_settings
 from ..modes import evaluating
-from .replace import carry_hooks, replace_modules
+from .replace import replace_modules
 
 
 def revert(model: nn.Module, inputs: Tensor | None = None) -> nn.Module:
@@ -42,7 +43,7 @@ def revert(model: nn.Module, inputs: Tensor | None = None) -> nn.Module:
         if routing is None:
             routing = torch.full((layer.num_experts,), 1.0 / layer.num_experts, dtype=torch.float64)
         conv = _static_conv(layer, routing)
-        carry_hooks(layer, conv)
+        move_hooks(layer, conv)
         replacements[key] = conv
     replace_modules(model, replacements)
     return replacements.get(id(model), model)  # a bare layer has no parent to swap it in: its Conv2d is the result
