@@ -39,7 +39,9 @@ SHELL = {"bash", "sh", "shell", "console"}
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>```+|~~~+)\s*(?P<lang>[\w+-]*)")
 MARKER = re.compile(r"^\s*<!--\s*(?P<kind>snippet|output):\s*(?P<value>.*?)\s*-->\s*$")
 SKIP = re.compile(r"^skip\s*\((?P<reason>.*)\)$")
-NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:e[-+]?\d+)?", re.IGNORECASE)
+NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+(?:\.\d*)?|\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?", re.IGNORECASE)
+"""A number as printed: thousands separators only in groups of three digits, so the comma after a
+number ("diff 0, max") stays punctuation whichever number a machine prints."""
 SHELL_TIMEOUT_S = 120
 
 
@@ -222,3 +224,6 @@ def test_runner_parses_outputs_and_markers(tmp_path: Path) -> None:
     assert printing.output == "2.5\n" and printing.output_marker == "approximate"
     assert text.lang == "text" and text.output is None
     assert _normalized("x 1.5  y\n", True) == _normalized("x 22.75 y", True)
+    # each number a machine may print in one place normalizes alike, punctuation after it kept
+    printed = ["diff 0, max 1", "diff 3.1e-08, max 1", "diff 1,234.5, max 1", "diff -2E+03, max 1", "diff .5, max 1"]
+    assert {_normalized(line, True) for line in printed} == {"diff #, max #"}
