@@ -28,6 +28,9 @@ from ..metrics import RoutingEntropy
 
 __all__ = ["RoutingEntropyMonitor"]
 
+UNIFORM_TOLERANCE = 1e-3
+"""Per-sample routing entropy within this of 1 counts as uniform routing (see ``uniform_steps``)."""
+
 
 class RoutingEntropyMonitor(Callback):
     r"""Log routing statistics of every ``CondConv2d`` in the LightningModule.
@@ -58,6 +61,13 @@ class RoutingEntropyMonitor(Callback):
         collapse_threshold: warn once per layer, on rank zero, when its usage entropy
             falls below this value (0 disables). For K = 4, one expert taking 90% of the
             routing weight gives about 0.3; two experts used evenly give 0.5.
+        uniform_steps: warn once, on rank zero, when converted layers have routed every
+            sample uniformly (training per-sample entropy within :data:`UNIFORM_TOLERANCE`
+            of 1 at every training log) for this many optimizer steps (0 disables): such a
+            layer is one kernel, not a conditional one. It is what a zero router under
+            sigmoid routing keeps (upcycling's former default); the warning names the
+            conversion options that break the symmetry. Checked at training logs, so it
+            needs training values to be logged.
         log_experts: also log the mean routing weight of every expert.
         prefix: first component of every logged name.
 
@@ -79,6 +89,7 @@ class RoutingEntropyMonitor(Callback):
         collapse_threshold: float = 0.2,
         log_experts: bool = True,
         prefix: str = "routing",
+        uniform_steps: int = 500,
     ) -> None:
         if logging_interval is not None and (isinstance(logging_interval, bool) or logging_interval < 0):
             raise ValueError(f"logging_interval must be None or a non-negative integer, got {logging_interval!r}")
@@ -88,10 +99,15 @@ class RoutingEntropyMonitor(Callback):
             )
         if not prefix:
             raise ValueError("prefix must be a non-empty string such as 'routing'")
+        if isinstance(uniform_steps, bool) or not isinstance(uniform_steps, int) or uniform_steps < 0:
+            raise ValueError(f"uniform_steps must be a non-negative integer (0 disables), got {uniform_steps!r}")
         self.logging_interval = logging_interval
         self.collapse_threshold = collapse_threshold
         self.log_experts = log_experts
         self.prefix = prefix
+        self.uniform_steps = uniform_steps
+        self._uniform_since: dict[str, int] = {}
+        self._warned_uniform = False
         self._layers: dict[str, CondConv2d] = {}
         self._train: dict[str, RoutingEntropy] = {}
         self._val: dict[str, RoutingEntropy] = {}
@@ -214,9 +230,15 @@ class RoutingEntropyMonitor(Callback):
         values += [torch.stack(entropies).mean(), torch.stack(usages).mean()]
         logged = dict(zip(names, torch.stack(values).tolist()))  # the one host read of this log
         _reset(metrics)
-        if trainer.loggers:  # already summed over processes: no sync_dist; rank zero's loggers write them
-            pl_module.log_dict(logged, on_step=in_training, on_epoch=not in_training, sync_dist=False)
+        if trainer.loggers:  # rank zero's loggers write them
+            # The values are already reduced over processes, so every rank holds the same ones. Lightning asks for
+            # sync_dist on epoch-level values under DDP (one warning per name): the max of equal values is that value.
+            pl_module.log_dict(
+                logged, on_step=in_training, on_epoch=not in_training, sync_dist=not in_training, reduce_fx="max"
+            )
         self._warn_on_collapse(logged, prefix, observed)
+        if in_training:
+            self._warn_on_uniform(logged, prefix, observed, trainer.global_step)
 
     def _warn_on_collapse(self, logged: dict[str, float], prefix: str, observed: list[str]) -> None:
         for name in observed:
@@ -228,6 +250,36 @@ class RoutingEntropyMonitor(Callback):
                     f"{self.collapse_threshold}; consider softmax routing with a temperature schedule or a lower "
                     "learning rate for routers"
                 )
+
+
+    def _warn_on_uniform(self, logged: dict[str, float], prefix: str, observed: list[str], step: int) -> None:
+        """Track since when each layer's routing has been uniform; warn once when some stayed so long enough."""
+        for name in observed:
+            if self._layers[name].num_experts > 1 and logged[f"{prefix}/{name}/entropy"] >= 1 - UNIFORM_TOLERANCE:
+                self._uniform_since.setdefault(name, step)
+            else:
+                self._uniform_since.pop(name, None)
+        stuck = [name for name, since in self._uniform_since.items() if step - since >= self.uniform_steps]
+        if self.uniform_steps and stuck and not self._warned_uniform:
+            self._warned_uniform = True
+            shown = ", ".join(stuck[:3]) + (f" and {len(stuck) - 3} more" if len(stuck) > 3 else "")
+            rank_zero_warn(
+                f"routing of {len(stuck)} CondConv2d layer(s) ({shown}) has been uniform for {self.uniform_steps} "
+                "steps: every sample mixes the experts alike, so each layer acts as one kernel. Convert with "
+                "router_init='random' and routing='softmax' (still exact; CLI: --router-init random --routing "
+                "softmax --perturbation 0) so the experts get different gradients from the first step"
+            )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"uniform_since": dict(self._uniform_since), "warned_uniform": self._warned_uniform}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        since = state_dict.get("uniform_since", {})
+        if isinstance(since, dict) and all(isinstance(k, str) and type(v) is int for k, v in since.items()):
+            self._uniform_since = dict(since)
+        self._warned_uniform = state_dict.get("warned_uniform") is True
 
 
 def _lightning_logs_this_batch(trainer: pl.Trainer, batch_idx: int, interval: int) -> bool:
