@@ -22,9 +22,7 @@ def check_num_experts(value: object) -> int:
 
 
 def check_temperature(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"temperature must be a positive finite number, got {value!r}")
-    return float(value)
+    return check_positive_number("temperature", value)
 
 
 def check_seed(value: object) -> int | None:
@@ -44,6 +42,12 @@ def check_non_negative_int(name: str, value: object) -> int:
 def check_non_negative_number(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a number >= 0 (finite), got {value!r}")
+    return float(value)
+
+
+def check_positive_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
 

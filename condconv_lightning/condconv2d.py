@@ -35,7 +35,7 @@ from .functional.condconv import (
     condconv2d_with_strategy,
     pair,
 )
-from .functional.routing import Routing, check_routing, route
+from .functional.routing import Routing, check_routing, route, sums_to_one, uniform_routing
 
 # torch.fx records the functional call as one node instead of tracing its shape logic,
 # so models containing CondConv2d stay symbolically traceable.
@@ -63,6 +63,24 @@ def conv_settings(conv: nn.Module) -> dict[str, object]:
 
 
 ExpertInit = Literal["upcycle", "fresh"]
+RouterInit = Literal["zero", "random"]
+
+
+def upcycling_inexactness(routing: str, router_init: str, perturbation: float) -> str | None:
+    """Why upcycling with these options does not reproduce the conv exactly, or None when it does.
+
+    A zero router gives every expert the same weight ``c`` for every input, and the experts
+    ``(W + d_k) / (K c)`` with zero-sum offsets ``d_k`` then mix to ``W``. A random router
+    mixes unevenly, which only routing weights that sum to one absorb, and only when the
+    experts are identical (no offsets).
+    """
+    if router_init == "zero":
+        return None
+    if not sums_to_one(routing):
+        return f"a random router under {routing} routing mixes the experts to more or less than the conv's kernel"
+    if perturbation > 0:
+        return f"a random router mixes the perturbed experts unevenly (perturbation {perturbation:g})"
+    return None
 
 
 class CondConv2d(nn.Module):
@@ -72,7 +90,8 @@ class CondConv2d(nn.Module):
 
     Args:
         num_experts: K, the number of expert kernels.
-        routing: ``'sigmoid'`` (CondConv) or ``'softmax'`` (DynamicConv) over the
+        routing: ``'sigmoid'`` (CondConv), ``'softmax'`` (DynamicConv) or
+            ``'normalized_sigmoid'`` (sigmoid weights divided by their sum) over the
             router's logits divided by ``temperature``.
         temperature: divides the router's logits; stored as the buffer
             ``temperature`` (change it with :meth:`set_temperature`).
@@ -266,21 +285,16 @@ class CondConv2d(nn.Module):
         strategy: Strategy = "auto",
         init: ExpertInit = "upcycle",
         perturbation: float = 0.05,
+        router_init: RouterInit = "zero",
+        router_scale: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> CondConv2d:
         """Build a CondConv2d with ``conv``'s configuration, device, dtype, mode and ``requires_grad``.
 
-        ``init='upcycle'`` (exact upcycling) seeds the experts from ``conv`` so the new
-        layer computes exactly what ``conv`` did, for every input, until training
-        moves it:
-
-        - the router starts with zero weight and zero bias, so every sample gets the
-          same routing ``c`` for every expert (``sigmoid(0) = 1/2``; softmax ``1/K``);
-        - expert ``k`` is ``(W + d_k) / (K c)`` where ``d_k = s * std(W) * (n_k - mean_j n_j)``
-          with Gaussian ``n_k`` and ``s = perturbation``; the ``d_k`` sum to zero, so
-          ``sum_k c E_k = W`` exactly; the bias is routed the same way, ``b / (K c)``;
-        - the ``d_k`` break the symmetry: the router's gradient ``<E_k, dL/dW_b>``
-          differs between experts, so routing and then the experts diverge in training.
+        ``init='upcycle'`` seeds the experts from ``conv`` (:meth:`upcycle_`): the new layer
+        computes exactly what ``conv`` did, for every input, until training moves it, unless
+        :func:`upcycling_inexactness` names a reason it cannot (a random router under plain
+        sigmoid routing, or a random router with perturbed experts).
 
         ``init='fresh'`` keeps the from-scratch init of the constructor (training from
         scratch, as in the paper): the layer then does not reproduce ``conv``.
@@ -304,7 +318,14 @@ class CondConv2d(nn.Module):
             layer = cls(device="meta", **options)
             layer = layer.to_empty(device=weight.device)
             layer.temperature.fill_(float(temperature))
-            layer.upcycle_(conv.weight, conv.bias, perturbation=perturbation, generator=generator)
+            layer.upcycle_(
+                conv.weight,
+                conv.bias,
+                perturbation=perturbation,
+                router_init=router_init,
+                router_scale=router_scale,
+                generator=generator,
+            )
         layer.weight.requires_grad_(weight.requires_grad)
         layer.router.requires_grad_(weight.requires_grad)
         if layer.bias is not None:
@@ -318,12 +339,28 @@ class CondConv2d(nn.Module):
         bias: Tensor | None = None,
         *,
         perturbation: float = 0.05,
+        router_init: RouterInit = "zero",
+        router_scale: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> CondConv2d:
-        """Seed experts and router in place so the layer computes ``conv2d(x, weight, bias)`` exactly.
+        """Seed experts and router in place from a conv's ``weight`` and ``bias`` (exact upcycling).
 
-        See :meth:`from_conv` for the construction. Computed on the CPU in float32, or float64 for a float64
-        weight (whose exactness float32 would round away), then copied.
+        - Expert ``k`` is ``(W + d_k) / (K c)``, where ``c`` is the weight a zero router gives
+          every expert (``sigmoid(0) = 1/2``; ``1/K`` for routings that sum to one) and
+          ``d_k = s * std(W) * (n_k - mean_j n_j)`` with Gaussian ``n_k`` and ``s = perturbation``;
+          the ``d_k`` sum to zero, so ``sum_k c E_k = W``. The bias is routed the same way, ``b / (K c)``.
+        - ``router_init='zero'``: zero router weight and bias, so every sample is routed by ``c``
+          and the layer computes ``conv2d(x, weight, bias)`` exactly. Every expert and router row
+          then gets the same gradient up to the small ``d_k``: under sigmoid routing the layer
+          stays close to one kernel times a per-sample scale.
+        - ``router_init='random'``: router weights drawn from ``N(0, (router_scale / sqrt(C_in))^2)``
+          (logits of about ``router_scale`` times the pooled input's scale), bias zero. Each
+          expert then gets its own share of every sample's gradient from the first step. Exact
+          only for routings whose weights sum to one and ``perturbation=0`` (identical experts
+          mix to ``W`` whatever the weights); :func:`upcycling_inexactness` says when not.
+
+        Computed on the CPU in float32, or float64 for a float64 weight (whose exactness float32
+        would round away), then copied.
         """
         expected = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         if tuple(weight.shape) != expected:
@@ -332,11 +369,12 @@ class CondConv2d(nn.Module):
             raise ValueError("bias must be given exactly when the layer has a bias")
         if not perturbation >= 0:
             raise ValueError(f"perturbation must be >= 0, got {perturbation!r}")
+        if router_init not in ("zero", "random"):
+            raise ValueError(f"router_init must be 'zero' or 'random', got {router_init!r}")
+        if not (router_scale > 0 and math.isfinite(router_scale)):
+            raise ValueError(f"router_scale must be a positive finite number, got {router_scale!r}")
         k = self.num_experts
-        self.router.weight.zero_()
-        self.router.bias.zero_()
-        initial_routing = 0.5 if self.routing == "sigmoid" else 1.0 / k
-        scale = 1.0 / (k * initial_routing)
+        scale = 1.0 / (k * uniform_routing(self.routing, k))
         # float32 is enough below float64: the offsets sum to zero up to float32 rounding, the
         # same rounding the experts get when stored; drawing K x P float64 numbers was the
         # main cost of converting large models. The draws are float32 in both cases, so a
@@ -351,4 +389,10 @@ class CondConv2d(nn.Module):
         self.weight.copy_(offsets.add_(w).mul_(scale))
         if bias is not None:
             self.bias.copy_(bias.detach().to(device="cpu", dtype=dtype).expand(k, -1) * scale)
+        self.router.bias.zero_()
+        if router_init == "zero":
+            self.router.weight.zero_()
+        else:
+            std = router_scale / math.sqrt(self.in_channels)
+            self.router.weight.copy_(torch.randn(self.router.weight.shape, generator=generator).mul_(std))
         return self

@@ -34,7 +34,10 @@ def reference_parameters(layer) -> dict[str, Tensor]:
 def reference_routing(x: Tensor, params: dict[str, Tensor], routing: str, temperature: float) -> Tensor:
     pooled = torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
     logits = (pooled @ params["router_weight"].T + params["router_bias"]) / temperature
-    return torch.sigmoid(logits) if routing == "sigmoid" else torch.softmax(logits, dim=1)
+    if routing == "softmax":
+        return torch.softmax(logits, dim=1)
+    gates = 1.0 / (1.0 + torch.exp(-logits))
+    return gates if routing == "sigmoid" else gates / gates.sum(dim=1, keepdim=True)
 
 
 def reference_forward(layer, x: Tensor, params: dict[str, Tensor]) -> Tensor:

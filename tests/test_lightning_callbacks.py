@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from test_lightning_metrics import assert_matches, reference
 from torch import nn
 
-from condconv_lightning import CondConv2d
+from condconv_lightning import CondConv2d, convert
 from condconv_lightning.callbacks import (
     CondConvConversion,
     RoutingEntropyMonitor,
@@ -134,6 +134,50 @@ def test_under_manual_optimization_routing_shares_the_rows_lightning_logs(tmp_pa
     routing_steps = [int(r["step"]) for r in csv_rows(t) if r.get("routing/entropy")]
     assert loss_steps == [1, 3], "Lightning logs every second batch"
     assert routing_steps == loss_steps
+
+
+class StaticNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("options", "warns"),
+    [({}, True), ({"routing": "softmax", "router_init": "random", "perturbation": 0.0}, False)],
+    ids=["zero-sigmoid", "random-softmax"],
+)
+def test_routing_that_stays_uniform_warns_once_naming_the_router_init(
+    tmp_path: Path, options: dict, warns: bool
+) -> None:
+    torch.manual_seed(0)
+    net = StaticNet()
+    convert(net, "*", seed=0, **options)
+    monitor = RoutingEntropyMonitor(uniform_steps=3)
+    t = trainer(tmp_path, [monitor], max_steps=8, limit_val_batches=0, log_every_n_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(ImageClassifier(net, num_classes=4), tiny_data(train_size=64))
+    uniform = [w for w in caught if "has been uniform for 3 steps" in str(w.message)]
+    assert len(uniform) == (1 if warns else 0), [str(w.message) for w in caught]
+    if warns:
+        assert "router_init='random'" in str(uniform[0].message) and "(model.conv1, model.conv2)" in str(
+            uniform[0].message
+        )
+        assert monitor.state_dict()["warned_uniform"] is True
+
+
+def test_the_uniform_routing_count_survives_a_resume() -> None:
+    monitor = RoutingEntropyMonitor()
+    monitor.load_state_dict({"uniform_since": {"model.conv1": 40}, "warned_uniform": False})
+    assert monitor.state_dict() == {"uniform_since": {"model.conv1": 40}, "warned_uniform": False}
+    monitor.load_state_dict({"uniform_since": {"model.conv1": "40"}, "warned_uniform": "yes"})  # not ours: ignored
+    assert monitor.state_dict() == {"uniform_since": {"model.conv1": 40}, "warned_uniform": False}
 
 
 def test_a_failed_run_leaves_no_hook_and_the_monitor_serves_a_new_run(tmp_path: Path) -> None:

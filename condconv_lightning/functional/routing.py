@@ -3,6 +3,12 @@
 Sigmoid routing follows CondConv (Yang et al., NeurIPS 2019, arXiv:1904.04971);
 softmax routing with a temperature follows Dynamic Convolution (Chen et al., CVPR
 2020, arXiv:1912.03458), whose recipe anneals the temperature from 30 to 1.
+``normalized_sigmoid`` divides the sigmoid weights by their sum: CondConv's independent
+gates, but weights that sum to one like softmax's.
+
+Weights that sum to one matter for upcycling: a mixture of identical experts is then the
+original kernel for *any* router, so a converted layer can start with a random router and
+still compute exactly what the conv did (:func:`sums_to_one`).
 """
 
 from __future__ import annotations
@@ -13,8 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Routing = Literal["sigmoid", "softmax"]
-ROUTINGS: tuple[str, ...] = ("sigmoid", "softmax")
+Routing = Literal["sigmoid", "softmax", "normalized_sigmoid"]
+ROUTINGS: tuple[str, ...] = ("sigmoid", "softmax", "normalized_sigmoid")
+
+
+def sums_to_one(routing: str) -> bool:
+    """Whether every sample's routing weights sum to one (softmax, normalized sigmoid), whatever the router."""
+    return routing in ("softmax", "normalized_sigmoid")
+
+
+def uniform_routing(routing: str, num_experts: int) -> float:
+    """The weight every expert gets from a router with zero weight and bias: ``sigmoid(0)`` or ``1/K``."""
+    return 0.5 if routing == "sigmoid" else 1.0 / num_experts
 
 
 def check_routing(routing: str) -> str:
@@ -46,4 +62,7 @@ def route(
         return torch.sigmoid(logits)
     if routing == "softmax":
         return torch.softmax(logits, dim=-1)
+    if routing == "normalized_sigmoid":
+        gates = torch.sigmoid(logits)
+        return gates / gates.sum(dim=-1, keepdim=True)
     raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")

@@ -21,14 +21,18 @@ from ..arguments import (
     check_non_negative_int,
     check_non_negative_number,
     check_num_experts,
+    check_positive_number,
     check_seed,
     check_temperature,
 )
-from ..condconv2d import ExpertInit
+from ..condconv2d import ExpertInit, RouterInit, upcycling_inexactness
 from ..functional.condconv import STRATEGIES, Strategy
 from ..functional.routing import ROUTINGS, Routing
 
 INITS: tuple[str, ...] = ("upcycle", "fresh")
+ROUTER_INITS: tuple[str, ...] = ("zero", "random")
+ADDED_LATER: dict[str, Any] = {"router_init": "zero", "router_scale": 1.0}
+"""Fields a file written before they existed lacks, with the value that file's conversion used."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,13 @@ class ConversionConfig:
             :meth:`CondConv2d.from_conv`) or ``"fresh"`` (train from scratch, as in the paper).
         perturbation: size of the zero-sum symmetry-breaking expert offsets of
             upcycling, relative to the kernel's standard deviation.
+        router_init: ``"zero"`` (every input routed alike at first) or ``"random"`` (router
+            weights drawn with std ``router_scale / sqrt(C_in)``, so experts get different
+            gradients from the first step). A random router keeps upcycling exact only with
+            routing that sums to one (``softmax``, ``normalized_sigmoid``) and ``perturbation=0``;
+            :attr:`inexactness` says when the options cannot be exact.
+        router_scale: scale of a random router's weights (logits of about this many times the
+            pooled input's scale).
         seed: makes the offsets reproducible; each layer draws from a generator seeded by
             ``seed`` and its name. None uses torch's global generator.
         kernel_sizes: convert only convs with these kernel sizes (ints mean square kernels).
@@ -65,6 +76,8 @@ class ConversionConfig:
     strategy: Strategy = field(default="auto", metadata={"help": "how CondConv2d layers execute"})
     init: ExpertInit = field(default="upcycle", metadata={"help": "upcycle (exact) or fresh experts"})
     perturbation: float = field(default=0.05, metadata={"help": "symmetry-breaking expert offsets, relative to std(W)"})
+    router_init: RouterInit = field(default="zero", metadata={"help": "router weights at conversion"})
+    router_scale: float = field(default=1.0, metadata={"help": "scale of a random router's weights"})
     seed: int | None = field(default=None, metadata={"help": "seed of the expert offsets"})
     kernel_sizes: tuple[tuple[int, int], ...] | None = field(
         default=None, metadata={"help": "convert only these kernel sizes, e.g. 3 or 1x3"}
@@ -83,6 +96,8 @@ class ConversionConfig:
             "strategy": check_choice("strategy", self.strategy, STRATEGIES),
             "init": check_choice("init", self.init, INITS),
             "perturbation": check_non_negative_number("perturbation", self.perturbation),
+            "router_init": check_choice("router_init", self.router_init, ROUTER_INITS),
+            "router_scale": check_positive_number("router_scale", self.router_scale),
             "seed": check_seed(self.seed),
             "kernel_sizes": kernel_pairs(self.kernel_sizes),
             "min_channels": check_non_negative_int("min_channels", self.min_channels),
@@ -93,6 +108,13 @@ class ConversionConfig:
         for name, value in normalized.items():
             object.__setattr__(self, name, value)
 
+    @property
+    def inexactness(self) -> str | None:
+        """Why layers converted with these options do not compute what their convs did, or None if they do."""
+        if self.init == "fresh":
+            return "init='fresh' trains experts from scratch"
+        return upcycling_inexactness(self.routing, self.router_init, self.perturbation)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-native fields (kernel sizes as lists)."""
         data = dataclasses.asdict(self)
@@ -102,7 +124,8 @@ class ConversionConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ConversionConfig:
-        """Build from :meth:`to_dict`'s output; missing fields take their defaults, unknown ones are refused."""
+        """Build from :meth:`to_dict`'s output; unknown fields are refused, missing ones take their defaults,
+        except those :data:`ADDED_LATER`, which take the value files written before them meant."""
         if not isinstance(data, Mapping):
             raise ValueError(f"conversion options must be a JSON object, got {type(data).__name__}")
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
@@ -110,7 +133,7 @@ class ConversionConfig:
             raise ValueError(
                 f"unknown conversion option(s) {', '.join(map(repr, unknown[:3]))}; known: {cls.field_names()}"
             )
-        return cls(**data)
+        return cls(**{**ADDED_LATER, **data})
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -137,6 +137,12 @@ def convert(
         warnings.warn(
             "convert left these convs alone: " + "; ".join(f"{s.name} ({s.reason})" for s in refused), stacklevel=2
         )
+    if plan and config.init == "upcycle" and (reason := config.inexactness) is not None:
+        warnings.warn(
+            f"the converted layers will not compute what their convs did: {reason}; for an exact conversion with a "
+            "random router, use routing='softmax' or 'normalized_sigmoid' with perturbation=0",
+            stacklevel=2,
+        )
     if tied := _tied_weights(model, [candidate.module for candidate, _ in plan]):
         warnings.warn(
             f"convert gives each CondConv2d its own experts, so these convs no longer share their weight: {tied}; "
@@ -253,6 +259,8 @@ def _convert_planned(
             strategy=options.strategy,
             init=config.init,
             perturbation=config.perturbation,
+            router_init=config.router_init,
+            router_scale=config.router_scale,
             generator=_layer_generator(config.seed, candidate.name),
         )
         move_hooks(conv, layer)
