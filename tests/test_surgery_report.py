@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 from rich.console import Console
 from zoo import zoo_model
 
@@ -187,3 +188,50 @@ def test_a_conversion_whose_probe_fails_converts_nothing(monkeypatch) -> None:
     with pytest.raises(ValueError, match=r"converted model fails on input_size=\(3, 32, 32\).*nothing was converted"):
         convert(model, "layer4", strategy="fused", input_size=(3, 32, 32))
     assert dict(model.named_modules()) == before and not any(isinstance(m, CondConv2d) for m in model.modules())
+
+
+def test_long_names_wrap_at_dots_with_an_indented_continuation_in_80_columns() -> None:
+    """timm's EfficientNet names (blocks.5.0.se.conv_reduce) do not fit 80 columns beside the counts."""
+
+    class Excite(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv_reduce, self.conv_expand = nn.Conv2d(1152, 48, 1), nn.Conv2d(48, 1152, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.conv_expand(self.conv_reduce(x.mean((2, 3), keepdim=True))).sigmoid()
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv_pw = nn.Conv2d(192, 1152, 1)
+            self.conv_dw = nn.Conv2d(1152, 1152, 5, padding=2, groups=1152)
+            self.se = Excite()
+            self.conv_pwl = nn.Conv2d(1152, 192, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv_pwl(self.se(self.conv_dw(self.conv_pw(x))))
+
+    model = nn.Sequential()
+    model.add_module("blocks", nn.Sequential(*[nn.Sequential(Block()) for _ in range(6)]))
+    report = convert(model, "*", input_size=(192, 4, 4))
+    console = Console(record=True, width=80)
+    console.print(report)
+    lines = console.export_text().splitlines()
+    assert max(map(len, lines)) <= 80
+    body = lines[lines.index(next(line for line in lines if "───" in line)) + 1 :]
+    names, current = [], None
+    for line in body:
+        if line.startswith(" blocks."):
+            current = line.split()[0]
+            names.append(current)
+        elif line.startswith("   ") and line.strip() and current is not None and not line.strip()[0].isdigit():
+            names[-1] += line.split()[0]  # the continuation of the name above, indented
+        else:
+            current = None
+    assert names == [r.name for r in report.converted]
+    assert any(len(name) > len(line.split()[0]) for name, line in zip(names, body)), "some names wrapped"
+    wide = Console(record=True, width=160)
+    wide.print(report)
+    words = wide.export_text().split()
+    assert all(r.name in words for r in report.converted), "unbroken where they fit"

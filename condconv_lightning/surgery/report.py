@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from rich import box
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 from rich.text import Text
 
@@ -152,7 +153,13 @@ class ConversionReport:
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
-    def __rich__(self) -> Table:
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self.table(options.max_width)
+
+    def table(self, width: int | None = None) -> Table:
+        """The report as a rich table; with ``width``, names too long for the columns the others leave them
+        wrap at their dots, the continuation indented (a name never breaks mid-word into what reads as another
+        layer)."""
         size = "x".join(map(str, self.input_size)) if self.input_size else None
         table = Table(
             title=f"CondConv conversion: {len(self.converted)} layers",
@@ -189,10 +196,15 @@ class ConversionReport:
         if not any(r.strategy for r in self.converted):  # known from the probe forward (input_size) only
             headers, footers, rows = headers[:-1], footers[:-1], [row[:-1] for row in rows]
         for i, (header, footer) in enumerate(zip(headers, footers)):
-            # only the names may fold (never truncate): the other columns are short, and a fixed width
+            # only the names may wrap (never truncate): the other columns are short, and a fixed width
             # (min_width) would push the table past the console, which then crops whole columns
             justify = "left" if i == 0 else "right"
             table.add_column(header, footer=footer, justify=justify, no_wrap=i > 0, overflow="fold")
+        if width is not None:  # one space between columns and at each edge (SIMPLE_HEAD, no padding)
+            others = sum(max(len(cell) for cell in column) for column in zip(headers, footers, *rows))
+            others -= max(len(cell) for cell in (headers[0], footers[0], *(row[0] for row in rows)))
+            name_width = max(12, width - others - (len(headers) + 1))  # separators and the two edges
+            rows = [[wrap_at_dots(row[0], name_width), *row[1:]] for row in rows]
         for row in rows:
             table.add_row(Text(row[0]), *row[1:])  # a layer name is text, never rich markup
         return table
@@ -259,6 +271,23 @@ def probe_shapes(model: nn.Module, convs: Sequence[nn.Module], input_size: Seque
         for key, calls in seen.items()
         if calls
     }
+
+
+def wrap_at_dots(name: str, width: int) -> str:
+    """``name`` in lines of at most ``width`` characters, broken after dots; continuation lines start with two
+    spaces, which no module name does. A part longer than a line is folded as it is."""
+    if len(name) <= width:
+        return name
+    lines: list[str] = []
+    line = ""
+    for part in name.replace(".", ".\0").split("\0"):
+        room = width - (2 if lines else 0)
+        if line and len(line) + len(part) > room:
+            lines.append(line)
+            line = ""
+        line += part
+    lines.append(line)
+    return "\n".join(lines[:1] + ["  " + rest for rest in lines[1:]])
 
 
 def _conv(r: ConvertedLayer) -> str:
