@@ -149,3 +149,11 @@ def test_ddp_value_equals_single_process_value_on_the_full_batch(tmp_path: Path)
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for key in expected:
             torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("routing", [[[1.0, 0.0, 0.0]] * 2, [[0.3]], [[1e-30, 1.0]]], ids=["one-hot", "K1", "nearly"])
+def test_entropies_are_never_negative_zero_or_below_zero(routing: list) -> None:
+    """A collapsed layer's usage entropy printed as '-0.000' in the collapse warning."""
+    stats = routing_entropy(torch.tensor(routing))
+    for key in ("entropy", "usage_entropy"):
+        assert not torch.signbit(stats[key]) and f"{float(stats[key]):.3f}" == "0.000"

@@ -45,10 +45,17 @@ def _check_routing_weights(routing: Tensor, num_experts: int | None) -> None:
 
 
 def _normalized_entropy(probabilities: Tensor) -> Tensor:
-    """Entropy over the last dimension divided by ``log K`` (``K = 1`` gives 0)."""
+    """Entropy over the last dimension divided by ``log K`` (``K = 1`` gives 0), in ``[0, 1]``.
+
+    Probabilities rounded a hair above 1 (or a lone 1, whose ``-1 log 1`` is ``-0.0``) would give
+    a negative value that prints as ``-0.000``: the result is clamped, and ``+ 0.0`` turns ``-0.0``
+    into ``0.0``.
+    """
     num_experts = probabilities.shape[-1]
     entropy = -torch.special.xlogy(probabilities, probabilities).sum(dim=-1)
-    return entropy / math.log(num_experts) if num_experts > 1 else entropy
+    if num_experts > 1:
+        entropy = entropy / math.log(num_experts)
+    return entropy.clamp(0.0, 1.0) + 0.0
 
 
 def _routing_entropy_update(routing: Tensor) -> tuple[Tensor, Tensor, Tensor]:
