@@ -180,6 +180,18 @@ def test_the_uniform_routing_count_survives_a_resume() -> None:
     assert monitor.state_dict() == {"uniform_since": {"model.conv1": 40}, "warned_uniform": False}
 
 
+@pytest.mark.parametrize("logger", [True, False])
+def test_mean_routing_entropy_is_on_the_progress_bar(tmp_path: Path, logger: bool) -> None:
+    t = trainer(tmp_path, [RoutingEntropyMonitor()], max_steps=4, limit_val_batches=1, logger=logger or False)
+    t.fit(ImageClassifier(TinyNet(), optimizer=frozen_optimizer), tiny_data())
+    shown = t.progress_bar_metrics
+    assert 0.0 < shown["routing/entropy"] <= 1.0 and 0.0 < shown["val_routing/entropy"] <= 1.0
+    assert not any("/model." in name for name in shown), "per-layer values go to the logger only"
+    quiet = trainer(tmp_path / "quiet", [RoutingEntropyMonitor(prog_bar=False)], max_steps=1, limit_val_batches=0)
+    quiet.fit(ImageClassifier(TinyNet(), optimizer=frozen_optimizer), tiny_data())
+    assert "routing/entropy" not in quiet.progress_bar_metrics
+
+
 def test_a_failed_run_leaves_no_hook_and_the_monitor_serves_a_new_run(tmp_path: Path) -> None:
     from lightning.pytorch import Callback
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from torch import nn
 from rich.console import Console
+from torch import nn
 from zoo import zoo_model
 
 from condconv_lightning.demos import resnet50_like

@@ -69,6 +69,8 @@ class RoutingEntropyMonitor(Callback):
             conversion options that break the symmetry. Checked at training logs, so it
             needs training values to be logged.
         log_experts: also log the mean routing weight of every expert.
+        prog_bar: show ``<prefix>/entropy`` (and ``val_<prefix>/entropy``), the mean over layers, on
+            the progress bar.
         prefix: first component of every logged name.
 
     Raises:
@@ -90,6 +92,7 @@ class RoutingEntropyMonitor(Callback):
         log_experts: bool = True,
         prefix: str = "routing",
         uniform_steps: int = 500,
+        prog_bar: bool = True,
     ) -> None:
         if logging_interval is not None and (isinstance(logging_interval, bool) or logging_interval < 0):
             raise ValueError(f"logging_interval must be None or a non-negative integer, got {logging_interval!r}")
@@ -104,6 +107,7 @@ class RoutingEntropyMonitor(Callback):
         self.logging_interval = logging_interval
         self.collapse_threshold = collapse_threshold
         self.log_experts = log_experts
+        self.prog_bar = prog_bar
         self.prefix = prefix
         self.uniform_steps = uniform_steps
         self._uniform_since: dict[str, int] = {}
@@ -230,12 +234,14 @@ class RoutingEntropyMonitor(Callback):
         values += [torch.stack(entropies).mean(), torch.stack(usages).mean()]
         logged = dict(zip(names, torch.stack(values).tolist()))  # the one host read of this log
         _reset(metrics)
-        if trainer.loggers:  # rank zero's loggers write them
-            # The values are already reduced over processes, so every rank holds the same ones. Lightning asks for
-            # sync_dist on epoch-level values under DDP (one warning per name): the max of equal values is that value.
-            pl_module.log_dict(
-                logged, on_step=in_training, on_epoch=not in_training, sync_dist=not in_training, reduce_fx="max"
-            )
+        # The values are already reduced over processes, so every rank holds the same ones. Lightning asks for
+        # sync_dist on epoch-level values under DDP (one warning per name): the max of equal values is that value.
+        options = dict(on_step=in_training, on_epoch=not in_training, sync_dist=not in_training, reduce_fx="max")
+        shown = f"{prefix}/entropy" if self.prog_bar else None
+        if shown is not None:  # on the progress bar with or without a logger; rank zero's loggers write it
+            pl_module.log(shown, logged[shown], prog_bar=True, logger=bool(trainer.loggers), **options)
+        if trainer.loggers:
+            pl_module.log_dict({k: v for k, v in logged.items() if k != shown}, **options)
         self._warn_on_collapse(logged, prefix, observed)
         if in_training:
             self._warn_on_uniform(logged, prefix, observed, trainer.global_step)
@@ -250,7 +256,6 @@ class RoutingEntropyMonitor(Callback):
                     f"{self.collapse_threshold}; consider softmax routing with a temperature schedule or a lower "
                     "learning rate for routers"
                 )
-
 
     def _warn_on_uniform(self, logged: dict[str, float], prefix: str, observed: list[str], step: int) -> None:
         """Track since when each layer's routing has been uniform; warn once when some stayed so long enough."""
