@@ -78,7 +78,7 @@ def test_a_random_router_with_identical_experts_is_exact_against_a_float64_per_s
 
 def test_random_router_weights_have_the_documented_scale_and_follow_the_seed() -> None:
     conv = nn.Conv2d(256, 8, 1)
-    draw = lambda seed: CondConv2d.from_conv(  # noqa: E731
+    draw = lambda seed: CondConv2d.from_conv(
         conv, 8, routing="softmax", router_init="random", router_scale=2.0, perturbation=0.0,
         generator=torch.Generator().manual_seed(seed),
     ).router  # fmt: skip
@@ -131,7 +131,7 @@ def test_a_random_router_breaks_the_symmetry_a_zero_router_keeps() -> None:
         layer = CondConv2d.from_conv(conv, 4, routing="softmax", router_init=init, perturbation=0.0)
         layer(x).square().sum().backward()
         gradients[init] = layer.weight.grad
-    spread = lambda grad: float((grad - grad.mean(dim=0)).abs().max() / grad.abs().max())  # noqa: E731
+    spread = lambda grad: float((grad - grad.mean(dim=0)).abs().max() / grad.abs().max())
     assert spread(gradients["zero"]) < 1e-6
     assert spread(gradients["random"]) > 1e-2
 
