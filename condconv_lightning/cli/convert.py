@@ -33,7 +33,7 @@ from rich.markup import escape
 
 from ..condconv2d import CondConv2d
 from ..functional import is_tuning_enabled
-from ..io import SAFETENSORS_SUFFIXES, UnsafeFileError, check_writable
+from ..io import SAFETENSORS_SUFFIXES, OutputPathError, UnsafeFileError, WriteError, check_writable
 from ..loading import LoadedModel, ModelFileError, import_object, load_model, one_line
 from ..loading.architectures import BUILTIN_MODELS
 from ..loading.check import (
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()
         )  # the interpreter's last flush must not fail again
         return _fail(args, "standard output was closed before the result was printed" + _nothing_written(args))
-    except (CommandError, ModelFileError, SelectorError, UnsafeFileError) as error:
+    except (CommandError, ModelFileError, OutputPathError, SelectorError, UnsafeFileError, WriteError) as error:
         if os.environ.get(DEBUG_ENV) == "1":
             raise
         return _fail(args, str(error), facts=getattr(error, "facts", None))
@@ -330,12 +330,14 @@ def _list(args: argparse.Namespace, loaded: LoadedModel, allow_classes: tuple[ty
 def _output_path(model: Path, output: Path | None, force: bool) -> Path:
     """Resolve the output path and fail before any work if it cannot be written."""
     target = output if output is not None else model.with_name(model.stem + OUTPUT_SUFFIX)
-    if target.exists() and model.exists() and target.resolve() == model.resolve():
+    if os.path.exists(target) and model.exists() and target.resolve() == model.resolve():  # False for a bad name
         raise CommandError(f"the output {target} is the input; the input is never modified, so choose another -o")
     try:
         return check_writable(target, overwrite=force)
     except IsADirectoryError:
         raise CommandError(f"the output {target} is a directory; pass a file path with -o") from None
+    except OutputPathError as error:  # a device, FIFO or socket; a name too long
+        raise CommandError(f"-o: {error}") from None
     except FileExistsError:  # a symlink, dangling or not, is never followed or replaced
         raise CommandError(f"{target} already exists; pass --force to replace it, or choose another -o") from None
     except FileNotFoundError:
