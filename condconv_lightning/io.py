@@ -14,10 +14,12 @@
   latest) is one :class:`WriteError` naming the output; the temporary file is removed, so
   nothing was written and a file being replaced is left as it was.
 - ``torch.save`` output is byte-identical for identical objects (:func:`torch_save`).
-- Loading is weights-only through one function (:func:`load_weights_only`), which
-  also refuses compressed zip records (``torch.save`` never compresses, so a deflated
-  record that inflates far beyond its size is a zip bomb); trusted pickles load
-  through :func:`load_trusted_pickle` only. Wrapper prefixes of state dict keys
+- Loading is weights-only through one function (:func:`load_weights_only`); trusted
+  pickles load through :func:`load_trusted_pickle` only. Both, and :func:`load_state_dict`,
+  take a file as :func:`~condconv_lightning.formats.detect_format` found it (a path is
+  detected first): its format decided once from its bytes, its declared lengths checked
+  against its size, zip bombs (compressed records that inflate far beyond their size;
+  ``torch.save`` never compresses) refused. Wrapper prefixes of state dict keys
   (``module.``, ``_orig_mod.``) are stripped (:mod:`condconv_lightning.wrappers`).
 """
 
@@ -31,7 +33,6 @@ import re
 import secrets
 import stat
 import warnings
-import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO
@@ -39,6 +40,17 @@ from typing import IO
 import torch
 from torch import Tensor
 
+from .formats import (
+    DetectedFile,
+    FileFormat,
+    ModelFileError,
+    check_not_zip_bomb,
+    detect_format,
+)
+from .formats import (
+    UnsafeFileError as UnsafeFileError,  # raised by the loaders below; callers catch it from here
+)
+from .messages import printable
 from .wrappers import strip_keys
 
 PathLike = str | os.PathLike
@@ -47,12 +59,6 @@ TEMP_SUFFIX = ".condconv-tmp"
 DEFAULT_NAME_MAX = 255
 TEMP_NAME_OVERHEAD = len(f"..{2**32}.{'0' * 8}{TEMP_SUFFIX}")
 """Bytes a temporary name adds to its tag: dots, a process id (up to 10 digits), 8 hex digits, the suffix."""
-MAX_INFLATION_RATIO = 20
-"""A compressed zip record may inflate to at most this many times its stored size (beyond 1 MiB)."""
-
-
-class UnsafeFileError(ValueError):
-    """A file that is refused before anything in it is read (a zip bomb)."""
 
 
 @contextlib.contextmanager
@@ -269,7 +275,7 @@ def _remove_stale_temporaries(target: Path) -> None:
             entry.unlink(missing_ok=True)
             removed.append(entry.name)
     if removed:
-        names = ", ".join(removed)
+        names = printable(", ".join(removed))
         warnings.warn(f"removed {len(removed)} temporary file(s) left by an interrupted write: {names}", stacklevel=2)
 
 
@@ -292,69 +298,46 @@ def torch_save(obj: object, path: Path) -> None:
 
 
 def load_weights_only(
-    path: PathLike | IO[bytes], map_location: str | torch.device = "cpu", *, mmap: bool = False
+    source: PathLike | DetectedFile | IO[bytes], map_location: str | torch.device = "cpu", *, mmap: bool = False
 ) -> object:
     """``torch.load(weights_only=True)``: tensors, containers and plain values; never runs code from the file.
 
-    ``mmap=True`` maps a ``torch.save`` zip file's tensors instead of reading them, for
-    callers that need only its small entries.
+    A path is detected first (:func:`~condconv_lightning.formats.detect_format`: a regular file whose
+    declared lengths fit in it, no zip bomb); a file object is checked for zip bombs. ``mmap=True``
+    maps a ``torch.save`` zip file's tensors instead of reading them, for callers that need only its
+    small entries.
 
     Raises:
+        ModelFileError: the file is missing, not a regular file, truncated, or not a PyTorch file.
         UnsafeFileError: a zip record would inflate far beyond its stored size (a zip bomb).
         pickle.UnpicklingError: the file holds other Python objects (see :func:`load_trusted_pickle`).
     """
-    check_not_zip_bomb(path)
-    if mmap:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-    with _opened(path) as f:
+    if hasattr(source, "read"):
+        check_not_zip_bomb(source)  # type: ignore[arg-type]
+        return torch.load(source, map_location=map_location, weights_only=True)  # type: ignore[arg-type]
+    detected = _detected(source)  # type: ignore[arg-type]
+    if mmap and detected.format is FileFormat.TORCH_ZIP:
+        return torch.load(detected.path, map_location=map_location, weights_only=True, mmap=True)
+    with _opened(detected) as f:
         return torch.load(f, map_location=map_location, weights_only=True)
 
 
-def load_trusted_pickle(path: PathLike | IO[bytes], map_location: str | torch.device = "cpu") -> object:
+def load_trusted_pickle(source: PathLike | DetectedFile, map_location: str | torch.device = "cpu") -> object:
     """``torch.load(weights_only=False)``: unpickling runs code from the file; only for files the caller trusts."""
-    check_not_zip_bomb(path)
-    with _opened(path) as f:
+    with _opened(_detected(source)) as f:
         return torch.load(f, map_location=map_location, weights_only=False)
 
 
+def _detected(source: PathLike | DetectedFile) -> DetectedFile:
+    return source if isinstance(source, DetectedFile) else detect_format(source)
+
+
 @contextlib.contextmanager
-def _opened(path: PathLike | IO[bytes]) -> Iterator[IO[bytes]]:
-    """``path`` as an open binary file: ``torch.load`` given a path ending in ``.safetensors`` reads it as
-    safetensors whatever it holds, and the caller has already told the formats apart by their bytes."""
-    if hasattr(path, "read"):
-        yield path  # type: ignore[misc]
-    else:
-        with open(path, "rb") as f:
-            yield f
-
-
-def check_not_zip_bomb(path: PathLike | IO[bytes]) -> None:
-    """Refuse a zip archive whose compressed records, one or all together, inflate more than
-    :data:`MAX_INFLATION_RATIO`-fold.
-
-    A file object is left at the position it had.
-    """
-    position = path.tell() if hasattr(path, "tell") else None
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                _check_records(path, archive.infolist())
-    finally:
-        if position is not None:
-            path.seek(position)  # type: ignore[union-attr]
-
-
-def _check_records(path: object, records: list[zipfile.ZipInfo]) -> None:
-    """Each compressed record, and all of them together (many records of just under the limit add up)."""
-    compressed = [info for info in records if info.compress_type != zipfile.ZIP_STORED]
-    sizes = [(f"record {info.filename} inflates", info.compress_size, info.file_size) for info in compressed]
-    total = (sum(info.compress_size for info in compressed), sum(info.file_size for info in compressed))
-    for what, packed, inflated in (*sizes, (f"its {len(compressed)} compressed records inflate", *total)):
-        if inflated > 2**20 and inflated > MAX_INFLATION_RATIO * max(packed, 1):
-            raise UnsafeFileError(
-                f"{path}: {what} from {packed} to {inflated} bytes; torch.save never compresses, so this looks "
-                "like a zip bomb; save the model again with torch.save"
-            )
+def _opened(detected: DetectedFile) -> Iterator[IO[bytes]]:
+    """The file open for reading: ``torch.load`` given a path ending in ``.safetensors`` reads it as
+    safetensors whatever it holds, and the format was decided from the bytes."""
+    with open(detected.path, "rb") as f:
+        yield f
 
 
 def save_state_dict(
@@ -398,16 +381,6 @@ def writing_safetensors() -> Iterator[None]:
         raise OSError(code, os.strerror(code)) from error
 
 
-def is_safetensors(path: PathLike) -> bool:
-    """Whether ``path``'s bytes start as a safetensors file does (an 8-byte little-endian header length,
-    then a JSON object that fits in the file): files are read by what they hold, not by their suffix
-    (https://github.com/huggingface/safetensors#format)."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-        size = os.fstat(f.fileno()).st_size
-    return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
-
-
 @contextlib.contextmanager
 def reading_safetensors(path: PathLike) -> Iterator[None]:
     """safetensors' own errors (a crafted header, overlapping tensors) as one ValueError naming ``path``."""
@@ -420,23 +393,26 @@ def reading_safetensors(path: PathLike) -> Iterator[None]:
         raise ValueError(f"cannot read {path} as a safetensors file ({reason}); it is corrupted") from None
 
 
-def load_state_dict(path: PathLike, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
+def load_state_dict(source: PathLike | DetectedFile, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
     """Read a state dict weights-only (safetensors or torch, told apart by the bytes) and strip wrapper prefixes.
 
     A Lightning checkpoint (a dict with a ``state_dict`` entry) yields that entry.
+
+    Raises:
+        ModelFileError: the file is unusable, or holds no state dict.
     """
-    source = Path(path)
-    if is_safetensors(source):
+    detected = _detected(source)
+    if detected.format is FileFormat.SAFETENSORS:
         from safetensors.torch import load_file
 
-        with reading_safetensors(source):
-            loaded: object = load_file(str(source), device=str(map_location))
+        with reading_safetensors(detected.path):
+            loaded: object = load_file(str(detected.path), device=str(map_location))
     else:
-        loaded = load_weights_only(source, map_location)
+        loaded = load_weights_only(detected, map_location)
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping) or not all(isinstance(v, Tensor) for v in loaded.values()):
-        raise ValueError(f"{source} does not hold a state dict (a mapping of names to tensors)")
+        raise ModelFileError(f"{detected.path} does not hold a state dict (a mapping of names to tensors)")
     return strip_keys(loaded)
 
 
