@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from condconv_lightning.demos import resnet_tiny
 from condconv_lightning.functional import save_tuning_cache
@@ -342,3 +344,377 @@ def test_a_full_disk_is_one_line_naming_the_output(small_disk: Path) -> None:
         ):
             save_state_dict(model.state_dict(), small_disk / name)
     assert list(small_disk.iterdir()) == []
+
+
+# Formats are told apart by their bytes, safetensors by its header before any pickle opcode.
+
+
+def safetensors_file(path: Path, header_size: int) -> dict[str, torch.Tensor]:
+    """A real safetensors file (written by safetensors) whose header is ``header_size`` bytes long
+    (a multiple of 8, as safetensors pads it), padded through its metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    save_file(tensors, path, metadata={"pad": ""})
+    pad = header_size - int.from_bytes(path.read_bytes()[:8], "little")
+    assert pad >= 0 and pad % 8 == 0, pad
+    save_file(tensors, path, metadata={"pad": "p" * pad})
+    assert int.from_bytes(path.read_bytes()[:8], "little") == header_size
+    return tensors
+
+
+def assert_read_as_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from condconv_lightning.formats import FileFormat, detect_format
+    from condconv_lightning.io import load_state_dict
+
+    assert detect_format(path).format is FileFormat.SAFETENSORS
+    loaded = load_state_dict(path)
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+@pytest.mark.parametrize("residue", range(0, 256, 8))
+def test_safetensors_is_recognized_whatever_its_header_length(tmp_path: Path, residue: int) -> None:
+    """Every header length modulo 256 that safetensors writes; 128 starts the file with pickle's PROTO byte."""
+    path = tmp_path / "w.safetensors"
+    tensors = safetensors_file(path, 256 + residue)
+    assert (path.read_bytes()[0] == 0x80) == (residue == 128)
+    assert_read_as_safetensors(path, tensors)
+
+
+@given(blocks=st.integers(min_value=12, max_value=2000))
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_safetensors_of_any_header_length_is_detected_and_loads(tmp_path: Path, blocks: int) -> None:
+    path = tmp_path / f"{blocks}.pt"  # the suffix says nothing: the bytes do
+    tensors = safetensors_file(path, 8 * blocks)
+    assert_read_as_safetensors(path, tensors)
+
+
+plain_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text() | st.binary(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(value=plain_values, protocol=st.integers(min_value=0, max_value=5))
+@settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_pickles_are_never_mistaken_for_safetensors(tmp_path: Path, value: object, protocol: int) -> None:
+    import pickle
+
+    from condconv_lightning.formats import FileFormat, ModelFileError, detect_format
+
+    path = tmp_path / "value.pt"
+    path.write_bytes(pickle.dumps(value, protocol=protocol))
+    try:
+        detected = detect_format(path)
+    except ModelFileError as error:
+        assert "safetensors file (" not in str(error) and "truncated safetensors" not in str(error)
+    else:
+        assert detected.format is not FileFormat.SAFETENSORS
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_torch_files_are_never_mistaken_for_safetensors(tmp_path: Path, legacy: bool) -> None:
+    from condconv_lightning.formats import FileFormat, detect_format
+
+    for size in range(0, 300, 7):
+        path = tmp_path / f"{size}.safetensors"
+        torch.save({"w": torch.zeros(size), "pad": "x" * size}, path, _use_new_zipfile_serialization=not legacy)
+        expected = FileFormat.TORCH_LEGACY if legacy else FileFormat.TORCH_ZIP
+        assert detect_format(path).format is expected
+
+
+# Declared lengths are checked against the bytes the file holds before anything is read.
+
+HUGE = 2**62
+DECLARING_PICKLES = {
+    # opcode, then a declared length the file does not hold
+    "BINUNICODE8": b"\x80\x04\x8d" + HUGE.to_bytes(8, "little") + b"abcdefgh.",
+    "BINBYTES8": b"\x80\x04\x8e" + HUGE.to_bytes(8, "little") + b"abcdefgh.",
+    "BYTEARRAY8": b"\x80\x05\x96" + HUGE.to_bytes(8, "little") + b"abcdefgh.",
+    "BINUNICODE": b"\x80\x02X" + (2**32 - 1).to_bytes(4, "little") + b"abcdefgh.",
+    "LONG4": b"\x80\x02\x8b" + (2**31 - 1).to_bytes(4, "little") + b"abcdefgh.",
+}
+
+
+def legacy_torch_file(path: Path, object_pickle: bytes) -> None:
+    """torch's legacy layout: magic number, protocol, system info, then ``object_pickle``."""
+    import pickle
+
+    header = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}
+    path.write_bytes(
+        pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
+        + pickle.dumps(1001, protocol=2)
+        + pickle.dumps(header, protocol=2)
+        + object_pickle
+    )
+
+
+@pytest.mark.parametrize("opcode", list(DECLARING_PICKLES))
+@pytest.mark.parametrize("where", ["alone", "legacy torch file", "zip data.pkl"])
+def test_a_declared_length_beyond_the_file_is_refused_before_it_is_read(
+    tmp_path: Path, opcode: str, where: str
+) -> None:
+    import zipfile
+
+    from condconv_lightning.formats import ModelFileError, detect_format, pickled_globals
+    from condconv_lightning.loading import load_model
+
+    payload = DECLARING_PICKLES[opcode]
+    path = tmp_path / "declares.pt"
+    if where == "alone":
+        path.write_bytes(payload)
+    elif where == "legacy torch file":
+        legacy_torch_file(path, payload)
+    else:
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("archive/data.pkl", payload)
+    assert path.stat().st_size < 400
+    if where == "zip data.pkl":
+        assert pickled_globals(detect_format(path)) == []  # the opcodes before the lie, none of them global
+    else:
+        with pytest.raises(ModelFileError, match=r"declares.pt is a truncated or corrupted pickle"):
+            detect_format(path)
+    with pytest.raises(ModelFileError, match=r"truncated or corrupted") as info:
+        load_model(path, arch="resnet_tiny")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_a_20_byte_pickle_declaring_an_exabyte_is_one_line_on_the_command_line(tmp_path: Path) -> None:
+    (tmp_path / "tiny.pt").write_bytes(DECLARING_PICKLES["BINUNICODE8"])
+    result = run_convert("tiny.pt", "--layers", "layer4", cwd=tmp_path)
+    message = result.stderr.strip()
+    assert result.returncode == 1 and message.splitlines() == [message], message
+    assert "tiny.pt is a truncated or corrupted pickle" in message and "MemoryError" not in message
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "device"])
+def test_only_regular_files_are_read(tmp_path: Path, kind: str) -> None:
+    """A FIFO named like a model would block the reader forever; a device is never opened."""
+    from condconv_lightning.formats import ModelFileError, detect_format
+    from condconv_lightning.io import load_state_dict
+
+    path = tmp_path / "model.pt"
+    make_special(path, kind)
+    for read in (detect_format, load_state_dict):
+        with pytest.raises(ModelFileError, match=rf"model.pt is a {re.escape(SPECIAL_KINDS[kind])}, not a regular"):
+            read(path)
+
+
+# The temperature a file brings is checked as the argument is.
+
+BAD_TEMPERATURES = [0.0, -1.0, float("inf"), float("nan")]
+
+
+@pytest.mark.parametrize("value", BAD_TEMPERATURES, ids=["zero", "negative", "inf", "nan"])
+def test_a_temperature_from_a_file_is_checked_before_the_layer_changes(tmp_path: Path, value: float) -> None:
+    from condconv_lightning import CondConv2d, load_converted
+
+    model = resnet_tiny()
+    report = convert(model, "layer4")
+    state = model.state_dict()
+    key = "layer4.0.conv1.temperature"
+    target = resnet_tiny()
+    convert(target, "layer4")
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"state dict entry '{key}': temperature must be a positive finite number"):
+        target.load_state_dict({**state, key: torch.tensor(value)})
+    layer = target.get_submodule("layer4.0.conv1")
+    assert isinstance(layer, CondConv2d)
+    assert all(torch.equal(v, before[f"layer4.0.conv1.{k}"]) for k, v in layer.state_dict().items())
+
+    state[key].fill_(value)  # as a file would hold it
+    path = tmp_path / "bad.pt"  # as save_converted writes it, the spec saying 1.0 and the buffer not
+    torch.save({"format": "condconv_lightning.converted/1", "spec": report.spec.to_json(), "state_dict": state}, path)
+    fresh = resnet_tiny()
+    with pytest.raises(ValueError, match=rf"'{key}': temperature must be a positive finite number"):
+        load_converted(path, fresh)
+    assert not any(isinstance(m, CondConv2d) for m in fresh.modules())  # left as it was
+
+
+def test_a_lightning_checkpoint_with_a_nan_temperature_is_refused(tmp_path: Path) -> None:
+    from condconv_lightning.finetune import ImageClassifier
+
+    module = ImageClassifier(num_classes=4)
+    convert(module.model, "layer4")
+    checkpoint = {
+        "state_dict": {**module.state_dict(), "model.layer4.0.conv2.temperature": torch.tensor(float("nan"))},
+        "hyper_parameters": {"num_classes": 4},
+        "pytorch-lightning_version": "2.6.6",
+    }
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "nan.ckpt")
+    with pytest.raises(ValueError, match=r"'model.layer4.0.conv2.temperature': temperature must be a positive"):
+        ImageClassifier.load_from_checkpoint(tmp_path / "nan.ckpt")
+
+
+def test_a_valid_temperature_still_loads_in_any_dtype() -> None:
+    from condconv_lightning import CondConv2d
+
+    layer = CondConv2d(4, 4, 3, num_experts=2)
+    for value in (torch.tensor(0.5), torch.tensor(3), torch.tensor(2.0, dtype=torch.bfloat16)):
+        layer.load_state_dict({**layer.state_dict(), "temperature": value})
+        assert float(layer.temperature) == float(value)
+
+
+# A spec that names one layer under many aliases builds it once.
+
+
+def test_a_spec_listing_one_layer_under_a_hundred_aliases_builds_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from condconv_lightning import CondConv2d, load_converted
+
+    model = resnet_tiny()
+    report = convert(model, "layer4.0.conv2", num_experts=4)
+    spec = json.loads(report.spec.to_json())
+    options = spec["layers"]["layer4.0.conv2"]
+    spec["layers"] = {"module." * i + "_orig_mod." * (i % 2) + "layer4.0.conv2": options for i in range(100)}
+    path = tmp_path / "aliases.pt"
+    torch.save(
+        {"format": "condconv_lightning.converted/1", "spec": json.dumps(spec), "state_dict": model.state_dict()}, path
+    )
+    built = []
+    real_init = CondConv2d.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(self)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(CondConv2d, "__init__", counting_init)
+    loaded = load_converted(path, resnet_tiny())
+    assert len(built) == 1
+    assert [name for name, m in loaded.named_modules() if isinstance(m, CondConv2d)] == ["layer4.0.conv2"]
+
+
+def test_aliases_of_a_shared_layer_with_different_options_are_one_line() -> None:
+    import torch.nn as nn
+
+    from condconv_lightning import apply_spec
+    from condconv_lightning.surgery import ConversionSpec, LayerOptions
+
+    shared = nn.Conv2d(3, 3, 3, padding=1)
+    model = nn.Sequential(shared, nn.ReLU(), shared)  # one conv at the paths 0 and 2
+    spec = ConversionSpec(
+        layers={"0": LayerOptions(4, "sigmoid", 1.0, "auto"), "2": LayerOptions(2, "sigmoid", 1.0, "auto")}
+    )
+    with pytest.raises(ValueError, match=r"spec layers '0' and '2' name the same layer with different options; keep"):
+        apply_spec(model, spec)
+    assert model[0] is shared and model[2] is shared
+    same = ConversionSpec(
+        layers={"0": LayerOptions(4, "sigmoid", 1.0, "auto"), "2": LayerOptions(4, "sigmoid", 1.0, "auto")}
+    )
+    apply_spec(model, same)
+    assert model[0] is model[2] and model[0].num_experts == 4
+
+
+# Names from files print as text: control characters and bidi overrides are escaped in every message.
+
+HOSTILE = "\x1b]0;owned\x07\x1b[2J\rfake prompt$ \x00\u202etxt.exe"
+ESCAPED = "\\x1b]0;owned\\x07\\x1b[2J\\rfake prompt$ \\x00\\u202etxt.exe"
+RAW = ("\x1b", "\x07", "\r", "\x00", "\u202e")
+
+
+def test_printable_escapes_controls_and_bidi_overrides_only() -> None:
+    from condconv_lightning.loading import one_line
+    from condconv_lightning.messages import name_list, printable
+
+    assert printable(HOSTILE) == ESCAPED
+    assert printable("layer3.0.conv1 é 名前 \\x1b") == "layer3.0.conv1 é 名前 \\x1b"  # printable text stays
+    assert printable(printable(HOSTILE)) == ESCAPED
+    joined = ESCAPED.replace("\\r", " ")  # one_line joins lines, and \r ends one
+    assert one_line(ValueError(f"bad key {HOSTILE}\nsecond line")) == f"ValueError: bad key {joined} second line"
+    assert name_list([HOSTILE, "b", "c", "d"]) == f"{ESCAPED}, b, c and 1 more"
+
+
+def unicode_op(text: str) -> bytes:
+    """Pickle's BINUNICODE opcode pushing ``text``."""
+    data = text.encode("utf-8", "surrogatepass")
+    return b"X" + len(data).to_bytes(4, "little") + data
+
+
+def hostile_files(folder: Path) -> None:
+    import zipfile
+
+    state = resnet_tiny().state_dict()
+    torch.save({**state, f"{HOSTILE}.weight": torch.zeros(1)}, folder / "keys.pt")
+    torch.save({}, folder / "empty.pt")  # a real torch archive, its data.pkl replaced: unpickling imports a name
+    with zipfile.ZipFile(folder / "empty.pt") as source, zipfile.ZipFile(folder / "global.pt", "w") as archive:
+        for info in source.infolist():
+            hostile = b"\x80\x04" + unicode_op(HOSTILE) + unicode_op("name") + b"\x93)R."  # STACK_GLOBAL
+            archive.writestr(info, hostile if info.filename.endswith("/data.pkl") else source.read(info))
+    (folder / "empty.pt").unlink()
+
+
+def test_names_from_files_reach_python_errors_escaped(tmp_path: Path) -> None:
+    from condconv_lightning.loading import ModelFileError, load_model, load_pretrained
+
+    hostile_files(tmp_path)
+    for read in (
+        lambda: load_model(tmp_path / "keys.pt", arch="resnet_tiny"),
+        lambda: load_pretrained(tmp_path / "keys.pt", resnet_tiny()),
+        lambda: load_model(tmp_path / "global.pt"),
+    ):
+        with pytest.raises(ModelFileError) as info:
+            read()
+        message = str(info.value)
+        assert not any(char in message for char in RAW), message
+        assert "\\x1b]0;owned\\x07" in message
+
+
+@pytest.mark.slow
+def test_names_from_files_reach_the_terminal_escaped(tmp_path: Path) -> None:
+    hostile_files(tmp_path)
+    runs = [
+        run_convert("keys.pt", "--arch", "resnet_tiny", "--layers", "layer4", cwd=tmp_path),
+        run_convert("global.pt", "--layers", "layer4", cwd=tmp_path),
+    ]
+    for result in runs:
+        message = result.stderr.strip()
+        assert result.returncode == 1 and len(message.splitlines()) == 1, message
+        assert not any(char in result.stderr for char in RAW) and "\\x1b]0;owned\\x07" in message, message
+
+
+def test_a_legacy_file_declaring_more_tensor_bytes_than_it_holds_is_refused_before_torch_allocates(
+    tmp_path: Path,
+) -> None:
+    """torch's legacy reader allocates each storage at the size its pickle declares, then reads it:
+    a 350-byte file declaring 2**30 floats would take 4 GiB."""
+    from condconv_lightning.formats import ModelFileError, detect_format
+    from condconv_lightning.loading import load_model
+
+    path = tmp_path / "legacy.pt"
+    torch.save(torch.zeros(77), path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    assert data.count(b"KMNt") == 1  # BININT1 77 (the storage's numel), NONE, TUPLE: the persistent id's end
+    path.write_bytes(data.replace(b"KMNt", b"J" + (2**30).to_bytes(4, "little") + b"Nt"))
+    with pytest.raises(ModelFileError, match=r"declares 4294967296 bytes of tensors but holds \d+ bytes"):
+        detect_format(path)
+    with pytest.raises(ModelFileError, match=r"declares 4294967296 bytes"):
+        load_model(path, arch="resnet_tiny")
+    path.write_bytes(data)
+    assert detect_format(path).format.name == "TORCH_LEGACY"  # the honest file
+
+
+@pytest.mark.parametrize("content", ["declares", "truncated"])
+def test_an_unreadable_checkpoint_for_finetune_is_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, content: str
+) -> None:
+    from condconv_lightning.cli.finetune import main
+
+    checkpoint = tmp_path / "bad.ckpt"
+    if content == "declares":
+        checkpoint.write_bytes(DECLARING_PICKLES["BINUNICODE8"])
+    else:
+        torch.save({"state_dict": resnet_tiny().state_dict()}, checkpoint)
+        checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
+    monkeypatch.chdir(tmp_path)
+    arguments = ["fit", "--data", "SyntheticImageDataModule", "--trainer.max_steps", "1", "--trainer.logger", "false"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*arguments, "--trainer.enable_checkpointing", "false", "--ckpt_path", str(checkpoint)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err, err[-2000:]
+    assert "bad.ckpt" in err.strip().splitlines()[-1] and "corrupted" in err.strip().splitlines()[-1], err[-2000:]

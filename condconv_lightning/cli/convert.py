@@ -45,10 +45,11 @@ from ..loading.check import (
     inferred_input_shapes,
     reference_run,
 )
+from ..messages import printable
 from ..surgery import ConversionReport, SelectorError, convert, save_converted
 from ..surgery.report import InputSizeError
 from ..version import __version__
-from .errors import CommandError
+from .errors import CommandError, print_error
 from .listing import conv_rows, conv_table, mark_selection
 from .options import add_config_arguments, config_from_args
 
@@ -213,7 +214,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
         raise CommandError(str(error)) from None
     output = None if args.list or args.dry_run else _output_path(args.model, args.output, args.force)
     allow_classes = tuple(import_object(target, "--allow-class") for target in args.allow_class)
-    with err.status(f"Loading {escape(str(args.model))} ({_megabytes(args.model)})"):
+    with err.status(f"Loading {escape(printable(str(args.model)))} ({_megabytes(args.model)})"):
         loaded = load_model(args.model, arch=args.arch, arch_kwargs=args.arch_kwargs, trust_pickle=args.trust_pickle)
     model = loaded.model
     if args.list:
@@ -246,7 +247,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
             facts=_facts(args, loaded, report, check, None),
         )
     if output is not None:
-        with err.status(f"Writing {escape(str(output))}"):
+        with err.status(f"Writing {escape(printable(str(output)))}"):
             save_converted(
                 model,
                 output,
@@ -363,10 +364,12 @@ def _print_result(
         print(json.dumps({**_facts(args, loaded, report, check, output), "seconds": seconds}, indent=2))
         return
     written = output is not None and output.exists()
-    out.print(f"{args.model}: {loaded.holds}, {_millions(loaded.model)} parameters after conversion", markup=False)
+    out.print(
+        printable(f"{args.model}: {loaded.holds}, {_millions(loaded.model)} parameters after conversion"), markup=False
+    )
     out.print(report)
     for record in report.skipped:
-        out.print(f"[yellow]skipped[/] {escape(record.name)}: {escape(record.reason)}")
+        out.print(f"[yellow]skipped[/] {escape(printable(record.name))}: {escape(printable(record.reason))}")
     if check is not None:
         verdict = "[green]passed[/]" if check.passed else "[red]FAILED[/]"
         out.print(
@@ -375,7 +378,7 @@ def _print_result(
         )
     if written:
         kind = "full module" if loaded.full_module else "weights + conversion spec"
-        out.print(f"wrote {output} ({kind}, {_megabytes(output)}) in {seconds:.1f} s", markup=False)
+        out.print(printable(f"wrote {output} ({kind}, {_megabytes(output)}) in {seconds:.1f} s"), markup=False)
     elif args.dry_run:
         out.print("dry run: nothing written")
 
@@ -414,7 +417,7 @@ def _fail(args: argparse.Namespace, message: str, status: int = 1, facts: dict[s
     if args.json:
         with contextlib.suppress(OSError):
             print(json.dumps({"error": message, "exit_status": status, **(facts or {})}, indent=2))
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    print_error(PROG, message)
     return status
 
 

@@ -24,6 +24,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from ..compat import forward_pre_hooks, move_hooks
 from ..condconv2d import CondConv2d
+from ..messages import printable
 from ..wrappers import strip
 from .config import ConversionConfig
 from .replace import modules_by_name, replace_modules, restore_modules
@@ -135,12 +136,15 @@ def convert(
             plan.append((candidate, layer_options))
     if refused:
         warnings.warn(
-            "convert left these convs alone: " + "; ".join(f"{s.name} ({s.reason})" for s in refused), stacklevel=2
+            printable("convert left these convs alone: " + "; ".join(f"{s.name} ({s.reason})" for s in refused)),
+            stacklevel=2,
         )
     if tied := _tied_weights(model, [candidate.module for candidate, _ in plan]):
         warnings.warn(
-            f"convert gives each CondConv2d its own experts, so these convs no longer share their weight: {tied}; "
-            "they compute what they did now and train apart from here on",
+            printable(
+                f"convert gives each CondConv2d its own experts, so these convs no longer share their weight: {tied}; "
+                "they compute what they did now and train apart from here on"
+            ),
             stacklevel=2,
         )
     spec = ConversionSpec(

@@ -22,6 +22,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from ..messages import printable
 from ..modes import evaluating
 from .spec import ConversionSpec
 
@@ -194,7 +195,7 @@ class ConversionReport:
             justify = "left" if i == 0 else "right"
             table.add_column(header, footer=footer, justify=justify, no_wrap=i > 0, overflow="fold")
         for row in rows:
-            table.add_row(Text(row[0]), *row[1:])  # a layer name is text, never rich markup
+            table.add_row(Text(printable(row[0])), *row[1:])  # a layer name is text, never markup or terminal control
         return table
 
     def _caption(self, size: str | None) -> str:
