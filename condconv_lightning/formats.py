@@ -19,8 +19,8 @@ Layouts, as torch 2.x writes them:
 - ``torch.export.save`` (``.pt2``): a zip archive with ``<name>/archive_format``.
 - safetensors: an 8-byte little-endian header length, a JSON header, then the tensor bytes
   (https://github.com/huggingface/safetensors#format). It is recognized by that header
-  before pickle opcodes are looked at: a header length of 128 modulo 256 starts the file
-  with the byte of pickle's PROTO opcode.
+  before anything else is looked at: a header length of 128 modulo 256 starts the file
+  with the byte of pickle's PROTO opcode, and one of 0x04034b50 bytes with the zip magic.
 """
 
 from __future__ import annotations
@@ -121,11 +121,11 @@ def detect_format(path: str | os.PathLike) -> DetectedFile:
         if size == 0:
             raise ModelFileError(f"{path} is empty (0 bytes); save the model again")
         head = f.read(16)
-        if head.startswith(ZIP_MAGIC):
-            return DetectedFile(path, _zip_format(path, f), size)
         header = _safetensors_header(path, f, head, size)
         if header is not None:
             return DetectedFile(path, FileFormat.SAFETENSORS, size, header)
+        if head.startswith(ZIP_MAGIC):
+            return DetectedFile(path, _zip_format(path, f), size)
         if head[0] == PICKLE_PROTO:
             f.seek(0)
             return DetectedFile(path, _pickle_format(path, f, size), size)
@@ -272,7 +272,7 @@ def _safetensors_header(path: Path, f: IO[bytes], head: bytes, size: int) -> Map
     try:
         header = json.loads(f.read(header_size), object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as error:  # RecursionError: nesting deeper than Python's stack
-        if head[0] == PICKLE_PROTO:  # no safetensors file after all: a pickle, which the caller reads next
+        if head[0] == PICKLE_PROTO or head.startswith(ZIP_MAGIC):  # no safetensors file after all
             return None
         raise _corrupted_safetensors(path, f"its header is not valid JSON: {type(error).__name__}") from None
     if not isinstance(header, dict):

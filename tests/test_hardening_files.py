@@ -718,3 +718,12 @@ def test_an_unreadable_checkpoint_for_finetune_is_one_line_and_exit_2(
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err, err[-2000:]
     assert "bad.ckpt" in err.strip().splitlines()[-1] and "corrupted" in err.strip().splitlines()[-1], err[-2000:]
+
+
+@pytest.mark.slow
+def test_a_safetensors_file_whose_header_length_spells_the_zip_magic_is_safetensors(tmp_path: Path) -> None:
+    """A 67 MB header (0x04034b50 bytes, a multiple of 8) starts the file with PK\\x03\\x04."""
+    path = tmp_path / "big-header.safetensors"
+    tensors = safetensors_file(path, 0x04034B50)
+    assert path.read_bytes()[:4] == b"PK\x03\x04"
+    assert_read_as_safetensors(path, tensors)
