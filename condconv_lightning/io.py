@@ -82,9 +82,9 @@ def atomic_write(path: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     try:
         try:
             yield tmp
+            _sync(tmp)  # while the file is still ours alone to read (mode 0600)
             # writers (safetensors among them) may create the file with their own mode: give it open()'s
             os.chmod(tmp, 0o666 & ~_umask())
-            _sync(tmp)
         except Exception as error:  # interrupts (BaseException) pass as they are
             failure = _os_error_in(error)
             if failure is None:
