@@ -62,6 +62,20 @@ def conv_settings(conv: nn.Module) -> dict[str, object]:
     return {**{name: getattr(conv, name) for name in CONV_SETTINGS}, "bias": conv.bias is not None}
 
 
+def check_loaded_temperature(module: nn.Module, state_dict: dict[str, object], prefix: str, *args: object) -> None:
+    """A ``load_state_dict`` pre-hook: the ``temperature`` a state dict brings is checked as the argument is
+    (0 and NaN make every output NaN), before anything of the layer is copied. A missing or misshapen
+    entry is left for ``load_state_dict`` to report."""
+    key = f"{prefix}temperature"
+    value = state_dict.get(key)
+    if not isinstance(value, Tensor) or value.numel() != 1 or value.is_meta:
+        return
+    try:
+        check_temperature(value.item())
+    except ValueError as error:
+        raise ValueError(f"state dict entry {key!r}: {error}; the weights are damaged, load another file") from None
+
+
 ExpertInit = Literal["upcycle", "fresh"]
 RouterInit = Literal["zero", "random"]
 
@@ -94,7 +108,11 @@ class CondConv2d(nn.Module):
             ``'normalized_sigmoid'`` (sigmoid weights divided by their sum) over the
             router's logits divided by ``temperature``.
         temperature: divides the router's logits; stored as the buffer
-            ``temperature`` (change it with :meth:`set_temperature`).
+            ``temperature`` (change it with :meth:`set_temperature`). A state dict
+            loaded into the layer (``load_state_dict``, :func:`load_converted`, a
+            Lightning checkpoint) is checked alike: a temperature of 0, below 0, inf
+            or NaN is a ``ValueError`` naming the key, raised before anything of the
+            layer is copied.
         strategy: how the convolution is executed: ``'auto'``, ``'grouped'``,
             ``'mixture'``, ``'bmm'`` or ``'fused'`` (Triton, CUDA only; see
             :mod:`condconv_lightning.functional`).
@@ -181,6 +199,7 @@ class CondConv2d(nn.Module):
         self.router = nn.Linear(in_channels, num_experts, **factory)
         self.register_buffer("temperature", torch.tensor(float(temperature), **factory))
         self._routing_hooks: OrderedDict[int, RoutingHook] = OrderedDict()
+        self.register_load_state_dict_pre_hook(check_loaded_temperature)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -24,6 +24,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from ..condconv2d import CondConv2d
+from ..messages import printable
 from ..metrics import RoutingEntropy
 
 __all__ = ["RoutingEntropyMonitor"]
@@ -252,9 +253,9 @@ class RoutingEntropyMonitor(Callback):
             if layer.num_experts > 1 and usage < self.collapse_threshold and name not in self._warned:
                 self._warned.add(name)
                 rank_zero_warn(
-                    f"routing of {name} collapsed onto few experts: usage entropy {usage:.3f} < collapse_threshold "
-                    f"{self.collapse_threshold}; consider softmax routing with a temperature schedule or a lower "
-                    "learning rate for routers"
+                    f"routing of {printable(name)} collapsed onto few experts: usage entropy {usage:.3f} < "
+                    f"collapse_threshold {self.collapse_threshold}; consider softmax routing with a temperature "
+                    "schedule or a lower learning rate for routers"
                 )
 
     def _warn_on_uniform(self, logged: dict[str, float], prefix: str, observed: list[str], step: int) -> None:

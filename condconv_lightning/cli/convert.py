@@ -33,7 +33,7 @@ from rich.markup import escape
 
 from ..condconv2d import CondConv2d
 from ..functional import is_tuning_enabled
-from ..io import SAFETENSORS_SUFFIXES, UnsafeFileError, check_writable
+from ..io import SAFETENSORS_SUFFIXES, OutputPathError, UnsafeFileError, WriteError, check_writable
 from ..loading import LoadedModel, ModelFileError, import_object, load_model, one_line
 from ..loading.architectures import BUILTIN_MODELS
 from ..loading.check import (
@@ -45,10 +45,11 @@ from ..loading.check import (
     inferred_input_shapes,
     reference_run,
 )
+from ..messages import printable
 from ..surgery import ConversionReport, SelectorError, convert, save_converted
 from ..surgery.report import InputSizeError
 from ..version import __version__
-from .errors import CommandError
+from .errors import CommandError, print_error
 from .listing import conv_rows, conv_table, mark_selection
 from .options import add_config_arguments, config_from_args
 
@@ -90,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()
         )  # the interpreter's last flush must not fail again
         return _fail(args, "standard output was closed before the result was printed" + _nothing_written(args))
-    except (CommandError, ModelFileError, SelectorError, UnsafeFileError) as error:
+    except (CommandError, ModelFileError, OutputPathError, SelectorError, UnsafeFileError, WriteError) as error:
         if os.environ.get(DEBUG_ENV) == "1":
             raise
         return _fail(args, str(error), facts=getattr(error, "facts", None))
@@ -213,7 +214,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
         raise CommandError(str(error)) from None
     output = None if args.list or args.dry_run else _output_path(args.model, args.output, args.force)
     allow_classes = tuple(import_object(target, "--allow-class") for target in args.allow_class)
-    with err.status(f"Loading {escape(str(args.model))} ({_megabytes(args.model)})"):
+    with err.status(f"Loading {escape(printable(str(args.model)))} ({_megabytes(args.model)})"):
         loaded = load_model(args.model, arch=args.arch, arch_kwargs=args.arch_kwargs, trust_pickle=args.trust_pickle)
     model = loaded.model
     if args.list:
@@ -246,7 +247,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
             facts=_facts(args, loaded, report, check, None),
         )
     if output is not None:
-        with err.status(f"Writing {escape(str(output))}"):
+        with err.status(f"Writing {escape(printable(str(output)))}"):
             save_converted(
                 model,
                 output,
@@ -330,12 +331,14 @@ def _list(args: argparse.Namespace, loaded: LoadedModel, allow_classes: tuple[ty
 def _output_path(model: Path, output: Path | None, force: bool) -> Path:
     """Resolve the output path and fail before any work if it cannot be written."""
     target = output if output is not None else model.with_name(model.stem + OUTPUT_SUFFIX)
-    if target.exists() and model.exists() and target.resolve() == model.resolve():
+    if os.path.exists(target) and model.exists() and target.resolve() == model.resolve():  # False for a bad name
         raise CommandError(f"the output {target} is the input; the input is never modified, so choose another -o")
     try:
         return check_writable(target, overwrite=force)
     except IsADirectoryError:
         raise CommandError(f"the output {target} is a directory; pass a file path with -o") from None
+    except OutputPathError as error:  # a device, FIFO or socket; a name too long
+        raise CommandError(f"-o: {error}") from None
     except FileExistsError:  # a symlink, dangling or not, is never followed or replaced
         raise CommandError(f"{target} already exists; pass --force to replace it, or choose another -o") from None
     except FileNotFoundError:
@@ -361,10 +364,12 @@ def _print_result(
         print(json.dumps({**_facts(args, loaded, report, check, output), "seconds": seconds}, indent=2))
         return
     written = output is not None and output.exists()
-    out.print(f"{args.model}: {loaded.holds}, {_millions(loaded.model)} parameters after conversion", markup=False)
+    out.print(
+        printable(f"{args.model}: {loaded.holds}, {_millions(loaded.model)} parameters after conversion"), markup=False
+    )
     out.print(report)
     for record in report.skipped:
-        out.print(f"[yellow]skipped[/] {escape(record.name)}: {escape(record.reason)}")
+        out.print(f"[yellow]skipped[/] {escape(printable(record.name))}: {escape(printable(record.reason))}")
     if check is not None:
         verdict = "[green]passed[/]" if check.passed else "[red]FAILED[/]"
         out.print(
@@ -373,7 +378,7 @@ def _print_result(
         )
     if written:
         kind = "full module" if loaded.full_module else "weights + conversion spec"
-        out.print(f"wrote {output} ({kind}, {_megabytes(output)}) in {seconds:.1f} s", markup=False)
+        out.print(printable(f"wrote {output} ({kind}, {_megabytes(output)}) in {seconds:.1f} s"), markup=False)
     elif args.dry_run:
         out.print("dry run: nothing written")
 
@@ -412,7 +417,7 @@ def _fail(args: argparse.Namespace, message: str, status: int = 1, facts: dict[s
     if args.json:
         with contextlib.suppress(OSError):
             print(json.dumps({"error": message, "exit_status": status, **(facts or {})}, indent=2))
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    print_error(PROG, message)
     return status
 
 

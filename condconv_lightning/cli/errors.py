@@ -1,8 +1,12 @@
-"""The error the command line reports as one line, exit status 1, without a traceback."""
+"""The error the command line reports as one line, exit status 1, without a traceback, and the one place
+error lines are printed: names from files in them print as text (:func:`~condconv_lightning.messages.printable`)."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
+
+from ..messages import printable
 
 
 class CommandError(Exception):
@@ -12,5 +16,10 @@ class CommandError(Exception):
     """
 
     def __init__(self, message: str, *, facts: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
+        super().__init__(printable(message))
         self.facts = facts
+
+
+def print_error(program: str, message: str) -> None:
+    """``program: error: message`` on stderr, in one line, control characters escaped."""
+    print(f"{program}: error: {printable(' '.join(message.splitlines()))}", file=sys.stderr)

@@ -22,7 +22,6 @@ Examples:
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -38,8 +37,9 @@ from ..finetune.image_folder import (  # noqa: F401 (--data ImageFolderDataModul
 )
 from ..finetune.module import ImageClassifier
 from ..functional import is_tuning_enabled
-from ..loading.errors import one_line
+from ..loading.errors import ModelFileError, one_line
 from ..loading.imports import make_cwd_importable
+from .errors import print_error
 from .parser import FinetuneParser
 
 LIGHTNING_CKPT_NAMES = ("best", "last", "hpc", "registry")
@@ -127,7 +127,7 @@ class FinetuneCLI(LightningCLI):
             return
         try:
             hparams = plain_hparams(read_hparams(ckpt_path), ckpt_path, "--trust_checkpoint true")
-        except (UntrustedCheckpointError, OSError, RuntimeError) as error:
+        except (UntrustedCheckpointError, ModelFileError, OSError, RuntimeError) as error:  # ModelFileError: unreadable
             parser.error(str(error))
         hparams = {key: value for key, value in hparams.items() if key not in ("weights", "trust_pickle")}
         if hparams:
@@ -141,7 +141,7 @@ def _class_path(cls: type) -> str:
 
 
 def _exit_with(message: str) -> NoReturn:
-    print(f"condconv-finetune: error: {message}", file=sys.stderr)
+    print_error("condconv-finetune", message)
     raise SystemExit(2)
 
 

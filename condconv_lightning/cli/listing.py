@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..condconv2d import CondConv2d
+from ..messages import printable
 
 
 def conv_rows(model: nn.Module) -> list[dict[str, Any]]:
@@ -71,7 +72,7 @@ def conv_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
     """
     marked = bool(rows) and "selected" in rows[0]
     table = WholeNamesTable(
-        title=Text(title) if title is not None else None,
+        title=Text(printable(title)) if title is not None else None,
         title_justify="left",
         box=box.SIMPLE_HEAD,
         show_edge=False,
@@ -91,9 +92,9 @@ def conv_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
     if marked:
         table.add_column("--layers", justify="left", overflow="fold")
     for row in rows:
-        cells: list[Any] = [  # names and notes are text from the model, never rich markup
-            Text(row["name"]),
-            Text(row["type"]),
+        cells: list[Any] = [  # names and notes are text from the model, never markup or terminal control
+            Text(printable(row["name"])),
+            Text(printable(row["type"])),
             f"{row['in_channels']}->{row['out_channels']}",
             "x".join(map(str, row["kernel_size"])),
             "x".join(map(str, row["stride"])),
@@ -101,6 +102,7 @@ def conv_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
             f"{row['parameters']:,}",
         ]
         if marked:
-            cells.append(Text("selected", "bold green") if row["selected"] else Text(row["note"] or "", "yellow"))
+            note = Text(printable(row["note"] or ""), "yellow")
+            cells.append(Text("selected", "bold green") if row["selected"] else note)
         table.add_row(*cells)
     return table

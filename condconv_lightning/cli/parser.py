@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser
+
+from .errors import print_error
 
 __all__ = ["FULL_HELP_FLAG", "FinetuneParser"]
 
@@ -95,7 +96,7 @@ class FinetuneParser(LightningArgumentParser):
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         """Print ``condconv-finetune: error: ...`` in one line and exit with status 2, as argparse does."""
-        print(f"condconv-finetune: error: {_one_line(message)}", file=sys.stderr)
+        print_error("condconv-finetune", _one_line(message))
         raise SystemExit(2)
 
     def _lists_subcommands(self) -> bool:

@@ -5,7 +5,7 @@ defaults to ``weights_only=True`` since torch 2.6. Files are opened weights-only
 file that holds pickled Python objects (a full ``torch.save(model)``) is loaded only
 when the caller passes ``trust_pickle=True`` (``--trust-pickle``), and otherwise
 refused with the globals it would import, read from its opcodes without executing
-anything (:func:`~condconv_lightning.loading.formats.pickled_globals`).
+anything (:func:`~condconv_lightning.formats.pickled_globals`).
 
 Weights (a state dict, safetensors, a Lightning ``.ckpt``) need the architecture, named
 as :mod:`.architectures` describes (``timm:NAME``, ``torchvision:NAME``, a built-in model or
@@ -31,24 +31,22 @@ from torch import Tensor
 
 from .. import compat
 from ..checkpoints import CONVERSION_KEY, UntrustedCheckpointError, checkpoint_hparams, plain_hparams
+from ..formats import DetectedFile, FileFormat, detect_format, pickled_globals
 from ..io import (
     UnsafeFileError,
-    is_safetensors,
     key_mismatches,
     load_state_dict,
     load_trusted_pickle,
     load_weights_only,
 )
-from ..surgery import ConversionSpec, load_converted, read_spec
+from ..messages import name_list, printable
+from ..surgery import ConversionSpec, load_converted
 from ..surgery.persist import FILE_FORMAT as CONVERTED_FILE_FORMAT
-from ..surgery.persist import load_into
+from ..surgery.persist import SPEC_KEY, load_into
 from ..wrappers import match_keys, strip_keys, unwrap
 from .architectures import build_with, resolve_architecture
 from .errors import ModelFileError, one_line
-from .formats import FileFormat, detect_format, pickled_globals
 from .imports import make_cwd_importable
-
-MAX_NAMES_SHOWN = 3
 
 
 @dataclass
@@ -74,15 +72,15 @@ def load_model(
         ModelFileError: the file is unusable, needs ``--trust-pickle`` or ``--arch``, or the
             architecture does not import or does not match the weights.
     """
-    file_format = detect_format(path)
-    content = _read(path, file_format, trust_pickle)
+    detected = detect_format(path)
+    content = _read(detected, trust_pickle)
     if isinstance(content, nn.Module):
         if arch is not None:
             raise ModelFileError(
                 f"{path} holds a full module ({type(content).__name__}); drop --arch, which is for weights files"
             )
         model = unwrap(content)
-        return LoadedModel(model, True, f"full module ({type(model).__name__})", file_format)
+        return LoadedModel(model, True, f"full module ({type(model).__name__})", detected.format)
     state, checkpoint = _weights_in(content, path)
     holds = f"{'Lightning checkpoint' if checkpoint else 'state dict'} ({len(state)} tensors)"
     if arch is None:
@@ -91,10 +89,10 @@ def load_model(
             "module.path:ClassOrFactory (and --arch-kwargs JSON if it takes arguments)"
         )
     builder = resolve_architecture(arch, "--arch")
-    if _is_converted(path, content):
+    if _is_converted(detected, content):
         # Written by this command or save_converted: its spec converts the fresh model first.
         model = _load_converted(path, build_with(builder, arch, arch_kwargs or {}), f"--arch {arch}")
-        return LoadedModel(model, False, f"converted weights + spec ({len(state)} tensors)", file_format)
+        return LoadedModel(model, False, f"converted weights + spec ({len(state)} tensors)", detected.format)
     if checkpoint and _is_lightning_module_class(builder):
         if not trust_pickle:
             try:
@@ -105,7 +103,7 @@ def load_model(
     else:
         model = build_with(builder, arch, arch_kwargs or {})
     _load_weights(model, state, path, f"--arch {arch}")
-    return LoadedModel(model, False, holds, file_format)
+    return LoadedModel(model, False, holds, detected.format)
 
 
 def load_pretrained(
@@ -131,12 +129,12 @@ def load_pretrained(
         ModelFileError: the file is unusable, or its weights do not match ``model`` (``label`` names it).
     """
     path = Path(path)
-    file_format = detect_format(path)
-    content = _read(path, file_format, trust_pickle, trust_flag)
+    detected = detect_format(path)
+    content = _read(detected, trust_pickle, trust_flag)
     if isinstance(content, nn.Module):
         return unwrap(content)
     state, checkpoint = _weights_in(content, path)
-    if _is_converted(path, content):
+    if _is_converted(detected, content):
         return _load_converted(path, model, label)
     if checkpoint and CONVERSION_KEY in content:  # type: ignore[operator]
         return _load_converted_run(path, model, content[CONVERSION_KEY], state, label)  # type: ignore[index]
@@ -144,8 +142,10 @@ def load_pretrained(
     left_out = _load_weights(model, state, path, label, new_head=head)
     if left_out:
         warnings.warn(
-            f"{path}: kept the model's new classifier {head!r} ({', '.join(left_out)} differ in shape from the "
-            "pretrained ones, which were left out)",
+            printable(
+                f"{path}: kept the model's new classifier {head!r} ({', '.join(left_out)} differ in shape from the "
+                "pretrained ones, which were left out)"
+            ),
             stacklevel=2,
         )
     return model
@@ -164,8 +164,9 @@ def classifier_name(model: nn.Module) -> str | None:
     return last
 
 
-def _read(path: Path, file_format: FileFormat, trust_pickle: bool, trust_flag: str = "--trust-pickle") -> object:
-    """What ``path`` holds: a state dict, a checkpoint mapping, or (trusted pickles only) a module."""
+def _read(detected: DetectedFile, trust_pickle: bool, trust_flag: str = "--trust-pickle") -> object:
+    """What the file holds: a state dict, a checkpoint mapping, or (trusted pickles only) a module."""
+    path, file_format = detected.path, detected.format
     if file_format is FileFormat.TORCHSCRIPT:
         raise ModelFileError(
             f"{path} is a TorchScript archive (torch.jit.save): it holds compiled code, not the Python modules "
@@ -178,10 +179,10 @@ def _read(path: Path, file_format: FileFormat, trust_pickle: bool, trust_flag: s
         )
     if file_format is FileFormat.SAFETENSORS:
         try:
-            return load_state_dict(path)
+            return load_state_dict(detected)
         except ValueError as error:  # a crafted header, a tensor that is no mapping of names
             raise ModelFileError(str(error)) from None
-    return _torch_load(path, file_format, trust_pickle, trust_flag)
+    return _torch_load(detected, trust_pickle, trust_flag)
 
 
 def _load_converted_run(path: Path, model: nn.Module, spec: object, state: dict[str, Tensor], label: str) -> nn.Module:
@@ -213,15 +214,16 @@ def _converted(path: Path, label: str, load: Callable[[], nn.Module]) -> nn.Modu
         raise ModelFileError(f"the converted weights in {path} do not load into {label}: {one_line(error)}") from None
 
 
-def _torch_load(path: Path, file_format: FileFormat, trust_pickle: bool, trust_flag: str) -> object:
+def _torch_load(detected: DetectedFile, trust_pickle: bool, trust_flag: str) -> object:
+    path = detected.path
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols it reads fine
             warnings.simplefilter("ignore", UserWarning)
-            return load_weights_only(path)
+            return load_weights_only(detected)
     except pickle.UnpicklingError as error:
         allowed = _weights_only_globals()
         try:
-            foreign = [g for g in pickled_globals(path, file_format) if g not in allowed]
+            foreign = [g for g in pickled_globals(detected) if g not in allowed]
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, StopIteration):  # a damaged data.pkl
             raise _unreadable(path, error) from None
         if not foreign:  # weights-only loading failed on the data itself, not on a global
@@ -238,7 +240,7 @@ def _torch_load(path: Path, file_format: FileFormat, trust_pickle: bool, trust_f
         raise _unreadable(path, error) from None
     make_cwd_importable()
     try:
-        return load_trusted_pickle(path)
+        return load_trusted_pickle(detected)
     except (ImportError, AttributeError) as error:
         raise ModelFileError(
             f"unpickling {path} needs code that does not import here ({one_line(error)}); run where the model's "
@@ -267,17 +269,11 @@ def _weights_only_globals() -> set[str]:
     return compat.weights_only_default_globals() | user
 
 
-def _is_converted(path: Path, content: object) -> bool:
-    """Whether ``path`` is a weights file with a conversion spec (the layout of :func:`save_converted`)."""
+def _is_converted(detected: DetectedFile, content: object) -> bool:
+    """Whether the file holds weights with a conversion spec (the layout of :func:`save_converted`)."""
     if isinstance(content, Mapping) and content.get("format") == CONVERTED_FILE_FORMAT:
         return True
-    if is_safetensors(path):
-        try:
-            read_spec(path)
-        except ValueError:
-            return False
-        return True
-    return False
+    return SPEC_KEY in detected.metadata
 
 
 def _weights_in(content: object, path: Path) -> tuple[dict[str, Tensor], bool]:
@@ -334,9 +330,9 @@ def _load_weights(
         reshaped = []
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing ({_names(missing)})")
+        problems.append(f"{len(missing)} missing ({name_list(missing)})")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected ({_names(unexpected)})")
+        problems.append(f"{len(unexpected)} unexpected ({name_list(unexpected)})")
     if reshaped:
         first = reshaped[0]
         shapes = f"{first}: file {list(state[first].shape)}, model {list(expected[first].shape)}"
@@ -361,8 +357,3 @@ def _without_common_prefix(state: dict[str, Tensor], expected: Mapping[str, Tens
         if set(stripped) == set(expected):
             return stripped
     return state
-
-
-def _names(keys: list[str]) -> str:
-    shown = ", ".join(keys[:MAX_NAMES_SHOWN])
-    return shown + (", ..." if len(keys) > MAX_NAMES_SHOWN else "")

@@ -24,6 +24,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from ..compat import forward_pre_hooks, move_hooks
 from ..condconv2d import CondConv2d
+from ..messages import printable
 from ..wrappers import strip
 from .config import ConversionConfig
 from .replace import modules_by_name, replace_modules, restore_modules
@@ -135,7 +136,8 @@ def convert(
             plan.append((candidate, layer_options))
     if refused:
         warnings.warn(
-            "convert left these convs alone: " + "; ".join(f"{s.name} ({s.reason})" for s in refused), stacklevel=2
+            printable("convert left these convs alone: " + "; ".join(f"{s.name} ({s.reason})" for s in refused)),
+            stacklevel=2,
         )
     if plan and config.init == "upcycle" and (reason := config.inexactness) is not None:
         warnings.warn(
@@ -145,8 +147,10 @@ def convert(
         )
     if tied := _tied_weights(model, [candidate.module for candidate, _ in plan]):
         warnings.warn(
-            f"convert gives each CondConv2d its own experts, so these convs no longer share their weight: {tied}; "
-            "they compute what they did now and train apart from here on",
+            printable(
+                f"convert gives each CondConv2d its own experts, so these convs no longer share their weight: {tied}; "
+                "they compute what they did now and train apart from here on"
+            ),
             stacklevel=2,
         )
     spec = ConversionSpec(
@@ -202,9 +206,24 @@ def apply_spec(
     _refuse_unconvertible_model(model)
     plan: Plan = []
     already: list[str] = []
+    named: dict[int, tuple[str, LayerOptions]] = {}  # a module named by several aliases is converted once
+    found = candidates(model)
+    by_name: dict[str, Candidate] = {}
+    for candidate in found:  # the first conv (in module order) a stripped name belongs to
+        for alias in candidate.aliases:
+            by_name.setdefault(strip(alias), candidate)
     for name, layer_options in spec.layers.items():
-        candidate = _recorded_conv(model, name)
+        candidate = _recorded_conv(by_name, found, name)
         module = candidate.module
+        if id(module) in named:
+            first, first_options = named[id(module)]
+            if first_options != layer_options:
+                raise ValueError(
+                    f"spec layers {first!r:.80} and {name!r:.80} name the same layer with different options; "
+                    "keep one of them"
+                )
+            continue
+        named[id(module)] = (name, layer_options)
         if isinstance(module, CondConv2d):
             already.append(candidate.name)
             continue
@@ -286,13 +305,14 @@ def _convert_planned(
     ]
 
 
-def _recorded_conv(model: nn.Module, name: str) -> Candidate:
-    """The conv a spec names, looked up exactly (wrapper prefixes on either side resolve); never a pattern."""
-    wanted = strip(name)
-    found = candidates(model)
-    for candidate in found:
-        if wanted in {strip(alias) for alias in candidate.aliases}:
-            return candidate
+def _recorded_conv(by_name: dict[str, Candidate], found: list[Candidate], name: str) -> Candidate:
+    """The conv a spec names, looked up exactly (wrapper prefixes on either side resolve); never a pattern.
+
+    ``by_name`` maps each alias of each of the model's convs (``found``), wrapper prefixes stripped, to it.
+    """
+    candidate = by_name.get(strip(name))
+    if candidate is not None:
+        return candidate
     raise SelectorError(
         f"spec layer {name!r} is not a convolution in this model "
         f"(closest: {closest_names(name, [c.name for c in found])}); "

@@ -23,19 +23,19 @@ import torch
 import torch.nn as nn
 
 from ..condconv2d import CondConv2d
+from ..formats import DetectedFile, FileFormat, detect_format
 from ..io import (
     SAFETENSORS_SUFFIXES,
     PathLike,
     atomic_write,
-    is_safetensors,
     key_mismatches,
     load_state_dict,
     load_trusted_pickle,
     load_weights_only,
-    reading_safetensors,
     save_state_dict,
     torch_save,
 )
+from ..messages import name_list
 from ..wrappers import match_keys, strip, strip_keys
 from .convert import apply_spec, describe
 from .replace import modules_by_name, restore_modules
@@ -108,14 +108,15 @@ def load_converted(
     source = Path(path)
     if not source.is_file():
         raise FileNotFoundError(f"{source} does not exist or is not a file")
-    if is_safetensors(source):
-        spec = _spec_or_error(source, _safetensors_spec(source))
-        state = load_state_dict(source, map_location)
+    detected = detect_format(source)
+    if detected.format is FileFormat.SAFETENSORS:
+        spec = _spec_or_error(source, detected.metadata.get(SPEC_KEY))
+        state = load_state_dict(detected, map_location)
     else:
         try:
-            loaded = load_weights_only(source, map_location)
+            loaded = load_weights_only(detected, map_location)
         except pickle.UnpicklingError:
-            return _load_module(source, map_location, trust_pickle)
+            return _load_module(detected, map_location, trust_pickle)
         spec = _spec_or_error(source, _torch_spec(loaded))
         state = strip_keys(loaded["state_dict"])
     if model is None:
@@ -164,11 +165,7 @@ def check_fits(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.T
             for key in reshaped
         ],
     }
-    found = [
-        f"{what} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-        for what, keys in problems.items()
-        if keys
-    ]
+    found = [f"{what} {name_list(keys)}" for what, keys in problems.items() if keys]
     if found:
         raise RuntimeError(f"{source}: the weights do not fit the model: {'; '.join(found)}")
 
@@ -212,31 +209,25 @@ def _weights_per_expert(layer: nn.Module) -> int | None:
     return weight.shape[1] if isinstance(layer, CondConv2d) else weight.numel()
 
 
-def read_spec(path: PathLike) -> ConversionSpec:
+def read_spec(path: PathLike | DetectedFile) -> ConversionSpec:
     """The conversion spec stored in a weights file :func:`save_converted` wrote."""
-    source = Path(path)
-    if is_safetensors(source):
-        return _spec_or_error(source, _safetensors_spec(source))
-    return _spec_or_error(source, _torch_spec(load_weights_only(source)))
+    detected = path if isinstance(path, DetectedFile) else detect_format(path)
+    if detected.format is FileFormat.SAFETENSORS:
+        return _spec_or_error(detected.path, detected.metadata.get(SPEC_KEY))
+    return _spec_or_error(detected.path, _torch_spec(load_weights_only(detected)))
 
 
-def _load_module(source: Path, map_location: str | torch.device, trust_pickle: bool) -> nn.Module:
+def _load_module(detected: DetectedFile, map_location: str | torch.device, trust_pickle: bool) -> nn.Module:
+    source = detected.path
     if not trust_pickle:
         raise ValueError(
             f"{source} is a full pickled module: loading it runs code from the file; pass trust_pickle=True "
             "only if you trust its origin (or save weights + spec with as_module=False)"
         )
-    module = load_trusted_pickle(source, map_location)
+    module = load_trusted_pickle(detected, map_location)
     if not isinstance(module, nn.Module):
         raise ValueError(f"{source} holds a {type(module).__name__}, not an nn.Module")
     return module
-
-
-def _safetensors_spec(source: Path) -> str | None:
-    from safetensors import safe_open
-
-    with reading_safetensors(source), safe_open(str(source), framework="pt") as handle:
-        return (handle.metadata() or {}).get(SPEC_KEY)
 
 
 def _torch_spec(loaded: object) -> str | None:

@@ -23,6 +23,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 from rich.text import Text
 
+from ..messages import printable
 from ..modes import evaluating
 from .spec import ConversionSpec
 
@@ -206,7 +207,7 @@ class ConversionReport:
             name_width = max(12, width - others - (len(headers) + 1))  # separators and the two edges
             rows = [[wrap_at_dots(row[0], name_width), *row[1:]] for row in rows]
         for row in rows:
-            table.add_row(Text(row[0]), *row[1:])  # a layer name is text, never rich markup
+            table.add_row(Text(printable(row[0])), *row[1:])  # a layer name is text, never markup or terminal control
         return table
 
     def _caption(self, size: str | None) -> str:

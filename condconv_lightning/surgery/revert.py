@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..compat import move_hooks
 from ..condconv2d import CondConv2d, conv_settings
+from ..messages import name_list
 from ..modes import evaluating
 from .replace import replace_modules
 
@@ -84,6 +85,7 @@ def _mean_routing(model: nn.Module, layers: list[CondConv2d], inputs: Tensor) ->
     unused = [name for name, m in model.named_modules() if isinstance(m, CondConv2d) and id(m) not in means]
     if unused:
         warnings.warn(
-            f"revert: the inputs never reached {', '.join(unused)}; those use the plain expert mean", stacklevel=3
+            f"revert: the inputs never reached {name_list(unused, len(unused))}; those use the plain expert mean",
+            stacklevel=3,
         )
     return means
