@@ -116,3 +116,9 @@ def check_against_reference(layer, x: Tensor, tol: float, autocast_dtype=None) -
     for name, actual, expected_grad, magnitude in zip(names, actual_grads, expected_grads, magnitudes[1:]):
         assert_close_scaled(actual.reshape(expected_grad.shape), expected_grad, tol, f"grad of {name}", magnitude)
     return y
+
+
+@torch.no_grad()
+def relative_difference(actual: Tensor, expected: Tensor) -> float:
+    """Largest absolute difference over the largest reference magnitude: how upcycling's exactness is judged."""
+    return float((actual - expected).abs().max() / expected.abs().max())

@@ -9,17 +9,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from reference import relative_difference
 from zoo import ZOO, SharedConvNet, zoo_input, zoo_model
 
 from condconv_lightning import CondConv2d
 from condconv_lightning.surgery import convert, list_convs
 
 TOLERANCE = 1e-5
-
-
-@torch.no_grad()
-def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).abs().max() / expected.abs().max())
 
 
 def converted_pair(name: str, **options) -> tuple[nn.Module, nn.Module]:
