@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from condconv_lightning.finetune import ImageFolderDataModule
+from condconv_lightning.finetune import ImageClassifier, ImageFolderDataModule
 from condconv_lightning.finetune.image_folder import IMAGENET_MEAN, IMAGENET_STD, TrainTransform
 
 COLOURS = {"blue": (0, 0, 255), "green": (0, 200, 0), "red": (255, 0, 0)}
@@ -154,12 +154,52 @@ def test_finetune_cli_on_an_image_folder(
     monkeypatch.setattr("sys.argv", ["condconv-finetune"])  # args replace these, as on the command line
     common = ["--data", "ImageFolderDataModule", "--data.root", str(root), "--data.image_size", "32"]
     common += ["--data.batch_size", "4", "--data.num_workers", "0", "--trainer.accelerator", "cpu"]
-    common += ["--trainer.logger", "false", "--trainer.enable_checkpointing", "false"]
-    common += ["--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]
-    main(["fit", *common, "--model.num_classes", "3", "--trainer.max_steps", "2"])
+    common += ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    common += ["--trainer.default_root_dir", str(tmp_path)]
+    main(["fit", *common, "--trainer.max_steps", "2"])  # no --model.num_classes: the folder's 3 classes
     assert "layer4" in capsys.readouterr().out  # the default callbacks converted the network
+    checkpoint = next(tmp_path.glob("checkpoints/*.ckpt"))
+    module = ImageClassifier.load_from_checkpoint(checkpoint)
+    assert module.hparams["num_classes"] == 3 and module.model.fc.out_features == 3
     with pytest.raises(SystemExit):
         main(["fit", *common, "--model.num_classes", "2", "--trainer.max_steps", "1"])
     assert capsys.readouterr().err.strip() == (
         "condconv-finetune: error: the data has 3 classes but --model.num_classes is 2: pass 3"
     )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            ["--data", "ImageFolderDataModule", "--data.root", "missing"],
+            "image folder missing does not exist: pass a folder with one subfolder of images per class",
+        ),
+        (
+            ["--data", "ImageFolderDataModul", "--data.root", "images"],
+            "--data ImageFolderDataModul: no such data module; did you mean ImageFolderDataModule? (known here: "
+            "ImageFolderDataModule, SyntheticImageDataModule; or give module.Class)",
+        ),
+        (
+            ["--data", "mydata", "--data.root", "images"],
+            "--data mydata: no such data module (known here: ImageFolderDataModule, SyntheticImageDataModule; or "
+            "give module.Class)",
+        ),
+    ],
+    ids=["missing-folder", "close-name", "no-close-name"],
+)
+def test_data_errors_are_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, arguments: list[str], message: str
+) -> None:
+    from condconv_lightning.cli.finetune import main
+
+    make_images(tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["condconv-finetune"])
+    common = ["--trainer.max_steps", "1", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false"]
+    common += ["--trainer.enable_progress_bar", "false", "--data.num_workers", "0", "--data.batch_size", "4"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *arguments, *common])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.strip().splitlines()[-1] == f"condconv-finetune: error: {message}", err
+    assert "Traceback" not in err
