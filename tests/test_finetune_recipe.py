@@ -140,7 +140,7 @@ def test_mismatched_classes_and_bad_weights_are_one_line_errors(tmp_path: Path) 
         (["--data.val_split", "0.01"], "val_split 0.01 of 18 images holds none out: raise val_split or add images"),
         (
             ["--data.root", "EMPTY_CLASS"],
-            "has no PNG or JPEG images (.png, .jpg, .jpeg): add some or remove the folder",
+            "has no usable images (.jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp): add some or remove the",
         ),
         (["--ckpt_path", "missing.ckpt"], "missing.ckpt: no such file; check the path"),
     ],

@@ -199,7 +199,10 @@ def main(args: list[str] | None = None) -> None:
             args=args,
         )
     except DataFolderError as error:  # found while the Trainer set the data up, after the classes were built
-        _exit_with(str(error))
+        message = str(error)
+        if "\nOriginal Traceback" in message:  # raised in a DataLoader worker: torch's report ends with the error
+            message = message.strip().splitlines()[-1].partition(": ")[2]
+        _exit_with(message)
 
 
 if __name__ == "__main__":
