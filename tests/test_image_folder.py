@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import random
 import re
@@ -15,6 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from lightning.pytorch import Trainer
+from lightning.pytorch.utilities import suggested_max_num_workers
 from PIL import Image
 
 from condconv_lightning.finetune import ImageClassifier, ImageFolderDataModule, image_folder
@@ -30,6 +34,7 @@ from condconv_lightning.finetune.image_folder import (
     default_transforms,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"blue": (0, 0, 255), "green": (0, 200, 0), "red": (255, 0, 0)}
 
 
@@ -291,18 +296,30 @@ def test_errors_say_what_to_do(tmp_path: Path) -> None:
             f"val_split must lie strictly between 0 and 1 (the fraction of images held out), got {val_split!r}"
         )
     assert error(root, bad_images="ignore") == "bad_images must be 'error' or 'skip', got 'ignore'"
+    assert error(root, num_workers=-1) == "num_workers must be 0 or more (None: one per spare CPU, up to 4), got -1"
     small = make_images(tmp_path / "small", per_class=2)
     assert error(small, val_split=0.1) == "val_split 0.1 of 6 images holds none out: raise val_split or add images"
-    assert (
-        error(small, val_split=0.5, batch_size=8)
-        == "3 training images per process is less than batch_size 8: lower batch_size or add images"
-    )
     make_images(tmp_path / "split" / "train")
     make_images(tmp_path / "split" / "val", classes={"blue": (0, 0, 255), "red": (255, 0, 0)})
     assert re.fullmatch(
         r".* has classes \['blue', 'red'\] but .* has \['blue', 'green', 'red'\]: give both the same class folders",
         error(tmp_path / "split"),
     )
+
+
+def test_a_folder_smaller_than_a_batch_trains_on_batches_of_all_its_images(tmp_path: Path) -> None:
+    root = make_images(tmp_path / "images", per_class=12)  # 36 images: 30 train, 6 val
+    data = ImageFolderDataModule(root, image_size=16, batch_size=64, num_workers=0)
+    data.setup("fit")
+    with pytest.warns(UserWarning) as warned:
+        loader = data.train_dataloader()
+    assert [str(w.message) for w in warned] == [
+        "30 training images per process is less than batch_size 64: each training batch holds all 30; pass a "
+        "batch_size of at most 30 to silence this"
+    ]
+    batches = list(loader)
+    assert len(batches) == 1 and batches[0][0].shape == (30, 3, 16, 16)
+    assert [len(labels) for _, labels in data.val_dataloader()] == [6]
 
 
 def test_symlink_loops_end_and_a_file_reached_by_two_paths_is_one_image(tmp_path: Path) -> None:
@@ -446,6 +463,37 @@ def test_decoding_and_resizing_a_hostile_image_stays_within_bounded_memory(tmp_p
     assert "val/red/tall.png (1 x 8192 pixels, an aspect ratio above 32)" in done.stdout
 
 
+def test_num_workers_fit_the_machine_and_lightning_warns_of_none(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    data = ImageFolderDataModule(root, image_size=16, batch_size=4)
+    trainer = Trainer(
+        accelerator="cpu", max_steps=1, limit_val_batches=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    model = ImageClassifier(num_classes=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, data)
+    about_workers = [str(w.message) for w in caught if "worker" in str(w.message)]
+    assert about_workers == []
+    assert data.train_dataloader().num_workers == min(4, suggested_max_num_workers(1)) == 4
+    assert ImageFolderDataModule(root, num_workers=0).hparams["num_workers"] == 0
+
+
+def test_the_recipe_leaves_num_workers_to_the_machine() -> None:
+    recipe = yaml.safe_load((ROOT / "examples" / "configs" / "pretrained_folder.yaml").read_text())
+    assert "num_workers" not in recipe["data"]["init_args"] and "num_classes" not in recipe["model"]
+
+
+def finetune(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CONDCONV_TUNE": "0"}
+    command = [sys.executable, "-m", "condconv_lightning.cli.finetune", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.slow
 def test_finetune_cli_on_an_image_folder(
     root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
@@ -544,3 +592,25 @@ def test_a_batch_none_of_whose_images_decode_stops_in_one_line_even_from_a_worke
         "condconv-finetune: error: no image of a batch can be decoded: val/blue/t.png (cannot be decoded: image "
         "file is truncated), val/green/t.png (cannot be decoded: image file is truncated); remove or replace them"
     )
+
+
+@pytest.mark.slow
+def test_ddp_on_a_folder_smaller_than_a_batch_infers_its_classes_and_trains(tmp_path: Path) -> None:
+    """36 images, batch_size 64, 2 processes: each trains on its 15 images; num_classes comes from the folder."""
+    images = make_images(tmp_path / "images", per_class=12)
+    done = finetune(
+        "fit", "--data", "ImageFolderDataModule", "--data.root", str(images), "--data.image_size", "32",
+        "--data.batch_size", "64", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+        "--trainer.strategy", "ddp", "--trainer.max_steps", "2", "--trainer.logger", "CSVLogger",
+        "--trainer.logger.save_dir", ".", "--trainer.enable_progress_bar", "false",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "MEMBER: 2/2" in done.stderr
+    assert done.stderr.count("15 training images per process is less than batch_size 64: each training batch") == 1
+    assert "worker" not in done.stderr
+    with open(next(tmp_path.glob("lightning_logs/version_0/metrics.csv"))) as file:
+        rows = list(csv.DictReader(file))
+    assert [int(row["step"]) for row in rows if row["train_loss"]] == [0, 1]  # one batch per epoch, two epochs
+    hparams = (tmp_path / "lightning_logs" / "version_0" / "hparams.yaml").read_text()
+    assert "num_classes: 3" in hparams

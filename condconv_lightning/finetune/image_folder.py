@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn, suggested_max_num_workers
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -397,8 +397,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
         val_split: fraction of each class held out for validation, unless ``root`` has ``train/`` and ``val/``
             (rounded per class; every class keeps at least one training image).
         image_size: height and width of the images the model sees (of the default transforms).
-        batch_size: per-process batch size (the last incomplete training batch is dropped).
-        num_workers: DataLoader worker processes.
+        batch_size: per-process batch size. The last incomplete training batch is dropped; with fewer training
+            images per process than ``batch_size``, a batch holds them all (a warning says so).
+        num_workers: DataLoader worker processes; None: ``min(4, cpus per process - 1)``, at least 1 (Lightning's
+            ``suggested_max_num_workers``, so that it warns of none).
         pin_memory: pin batches in page-locked memory; None means when CUDA is available.
         mean: per-channel mean of ``Normalize`` (ImageNet's by default, as pretrained networks expect).
         std: per-channel standard deviation of ``Normalize``.
@@ -417,8 +419,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         ValueError: at construction, a missing ``root``, no class folders, fewer than 2 classes, ``train/``
             and ``val/`` with different classes, a ``val_split`` outside (0, 1), or an unknown ``bad_images``;
             in ``setup`` (:class:`DataFolderError`), bad images, a class folder without usable images, a split
-            that holds nothing out, fewer training images than ``batch_size``, or a model whose ``num_classes``
-            differs from the number of classes found.
+            that holds nothing out, or a model whose ``num_classes`` differs from the number of classes found.
     """
 
     def __init__(
@@ -427,7 +428,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         val_split: float = 0.2,
         image_size: int = 224,
         batch_size: int = 32,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         pin_memory: bool | None = None,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
@@ -444,6 +445,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         for name, value in (("image_size", image_size), ("batch_size", batch_size)):
             if value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"num_workers must be 0 or more (None: one per spare CPU, up to 4), got {num_workers!r}")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std need 3 values each (R, G, B) and std above 0, got {mean!r}, {std!r}")
         if bad_images not in ("error", "skip"):
@@ -563,17 +566,29 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 f"pass --model.num_classes {self.num_classes}"
             )
 
+    def _workers(self) -> int:
+        if self.num_workers is not None:
+            return self.num_workers
+        processes = self.trainer.num_devices if self.trainer is not None else 1
+        return min(4, suggested_max_num_workers(processes))
+
     def train_dataloader(self) -> ResumableDataLoader:
         shards = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
         sampler = _EpochSampler(self.train_set, seed=self.seed, **(shards or {}))
-        if len(sampler) < self.batch_size:
+        if len(sampler) == 0:
             raise DataFolderError(
-                f"{len(sampler)} training images per process is less than batch_size {self.batch_size}: "
-                "lower batch_size or add images"
+                f"{len(self.train_set)} training images cannot be shared among {sampler.num_replicas} processes: "
+                "add images or use fewer processes"
+            )
+        batch_size = min(self.batch_size, len(sampler))
+        if batch_size < self.batch_size:
+            rank_zero_warn(
+                f"{len(sampler)} training images per process is less than batch_size {self.batch_size}: each "
+                f"training batch holds all {batch_size}; pass a batch_size of at most {batch_size} to silence this"
             )
         return ResumableDataLoader(
-            self.train_set, self.batch_size, sampler, num_workers=self.num_workers, pin_memory=self.pin_memory
+            self.train_set, batch_size, sampler, num_workers=self._workers(), pin_memory=self.pin_memory
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, self.batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return DataLoader(self.val_set, self.batch_size, num_workers=self._workers(), pin_memory=self.pin_memory)
