@@ -147,15 +147,14 @@ def test_mismatched_classes_and_bad_weights_are_one_line_errors(tmp_path: Path) 
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--data.batch_size", "64"], "training images per process is less than batch_size 64: lower batch_size"),
         (["--data.val_split", "0.01"], "val_split 0.01 of 18 images holds none out: raise val_split or add images"),
         (
             ["--data.root", "EMPTY_CLASS"],
-            "has no PNG or JPEG images (.png, .jpg, .jpeg): add some or remove the folder",
+            "has no usable images (.jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp): add some or remove the",
         ),
         (["--ckpt_path", "missing.ckpt"], "missing.ckpt: no such file; check the path"),
     ],
-    ids=["batch-too-large", "nothing-held-out", "empty-class", "missing-checkpoint"],
+    ids=["nothing-held-out", "empty-class", "missing-checkpoint"],
 )
 def test_what_the_data_or_checkpoint_lacks_is_one_line_and_exit_2(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, arguments: list[str], message: str

@@ -6,6 +6,8 @@ callbacks convert ``layer3`` and ``layer4`` on the fly (:class:`CondConvConversi
 and monitor routing (:class:`RoutingEntropyMonitor`). Any LightningDataModule can
 replace the data by ``class_path``; a ``trainer.callbacks`` list in a config replaces
 the default callbacks (``--trainer.callbacks+=...`` appends to them instead).
+``--model.num_classes`` defaults to the data's ``num_classes`` (an image folder's class
+folders).
 
 A run bounded by ``--trainer.max_steps`` alone (no epoch limit, validation and logging
 left at Lightning's defaults) logs every ``max_steps // 10`` steps (at most every 50) and
@@ -16,7 +18,7 @@ options, the model or the data are one line (exit status 2); ``--help`` is short
 Examples:
 
     condconv-finetune fit --trainer.max_steps 10
-    condconv-finetune fit --data ImageFolderDataModule --data.root my_images --model.num_classes 3
+    condconv-finetune fit --data ImageFolderDataModule --data.root my_images
     condconv-finetune fit --config examples/configs/pretrained_folder.yaml
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, NoReturn
 
+from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -66,6 +69,7 @@ class FinetuneCLI(LightningCLI):
         parser.set_defaults(
             {
                 "data": {"class_path": _class_path(SyntheticImageDataModule)},
+                "model.num_classes": None,  # the data's (see instantiate_classes)
                 "trainer.callbacks": [
                     {
                         "class_path": _class_path(CondConvConversion),
@@ -94,11 +98,19 @@ class FinetuneCLI(LightningCLI):
             trainer["check_val_every_n_epoch"] = None
 
     def instantiate_classes(self) -> None:
-        """Build model, data and Trainer; a bad value in them is a one-line error, not a traceback."""
+        """Build model, data and Trainer; a bad value in them is a one-line error, not a traceback.
+
+        ``--model.num_classes`` left out is the data's ``num_classes`` (the class folders of an image folder):
+        the data module is built once beforehand to read it (data modules are cheap to build; they read their
+        data in ``setup``).
+        """
+        settings = self._settings()
         try:
+            if settings["model"].get("num_classes") is None:
+                settings["model"]["num_classes"] = _data_classes(settings.get("data"))
             super().instantiate_classes()
         except (ValueError, ImportError) as error:
-            _exit_with(one_line(error) if not isinstance(error, ValueError) else " ".join(str(error).split()))
+            _exit_with(_cause(error))
         classes = getattr(self.datamodule, "num_classes", None)
         outputs = getattr(self.model, "hparams", {}).get("num_classes")
         if isinstance(classes, int) and isinstance(outputs, int) and classes != outputs:
@@ -136,6 +148,25 @@ class FinetuneCLI(LightningCLI):
         self._settings()["ckpt_path"] = None
 
 
+def _data_classes(spec: Any) -> int:
+    """``num_classes`` of the data module that ``--data`` (a class path and its options, as parsed) describes."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--data", type=LightningDataModule | None)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # its name before 4.49
+    data = instantiate(Namespace(data=spec)).data
+    classes = getattr(data, "num_classes", None)
+    if not isinstance(classes, int):
+        _exit_with(f"the data ({type(data).__name__}) does not say how many classes it has: pass --model.num_classes")
+    return classes
+
+
+def _cause(error: BaseException) -> str:
+    """The error a class's constructor raised, in one line, out of jsonargparse's wrapping of it."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return " ".join(str(error).split()) if isinstance(error, ValueError) else one_line(error)
+
+
 def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -168,7 +199,10 @@ def main(args: list[str] | None = None) -> None:
             args=args,
         )
     except DataFolderError as error:  # found while the Trainer set the data up, after the classes were built
-        _exit_with(str(error))
+        message = str(error)
+        if "\nOriginal Traceback" in message:  # raised in a DataLoader worker: torch's report ends with the error
+            message = message.strip().splitlines()[-1].partition(": ")[2]
+        _exit_with(message)
 
 
 if __name__ == "__main__":

@@ -4,18 +4,21 @@ LightningCLI's help lists every Trainer, model, optimizer and scheduler option w
 whole docstring (over a thousand lines for ``condconv-finetune fit``). The short help
 keeps the options a fine-tuning run sets, each with the first sentence of its help, in
 argparse's usual layout; ``--help_full`` prints LightningCLI's complete help. A bad
-option is reported in one line (a class that does not import: which, and why) instead
-of the usage block and jsonargparse's nested explanation.
+option is reported in one line (a class that does not import: which, and why; a data
+module name that matches none: the close names) instead of the usage block and
+jsonargparse's nested explanation.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser
 
 from .errors import print_error
@@ -121,6 +124,9 @@ def _one_line(message: str) -> str:
     """jsonargparse's nested explanation cut to its cause: a class that does not import, else its first lines."""
     key = re.search(r'Parser key "([^"]+)"', message)
     where = f"--{key.group(1)}: " if key else ""
+    unknown = re.search(r"Expected a dot import path string: (\S+)", message)
+    if key and key.group(1) == "data" and unknown:
+        return _unknown_data_module(unknown.group(1))
     problem = re.search(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)", message)
     if problem:
         return (
@@ -131,6 +137,19 @@ def _one_line(message: str) -> str:
     if key and len(lines) > 1:
         lines = lines[1:]
     return where + " ".join(lines[:2])
+
+
+def _unknown_data_module(name: str) -> str:
+    """``--data NAME`` names no class: the close names among the data modules imported here, and the other way."""
+    known, stack = set(), [LightningDataModule]
+    while stack:
+        for subclass in stack.pop().__subclasses__():
+            stack.append(subclass)
+            if not subclass.__name__.startswith("_"):
+                known.add(subclass.__name__)
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"--data {name}: no such data module{hint} (known here: {', '.join(sorted(known))}; or give module.Class)"
 
 
 def _default(action: argparse.Action) -> str:
