@@ -10,17 +10,265 @@ with SIGTERM and SIGINT.
 
 from __future__ import annotations
 
+import collections
 import inspect
+import io
+import os
 import re
+import struct
+import subprocess
+import sys
+import textwrap
+import typing
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import pytest
+import torch
+from test_hardening import classifier_checkpoint, run_cli
 from test_models_by_name import registries as registries  # a fixture
 from torch import nn
 
+from condconv_lightning.arguments import PLAIN_TYPES
+from condconv_lightning.checkpoints import MAX_DEPTH, UntrustedCheckpointError, init_kwargs, untrusted_hparams
 from condconv_lightning.finetune import ImageClassifier
-from condconv_lightning.loading import ModelFileError, build_architecture
+from condconv_lightning.loading import ModelFileError, build_architecture, load_model
 from condconv_lightning.loading.architectures import DOWNLOAD_SWITCHES
+
+HOSTILE_MODULE = textwrap.dedent(
+    """
+    from pathlib import Path
+
+    Path(__file__).with_name("imported").touch()  # importing this module is the payload
+
+
+    class Anything:
+        def __init__(self, *args, **kwargs):
+            Path(__file__).with_name("built").touch()
+    """
+)
+
+
+class PlainModule(pl.LightningModule):
+    """A user's LightningModule with no schema: its hyperparameters must be plain data, sized by its weights."""
+
+    def __init__(self, width: int = 8, config: dict | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Linear(4, width)
+
+
+PLAIN_ARCH = f"{__name__}:PlainModule"
+
+
+def with_hparams(path: Path, source: Path | None = None, **entries: Any) -> Path:
+    """A copy of ``source`` (by default a fresh ImageClassifier checkpoint) with checkpoint ``entries`` replaced."""
+    checkpoint = torch.load(source or classifier_checkpoint(path.with_suffix(".base.ckpt")), weights_only=True)
+    checkpoint.update(entries)
+    torch.save(checkpoint, path)
+    return path
+
+
+def plain_checkpoint(path: Path, **hyper_parameters: Any) -> Path:
+    module = PlainModule()
+    hparams = {"width": 8, "config": None, **hyper_parameters}
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": hparams, "hparams_name": "kwargs"}
+    torch.save({**checkpoint, "pytorch-lightning_version": pl.__version__}, path)
+    return path
+
+
+def deeply_nested(path: Path, depth: int, source: Path) -> Path:
+    """``source`` with a list nested ``depth`` deep among its hyperparameters, pickled by hand (the pickler itself
+    recurses, the weights-only unpickler does not)."""
+    checkpoint = torch.load(source, weights_only=True)
+    placeholder = "NESTED-HERE"
+    checkpoint["hyper_parameters"]["nested"] = placeholder
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer, _use_new_zipfile_serialization=False)  # a stream: no offsets to keep right
+    string = b"X" + struct.pack("<I", len(placeholder)) + placeholder.encode()  # BINUNICODE
+    assert buffer.getvalue().count(string) == 1
+    path.write_bytes(buffer.getvalue().replace(string, b"]" * (depth + 1) + b"a" * depth))  # EMPTY_LIST, APPEND
+    return path
+
+
+# The schema: every saved hyperparameter is checked, every value that passes is plain.
+
+
+def test_every_saved_hyperparameter_has_a_check_and_every_parameter_a_value() -> None:
+    module = ImageClassifier(num_classes=4)
+    assert set(module.hparams) == set(ImageClassifier.HPARAMS_SCHEMA)  # a new argument cannot skip the schema
+    kwargs = init_kwargs(ImageClassifier, {"num_classes": 5})
+    assert set(kwargs) == set(inspect.signature(ImageClassifier.__init__).parameters) - {"self"} | {"_instantiator"}
+    assert kwargs["_instantiator"] is None and kwargs["num_classes"] == 5 and kwargs["weights"] is None
+
+
+def plain_leaves(hint: object) -> set[object]:
+    """The types a value of ``hint`` may hold, through unions, containers and literals."""
+    if typing.get_origin(hint) is typing.Literal:
+        return {type(arg) for arg in typing.get_args(hint)}
+    args = typing.get_args(hint)
+    return set().union(*(plain_leaves(arg) for arg in args)) if args else {hint}
+
+
+def test_the_options_a_checkpoint_sets_are_typed_so_no_parser_resolves_code() -> None:
+    """jsonargparse imports what a string names, and reads YAML out of a string, only for class-, callable- or
+    Any-typed options: a value a checkpoint sets is assigned to none of those."""
+    hints = typing.get_type_hints(ImageClassifier.__init__)
+    for name in ImageClassifier.HPARAMS_SCHEMA:
+        assert plain_leaves(hints[name]) <= set(PLAIN_TYPES), name
+
+
+LEGAL = {"arch": "resnet_tiny", "arch_kwargs": {"in_channels": 3}, "expert_lr": 0.01, "label_smoothing": 0.1}
+
+
+def test_legal_values_pass_as_plain_values_and_caller_only_entries_are_ignored(tmp_path: Path) -> None:
+    ignored = {"weights": "evil.pt", "trust_pickle": True, "optimizer": "os.system", "model": "os:system"}
+    path = classifier_checkpoint(tmp_path / "ok.ckpt", converted=True, **LEGAL, **ignored)
+    values = untrusted_hparams(ImageClassifier, torch.load(path, weights_only=True), path, "FLAG")
+    assert values == {"num_classes": 4, **LEGAL}
+    assert all(isinstance(v, (*PLAIN_TYPES, dict)) for v in values.values())
+    module = ImageClassifier.load_from_checkpoint(path)
+    assert module.optimizer is torch.optim.AdamW and module.label_smoothing == 0.1
+    assert "weights" not in module.hparams and "optimizer" not in module.hparams
+
+
+CODE = "name code to import"
+SCHEMA_CASES = [
+    ({"arch": "os:system"}, "hyper_parameters.arch='os:system'"),
+    ({"arch": "timm:hf-hub:evil/model"}, CODE),
+    ({"arch": "../resnet_tiny"}, "arch must be timm:NAME, torchvision:NAME, a built-in model name or None"),
+    ({"arch_kwargs": {"x": {"class_path": "calendar.Calendar"}}}, "arch_kwargs.x.class_path='calendar.Calendar'"),
+    ({"arch_kwargs": {"x": [1, 2]}}, "arch_kwargs must map names to plain values"),
+    ({"arch_kwargs": {"x": float("nan")}}, "arch_kwargs must map names to plain values"),
+    ({"arch_kwargs": "{class_path: calendar.Calendar}"}, "arch_kwargs must map names to plain values"),
+    ({"num_classes": 1}, "num_classes must be an integer >= 2, got 1"),
+    ({"num_classes": 4.0}, "num_classes must be an integer >= 2, got 4.0"),
+    ({"num_classes": True}, "num_classes must be an integer >= 2, got True"),
+    ({"scheduler_interval": "torch.optim.SGD"}, "scheduler_interval must be one of ('epoch', 'step')"),
+    ({"expert_lr": float("inf")}, "expert_lr must be a positive finite number or None"),
+    ({"router_lr": "0.1"}, "router_lr must be a positive finite number or None"),
+    ({"label_smoothing": 2.0}, "label_smoothing must be a number in [0.0, 1.0], got 2.0"),
+    ({"label_smoothing": float("nan")}, "label_smoothing must be a number in [0.0, 1.0], got nan"),
+    ({"lr": 0.1}, "hyperparameter 'lr' is not one of ImageClassifier's"),
+    ({"_class_path": "calendar.Calendar"}, "hyper_parameters._class_path='calendar.Calendar'"),
+    ({"_instantiator": "os.system"}, "hyper_parameters._instantiator='os.system'"),
+    ({"model": {"class_path": "torch.nn.Linear"}}, "hyper_parameters.model.class_path='torch.nn.Linear'"),
+]
+
+
+@pytest.mark.parametrize(("entries", "message"), SCHEMA_CASES, ids=[str(c[0])[:40] for c in SCHEMA_CASES])
+def test_values_outside_the_schema_are_refused_in_one_line(tmp_path: Path, entries: dict, message: str) -> None:
+    path = classifier_checkpoint(tmp_path / "hostile.ckpt", converted=False, **entries)
+    with pytest.raises(UntrustedCheckpointError) as refused:
+        ImageClassifier.load_from_checkpoint(path)
+    assert message in str(refused.value) and str(refused.value).startswith(f"{path}: ")
+    assert "\n" not in str(refused.value) and "nothing was built" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        {"hparams_type": collections.OrderedDict},  # Lightning calls it on the hyperparameters
+        {"hparams": {"arch": "os:system"}},  # merged under hyper_parameters by Lightning
+        {"module_arguments": [("_class_path", "calendar.Calendar")]},
+        {"hparams_name": "arch_kwargs", "hyper_parameters": {"num_classes": 4, "layers": [1]}},  # one argument
+    ],
+    ids=["hparams_type", "hparams", "module_arguments", "hparams_name"],
+)
+def test_other_checkpoint_keys_lightning_reads_are_checked_too(tmp_path: Path, entries: dict) -> None:
+    path = with_hparams(tmp_path / "hostile.ckpt", **entries)
+    with pytest.raises(UntrustedCheckpointError, match="; nothing was built"):
+        ImageClassifier.load_from_checkpoint(path)
+
+
+def test_hparams_file_is_read_only_when_trusted(tmp_path: Path) -> None:
+    path = classifier_checkpoint(tmp_path / "ok.ckpt", converted=False)
+    hparams = tmp_path / "hparams.yaml"
+    hparams.write_text("num_classes: 4\noptimizer: !!python/name:os.system\n")  # yaml.full_load builds os.system
+    with pytest.raises(UntrustedCheckpointError, match=r"^hparams_file .*hparams\.yaml: its values would reach"):
+        ImageClassifier.load_from_checkpoint(path, hparams_file=hparams)
+    trusted = ImageClassifier.load_from_checkpoint(path, hparams_file=hparams, trust_checkpoint=True)
+    assert trusted.optimizer is os.system  # the caller's decision: Lightning's behaviour
+
+
+# Sizes from a file are bounded by its weights, before anything is allocated.
+
+
+def test_a_size_larger_than_the_weights_is_refused_before_allocation(tmp_path: Path) -> None:
+    """4,194,304 classes: a 2 GiB classifier (128 inputs) beside weights for 4 classes."""
+    path = classifier_checkpoint(tmp_path / "huge.ckpt", converted=False, num_classes=2**31 // (4 * 128))
+    script = textwrap.dedent(
+        f"""
+        import resource
+        from condconv_lightning.finetune import ImageClassifier
+
+        try:
+            ImageClassifier.load_from_checkpoint({str(path)!r})
+        except ValueError as error:
+            print(error)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    refusal, max_rss_mib = done.stdout.strip().splitlines()[-2:]
+    classes = 2**31 // (4 * 128)
+    needed = 309504 + (classes - 4) * (128 + 1)  # the checkpoint's values, with a classifier that large
+    assert f"with {needed} weight values but its weights hold 309504: the sizes do not come" in refusal
+    assert int(max_rss_mib) < 1024, done.stderr[-2000:]  # the classifier alone is 2048 MiB
+
+
+def test_a_depth_from_the_file_stops_the_sizing_build_early(tmp_path: Path) -> None:
+    """Even on the meta device a module of 10**7 layers would cost minutes and gigabytes of Python objects."""
+
+    class Deep(pl.LightningModule):
+        def __init__(self, depth: int = 2) -> None:
+            super().__init__()
+            self.layers = nn.Sequential(*(nn.Linear(4, 4) for _ in range(depth)))
+
+    checkpoint = {"state_dict": Deep().state_dict(), "hyper_parameters": {"depth": 10**7}}
+    with pytest.raises(UntrustedCheckpointError, match=r"more than 1040 parameters and layers, more than its weights"):
+        untrusted_hparams(Deep, checkpoint, "deep.ckpt", "FLAG")
+
+
+def test_a_user_module_is_sized_by_its_weights_too(tmp_path: Path) -> None:
+    path = plain_checkpoint(tmp_path / "wide.ckpt", width=10**8)
+    with pytest.raises(
+        ModelFileError, match=r"with 500000000 weight values but its weights hold 40: .*--trust-pickle$"
+    ):
+        load_model(path, arch=PLAIN_ARCH)
+    assert load_model(plain_checkpoint(tmp_path / "ok.ckpt"), arch=PLAIN_ARCH).model.net.out_features == 8
+
+
+# Plain data: bounded depth and size, one line; a user's module gets checked values only.
+
+
+def test_hyperparameters_nested_beyond_pythons_stack_are_one_line(tmp_path: Path) -> None:
+    base = classifier_checkpoint(tmp_path / "base.ckpt", converted=False)
+    path = deeply_nested(tmp_path / "deep.ckpt", 50_000, base)
+    with pytest.raises(UntrustedCheckpointError, match=rf"nests deeper than {MAX_DEPTH} levels"):
+        ImageClassifier.load_from_checkpoint(path)
+    plain = deeply_nested(tmp_path / "deep-plain.ckpt", 50_000, plain_checkpoint(tmp_path / "plain.ckpt"))
+    with pytest.raises(ModelFileError, match=rf"nests deeper than {MAX_DEPTH} levels.*--trust-pickle$"):
+        load_model(plain, arch=PLAIN_ARCH)
+
+
+def test_many_values_are_refused_and_a_shallow_structure_passes(tmp_path: Path) -> None:
+    checkpoint = {"state_dict": PlainModule().state_dict(), "hyper_parameters": {"config": {"a": [[0] * 10**5]}}}
+    with pytest.raises(UntrustedCheckpointError, match="holds more than 100000 values"):
+        untrusted_hparams(PlainModule, checkpoint, "big.ckpt", "FLAG")
+    checkpoint["hyper_parameters"] = {"config": {"a": [[0] * 10] * 10, "b": "text"}}
+    assert untrusted_hparams(PlainModule, checkpoint, "ok.ckpt", "FLAG") == checkpoint["hyper_parameters"]
+
+
+def test_hparams_name_hands_the_checked_values_as_one_argument(tmp_path: Path) -> None:
+    """Lightning's older layout: all hyperparameters are the one argument ``hparams_name`` names."""
+    path = plain_checkpoint(tmp_path / "named.ckpt", lr=0.5)
+    checkpoint = torch.load(path, weights_only=True)
+    torch.save({**checkpoint, "hparams_name": "config"}, path)
+    loaded = load_model(path, arch=PLAIN_ARCH).model
+    assert loaded.hparams["config"] == {"width": 8, "config": None, "lr": 0.5}
+
 
 # Download switches are refused whoever passes them; registry models build offline.
 
@@ -34,6 +282,11 @@ def test_download_switches_are_refused_from_anyone(registries: list, tmp_path: P
         with pytest.raises(ModelFileError, match=rf"^arch {arch}: {message}"):
             ImageClassifier(arch=arch, arch_kwargs={switch: "DEFAULT"}, num_classes=4)
     assert registries == []  # neither registry was called
+    path = classifier_checkpoint(
+        tmp_path / "pretrained.ckpt", converted=False, arch="timm:resnet18", arch_kwargs={switch: True}
+    )
+    with pytest.raises(UntrustedCheckpointError, match=rf"arch timm:resnet18: {message}"):
+        ImageClassifier.load_from_checkpoint(path)
 
 
 def test_the_switches_are_the_real_registries_keywords() -> None:
@@ -70,3 +323,52 @@ def test_a_torchvision_model_with_a_backbone_builds_without_any_download(
     monkeypatch.setattr(socket.socket, "connect", no_network)
     model = build_architecture("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", {"num_classes": 3})
     assert isinstance(model, nn.Module) and not any(tmp_path.rglob("*.pth"))
+
+
+# condconv-finetune --ckpt_path: values are assigned, never parsed; nothing the file names is imported.
+
+
+@pytest.mark.slow
+def test_ckpt_path_strings_bound_to_code_typed_options_import_nothing(tmp_path: Path) -> None:
+    (tmp_path / "hostile.py").write_text(HOSTILE_MODULE)
+    path = classifier_checkpoint(
+        tmp_path / "hostile.ckpt",
+        optimizer="hostile.Anything",
+        scheduler="hostile.Anything",
+        model="{class_path: hostile.Anything, init_args: {}}",
+    )
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["datamodule_hyper_parameters"] = {"_class_path": "hostile.Anything"}  # Lightning's CLI skips it
+    torch.save(checkpoint, path)
+    small = ["--data.val_size", "8", "--data.train_size", "8", "--data.batch_size", "8", "--trainer.logger", "false"]
+    done = run_cli("condconv-finetune", "validate", "--ckpt_path", path, *small, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (tmp_path / "imported").exists() and not (tmp_path / "built").exists()
+    huge = classifier_checkpoint(tmp_path / "huge.ckpt", num_classes=2**22)
+    refused = run_cli("condconv-finetune", "validate", "--ckpt_path", huge, *small, cwd=tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .endswith("If you trust the checkpoint's origin, pass --trust_checkpoint true")
+    )
+
+
+def test_ckpt_path_yaml_in_a_string_stays_a_string(
+    registries: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``arch_kwargs`` hold plain values by their annotation too, so jsonargparse never reads YAML out of one."""
+    from condconv_lightning.cli.finetune import main
+    from condconv_lightning.surgery import convert
+
+    yaml = "{class_path: calendar.Calendar, init_args: {}}"
+    module = ImageClassifier(arch="timm:resnet18", arch_kwargs={"note": yaml, "flag": "true"}, num_classes=4)
+    convert(module.model, ["layer3", "layer4"])  # as the command's default callback does
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    registries.clear()
+    monkeypatch.chdir(tmp_path)
+    small = ["--data.val_size", "8", "--data.train_size", "8", "--data.batch_size", "8", "--trainer.logger", "false"]
+    main(["validate", "--ckpt_path", str(tmp_path / "run.ckpt"), *small, "--trainer.enable_progress_bar", "false"])
+    assert registries and all(kwargs["note"] == yaml and kwargs["flag"] == "true" for _, _, kwargs in registries)

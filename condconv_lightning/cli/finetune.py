@@ -22,6 +22,7 @@ Examples:
 
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -30,7 +31,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ..callbacks import CondConvConversion, RoutingEntropyMonitor
-from ..checkpoints import UntrustedCheckpointError, plain_hparams, read_hparams
+from ..checkpoints import UntrustedCheckpointError, read_checkpoint, untrusted_hparams
 from ..demos.data import SyntheticImageDataModule
 from ..finetune.image_folder import (  # noqa: F401 (--data ImageFolderDataModule resolves it)
     DataFolderError,
@@ -51,9 +52,10 @@ __all__ = ["main"]
 class FinetuneCLI(LightningCLI):
     """LightningCLI with defaults for data (any LightningDataModule is accepted) and for the Trainer's callbacks.
 
-    ``--ckpt_path`` checkpoints are untrusted: their hyperparameters become the model's
-    defaults only as plain values (entries that name classes are refused unless
-    ``--trust_checkpoint true``), and never set ``weights`` or ``trust_pickle``.
+    ``--ckpt_path`` checkpoints are untrusted: unless ``--trust_checkpoint true``, their
+    hyperparameters set the model's options only as values that pass the model's schema
+    (:func:`~condconv_lightning.checkpoints.untrusted_hparams`), assigned to the configuration
+    as they are, and never set ``weights``, ``trust_pickle``, ``optimizer`` or ``scheduler``.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -61,7 +63,8 @@ class FinetuneCLI(LightningCLI):
             "--trust_checkpoint",
             type=bool,
             default=False,
-            help="let a --ckpt_path checkpoint's hyperparameters name classes to import and build (trusted files only)",
+            help="pass a --ckpt_path checkpoint's hyperparameters to the parser unchecked, as Lightning does: they "
+            "may name classes to import and build (trusted files only)",
         )
         parser.set_defaults(
             {
@@ -109,12 +112,14 @@ class FinetuneCLI(LightningCLI):
         return self.config.get(subcommand) if subcommand else self.config
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse, then read an untrusted ``--ckpt_path`` checkpoint's hyperparameters as plain values only.
+        """Parse, then read an untrusted ``--ckpt_path`` checkpoint's hyperparameters as checked values only.
 
         LightningCLI reads a checkpoint's hyperparameters right after parsing and hands them to the
-        parser, which builds any class they name. Without ``--trust_checkpoint`` this method reads
-        them instead and sets ``ckpt_path`` aside until the classes are built, so Lightning finds
-        none to read; :meth:`before_instantiate_classes` puts it back for ``Trainer.fit``.
+        parser, which imports any class or callable a string there names. Without
+        ``--trust_checkpoint`` this method reads them instead, through the one checked reader, and
+        assigns the values to the model's options directly (no parser sees them); it sets
+        ``ckpt_path`` aside until the classes are built, so Lightning finds none to read, and
+        :meth:`before_instantiate_classes` puts it back for ``Trainer.fit``.
         """
         super().parse_arguments(parser, args)
         self._untrusted_ckpt_path = None
@@ -126,14 +131,18 @@ class FinetuneCLI(LightningCLI):
         if not ckpt_path or not Path(ckpt_path).is_file() or settings.get("trust_checkpoint"):
             return
         try:
-            hparams = plain_hparams(read_hparams(ckpt_path), ckpt_path, "--trust_checkpoint true")
-        except (UntrustedCheckpointError, OSError, RuntimeError) as error:
+            checkpoint = read_checkpoint(ckpt_path)
+            values = untrusted_hparams(self.model_class, checkpoint, ckpt_path, "--trust_checkpoint true")
+        except UntrustedCheckpointError as error:
             parser.error(str(error))
-        hparams = {key: value for key, value in hparams.items() if key not in ("weights", "trust_pickle")}
-        if hparams:
-            self.config = parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        except (ValueError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+            damaged = isinstance(error, pickle.UnpicklingError)  # not torch's advice to unpickle it
+            reason = "it holds pickled objects or is damaged" if damaged else one_line(error)
+            parser.error(f"--ckpt_path {ckpt_path}: cannot read it weights-only ({reason})")
+        for key, value in values.items():
+            settings["model"][key] = value
         self._untrusted_ckpt_path = ckpt_path
-        self._settings()["ckpt_path"] = None
+        settings["ckpt_path"] = None
 
 
 def _class_path(cls: type) -> str:
