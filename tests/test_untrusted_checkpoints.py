@@ -325,6 +325,27 @@ def test_a_torchvision_model_with_a_backbone_builds_without_any_download(
     assert isinstance(model, nn.Module) and not any(tmp_path.rglob("*.pth"))
 
 
+# Conversion entries: every malformed one is a one-line ValueError naming its key.
+
+
+@pytest.mark.parametrize(
+    ("key", "entry"),
+    [
+        ("condconv_conversion_spec", ["model.layer4"]),
+        ("condconv_conversion_spec", {"layers": ["layer4"]}),
+        ("condconv_conversion_spec", {"layers": {4: {}}}),
+        ("condconv_conversion", ["model.layer4"]),
+        ("condconv_conversion", {"format": 1, "layers": {"model.layer4": "x"}}),
+    ],
+    ids=["legacy-list", "legacy-layers-list", "legacy-layer-name", "list", "options"],
+)
+def test_malformed_conversion_entries_are_one_line_errors_naming_the_key(tmp_path: Path, key: str, entry) -> None:
+    path = with_hparams(tmp_path / "damaged.ckpt", **{key: entry})
+    with pytest.raises(ValueError, match=rf"^checkpoint entry '{key}'") as raised:
+        ImageClassifier.load_from_checkpoint(path)
+    assert "\n" not in str(raised.value) and str(raised.value).endswith("the checkpoint is damaged")
+
+
 # condconv-finetune --ckpt_path: values are assigned, never parsed; nothing the file names is imported.
 
 

@@ -276,5 +276,11 @@ class ImageClassifier(ConversionCheckpointMixin, pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if LEGACY_KEY in checkpoint:  # written by the first release: layer names relative to ``model``
             legacy = checkpoint.pop(LEGACY_KEY)
-            checkpoint[CHECKPOINT_KEY] = {**legacy, "layers": {f"model.{n}": o for n, o in legacy["layers"].items()}}
+            layers = legacy.get("layers") if isinstance(legacy, Mapping) else None
+            if not isinstance(layers, Mapping) or not all(isinstance(name, str) for name in layers):
+                raise ValueError(
+                    f"checkpoint entry {LEGACY_KEY!r} is not a conversion spec (a mapping whose 'layers' maps layer "
+                    "names to options); the checkpoint is damaged"
+                )
+            checkpoint[CHECKPOINT_KEY] = {**legacy, "layers": {f"model.{n}": o for n, o in layers.items()}}
         super().on_load_checkpoint(checkpoint)
