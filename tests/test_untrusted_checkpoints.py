@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -393,3 +394,55 @@ def test_ckpt_path_yaml_in_a_string_stays_a_string(
     small = ["--data.val_size", "8", "--data.train_size", "8", "--data.batch_size", "8", "--trainer.logger", "false"]
     main(["validate", "--ckpt_path", str(tmp_path / "run.ckpt"), *small, "--trainer.enable_progress_bar", "false"])
     assert registries and all(kwargs["note"] == yaml and kwargs["flag"] == "true" for _, _, kwargs in registries)
+
+
+# A resumed ModelCheckpoint deletes the checkpoints it replaces: never a path the file leads out of its folder.
+
+
+@pytest.mark.parametrize(
+    ("path", "kept"),
+    [
+        ("FOLDER/epoch=0-step=2.ckpt", True),
+        ("/elsewhere/old-run/epoch=0-step=2.ckpt", True),  # another folder: Lightning never deletes it
+        ("FOLDER/../../precious.txt", False),  # passes Lightning's check, which reads ".." as a folder
+        ("s3://bucket/precious.ckpt", False),  # every remote path passes that check
+        (["not", "a", "path"], False),
+    ],
+)
+def test_resumed_checkpoint_paths_that_lead_out_of_the_folder_are_dropped(tmp_path: Path, path, kept: bool) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from condconv_lightning.cli.finetune import SafeCheckpointPaths
+
+    folder = tmp_path / "checkpoints"
+    callback = ModelCheckpoint(dirpath=folder)
+    path = path.replace("FOLDER", str(folder)) if isinstance(path, str) else path
+    state = {"best_model_path": path, "last_model_path": "", "best_k_models": {path: 0.5} if kept else []}
+    checkpoint = {"callbacks": {callback.state_key: state}}
+    trainer = types.SimpleNamespace(callbacks=[callback])
+    if kept:
+        SafeCheckpointPaths().on_load_checkpoint(trainer, None, checkpoint)  # type: ignore[arg-type]
+        assert state["best_model_path"] == path and state["best_k_models"] == {path: 0.5}
+    else:
+        with pytest.warns(UserWarning, match=r"ignored \d checkpoint paths in its ModelCheckpoint state that lead"):
+            SafeCheckpointPaths().on_load_checkpoint(trainer, None, checkpoint)  # type: ignore[arg-type]
+        assert state["best_model_path"] == "" and state["best_k_models"] == {}
+
+
+@pytest.mark.slow
+def test_resuming_a_hostile_checkpoint_deletes_nothing_outside_the_run(tmp_path: Path) -> None:
+    small = ["--trainer.max_steps", "2", "--data.train_size", "8", "--data.val_size", "8", "--data.batch_size", "4"]
+    first = run_cli("condconv-finetune", "fit", *small, "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    checkpoint = torch.load(next(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt")), weights_only=True)
+    (state,) = checkpoint["callbacks"].values()
+    del state["dirpath"]  # so that Lightning restores every path as its own
+    state["best_model_path"] = "lightning_logs/version_1/checkpoints/../../../precious.txt"
+    torch.save(checkpoint, tmp_path / "hostile.ckpt")
+    (tmp_path / "precious.txt").write_text("kept")
+    resumed = run_cli(
+        "condconv-finetune", "fit", "--ckpt_path", "hostile.ckpt", *small[:1], "4", *small[2:], cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (tmp_path / "precious.txt").read_text() == "kept"
+    assert "ignored 1 checkpoint paths in its ModelCheckpoint state that lead out of" in resumed.stderr

@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import pickle
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lightning.pytorch import LightningDataModule
+import lightning.pytorch as pl
+from lightning.pytorch import Callback, LightningDataModule
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ..callbacks import CondConvConversion, RoutingEntropyMonitor
@@ -102,6 +105,8 @@ class FinetuneCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, ImportError) as error:
             _exit_with(one_line(error) if not isinstance(error, ValueError) else " ".join(str(error).split()))
+        if not self._settings().get("trust_checkpoint"):
+            self.trainer.callbacks.append(SafeCheckpointPaths())
         classes = getattr(self.datamodule, "num_classes", None)
         outputs = getattr(self.model, "hparams", {}).get("num_classes")
         if isinstance(classes, int) and isinstance(outputs, int) and classes != outputs:
@@ -143,6 +148,62 @@ class FinetuneCLI(LightningCLI):
             settings["model"][key] = value
         self._untrusted_ckpt_path = ckpt_path
         settings["ckpt_path"] = None
+
+
+class SafeCheckpointPaths(Callback):
+    """Drop the checkpoint paths of a resumed ModelCheckpoint state that Lightning could be led to delete.
+
+    ModelCheckpoint restores the paths of the checkpoints it wrote (``best_model_path``,
+    ``best_k_models``, ...) and deletes one when a newer checkpoint replaces it, if it lies in its
+    folder: a check that reads ``..`` as a folder name (``checkpoints/../../precious.txt`` passes)
+    and passes every remote path. Without ``--trust_checkpoint`` such paths are dropped before
+    ModelCheckpoint reads its state, with a warning; paths of other folders stay (that check
+    keeps them), so resuming a run in a new folder is as before.
+    """
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        states = checkpoint.get("callbacks")
+        if not isinstance(states, dict):
+            return
+        for callback in trainer.callbacks:
+            state = states.get(callback.state_key)
+            if isinstance(callback, ModelCheckpoint) and isinstance(state, dict):
+                dropped = _drop_deletable_paths(callback.dirpath, state)
+                if dropped:
+                    warnings.warn(
+                        f"--ckpt_path: ignored {dropped} checkpoint paths in its ModelCheckpoint state that lead out "
+                        f"of {callback.dirpath} (a run deletes the checkpoints it replaces); pass "
+                        "--trust_checkpoint true to keep them",
+                        stacklevel=1,
+                    )
+
+
+CHECKPOINT_PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
+"""The paths a ModelCheckpoint state holds besides ``best_k_models``."""
+
+
+def _drop_deletable_paths(folder: str | None, state: dict) -> int:
+    """Empty every checkpoint path of a ModelCheckpoint ``state`` that is not :func:`_safe`; how many were emptied."""
+    dropped = 0
+    for key in CHECKPOINT_PATH_KEYS:
+        if state.get(key) and not _safe(folder, state[key]):
+            state[key] = ""
+            dropped += 1
+    if "best_k_models" in state:
+        best = state["best_k_models"] if isinstance(state["best_k_models"], dict) else {}
+        state["best_k_models"] = {path: score for path, score in best.items() if _safe(folder, path)}
+        dropped += len(best) - len(state["best_k_models"])
+    return dropped
+
+
+def _safe(folder: str | None, path: object) -> bool:
+    """Whether ModelCheckpoint deletes ``path`` only if it is a file of ``folder``: a local path without ``..``,
+    or a remote one directly in a remote ``folder``."""
+    if not isinstance(path, str) or ".." in path.replace("\\", "/").split("/"):
+        return False
+    if "://" not in path:
+        return True
+    return folder is not None and "://" in folder and path.rpartition("/")[0] == folder.rstrip("/")
 
 
 def _class_path(cls: type) -> str:
