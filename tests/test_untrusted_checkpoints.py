@@ -396,6 +396,73 @@ def test_ckpt_path_yaml_in_a_string_stays_a_string(
     assert registries and all(kwargs["note"] == yaml and kwargs["flag"] == "true" for _, _, kwargs in registries)
 
 
+# Honest exits: a run stopped by a signal says so in its exit status.
+
+SIGNAL_AT = textwrap.dedent(
+    """
+    import os
+    import signal
+
+    from lightning.pytorch import Callback
+
+
+    class SignalAt(Callback):
+        \"\"\"Send a signal to this process after a given training step: a pre-emption, at a known point.\"\"\"
+
+        def __init__(self, step: int, name: str) -> None:
+            self.step, self.name = step, name
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == self.step:
+                os.kill(os.getpid(), getattr(signal, self.name))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "status", "saved"),
+    [("SIGTERM", 143, (1, 2, 3)), ("SIGINT", 130, (1, 2))],  # Ctrl-C interrupts step 3's callbacks
+)
+def test_a_signal_stops_the_run_with_its_exit_status(tmp_path: Path, name: str, status: int, saved: tuple) -> None:
+    (tmp_path / "signal_at.py").write_text(SIGNAL_AT)
+    done = run_cli(
+        "condconv-finetune",
+        "fit",
+        "--trainer.max_steps",
+        "40",
+        "--data.train_size",
+        "160",
+        "--data.batch_size",
+        "4",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.callbacks+=signal_at.SignalAt",
+        "--trainer.callbacks.step",
+        "3",
+        "--trainer.callbacks.name",
+        name,
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps",
+        "1",
+        "--trainer.callbacks.save_top_k",
+        "-1",
+        "--trainer.callbacks.dirpath",
+        tmp_path / "checkpoints",
+        cwd=tmp_path,
+    )
+    assert done.returncode == status, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"condconv-finetune: stopped by {name} at step 3; checkpoints written before it are kept"
+    )
+    written = sorted((tmp_path / "checkpoints").glob("*.ckpt"))
+    assert [p.name for p in written] == [f"epoch=0-step={step}.ckpt" for step in saved]
+    for path in written:
+        assert isinstance(ImageClassifier.load_from_checkpoint(path).model, nn.Module)
+
+
 # A resumed ModelCheckpoint deletes the checkpoints it replaces: never a path the file leads out of its folder.
 
 

@@ -23,6 +23,7 @@ Examples:
 from __future__ import annotations
 
 import pickle
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -32,6 +33,7 @@ import lightning.pytorch as pl
 from lightning.pytorch import Callback, LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.trainer.states import TrainerStatus
 
 from ..callbacks import CondConvConversion, RoutingEntropyMonitor
 from ..checkpoints import UntrustedCheckpointError, read_checkpoint, untrusted_hparams
@@ -48,6 +50,8 @@ from .parser import FinetuneParser
 
 LIGHTNING_CKPT_NAMES = ("best", "last", "hpc", "registry")
 """``--ckpt_path`` values Lightning resolves itself (``Trainer.fit(ckpt_path=...)``), not files."""
+EXIT_STATUS = {"SIGTERM": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT}
+"""The exit status of a run a signal stopped, as a shell reports a process the signal ended (143, 130)."""
 
 __all__ = ["main"]
 
@@ -59,7 +63,34 @@ class FinetuneCLI(LightningCLI):
     hyperparameters set the model's options only as values that pass the model's schema
     (:func:`~condconv_lightning.checkpoints.untrusted_hparams`), assigned to the configuration
     as they are, and never set ``weights``, ``trust_pickle``, ``optimizer`` or ``scheduler``.
+    SIGTERM and SIGINT during a run end it with exit status 143 and 130, after Lightning has
+    stopped the run as it does.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """LightningCLI's, but a run stopped by SIGTERM or SIGINT exits 143 or 130, not 0 or 1.
+
+        Lightning stops a run on SIGTERM with an exit status of 0 and on SIGINT with 1, after
+        saving what it saves; a pre-empted job would look successful.
+        """
+        try:
+            super().__init__(*args, **kwargs)
+        except SystemExit as error:
+            trainer = getattr(self, "trainer", None)
+            if trainer is None or trainer.state.status != TrainerStatus.INTERRUPTED:
+                raise
+            if trainer.received_sigterm:
+                stopped_by = "SIGTERM"
+            elif isinstance(error.__context__, KeyboardInterrupt):  # Lightning's sys.exit(1) after Ctrl-C
+                stopped_by = "SIGINT"
+            else:
+                raise
+            print(
+                f"condconv-finetune: stopped by {stopped_by} at step {trainer.global_step}; checkpoints written "
+                "before it are kept",
+                file=sys.stderr,
+            )
+            raise SystemExit(EXIT_STATUS[stopped_by]) from None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -239,6 +270,9 @@ def main(args: list[str] | None = None) -> None:
         )
     except DataFolderError as error:  # found while the Trainer set the data up, after the classes were built
         _exit_with(str(error))
+    except KeyboardInterrupt:  # Ctrl-C before or after the Trainer ran, where Lightning does not handle it
+        print("condconv-finetune: stopped by SIGINT", file=sys.stderr)
+        raise SystemExit(EXIT_STATUS["SIGINT"]) from None
 
 
 if __name__ == "__main__":
