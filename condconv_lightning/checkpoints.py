@@ -9,7 +9,9 @@ trust :func:`untrusted_hparams` is the only reader of those hyperparameters, and
 returns is all that reaches ``__init__`` or the command line's configuration:
 
 - plain data only: at most :data:`MAX_DEPTH` levels and :data:`MAX_VALUES` values (a file
-  nested 50,000 deep is one line, not a RecursionError), and nothing that names code: no
+  nested 50,000 deep is one line, not a RecursionError; so is any entry of the checkpoint
+  nested deeper than :data:`MAX_DEPTH`, since Lightning reads the others recursively), and
+  nothing that names code: no
   ``class_path``/``_class_path`` entry, no instantiator but LightningCLI's, no ``arch`` that
   is an import path (``module.path:callable``; ``timm:NAME``, ``torchvision:NAME`` and the
   built-in model names are data), no callable ``hparams_type``;
@@ -29,6 +31,7 @@ default, so nothing of the file's reaches ``__init__`` unchecked through Lightni
 from __future__ import annotations
 
 import inspect
+import reprlib
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -74,6 +77,9 @@ MAX_DEPTH = 32
 """Nesting levels of untrusted hyperparameters (Lightning's own hyperparameters are flat)."""
 MAX_VALUES = 100_000
 """Values (containers and leaves, each visit counted) in untrusted hyperparameters."""
+MAX_CHECKPOINT_VALUES = 1_000_000
+"""Values in a whole untrusted checkpoint (tensors count one each): its other entries reach Lightning's
+readers, which recurse (a resumed Trainer deep-copies callback states)."""
 
 
 def is_import_path(arch: str) -> bool:
@@ -92,33 +98,61 @@ def code_references(hparams: object, where: str = HPARAMS_KEY) -> list[str]:
     Raises:
         ValueError: ``hparams`` nests deeper than :data:`MAX_DEPTH` or holds more than :data:`MAX_VALUES` values.
     """
-    found: list[str] = []
-    pending: list[tuple[str, object, int]] = [(where, hparams, 0)]
-    visited = 0
+    return [
+        f"{_path(here)}={SHORT.repr(item)}"
+        for here, key, item in nested_entries(hparams, where, MAX_VALUES)
+        if key in CLASS_PATH_KEYS
+        or (key == INSTANTIATOR_KEY and item != LIGHTNING_INSTANTIATOR)
+        or (key == ARCH_KEY and isinstance(item, str) and is_import_path(item))
+    ]
+
+
+SHORT = reprlib.Repr()
+SHORT.maxstring = SHORT.maxother = 100  # a value from a file, shown in a message without its megabytes
+Where = tuple[Any, str]
+"""Where an entry is: ``(parent, label)``, the parent a :data:`Where` too or None; spelled out by :func:`_path`
+only when a message needs it, so that long keys repeated down a deep structure cost nothing."""
+
+
+def nested_entries(value: object, where: str, max_values: int) -> Iterator[tuple[Where, object, object]]:
+    """``(where, key, item)`` for every entry of the mappings, lists and tuples in ``value`` (a list item's key is
+    None), walked without recursion, so that no nesting overflows Python's stack.
+
+    Raises:
+        ValueError: ``value`` nests deeper than :data:`MAX_DEPTH` or holds more than ``max_values`` values.
+    """
+    pending: list[tuple[Where, object, int]] = [((None, where), value, 0)]
+    visited = 1
     while pending:
         here, value, depth = pending.pop()
-        visited += 1
-        if visited > MAX_VALUES:
-            raise ValueError(f"{where} holds more than {MAX_VALUES} values")
-        if isinstance(value, Mapping):
-            entries: list[tuple[str, object]] = []
-            for key, item in value.items():
-                if (
-                    key in CLASS_PATH_KEYS
-                    or (key == INSTANTIATOR_KEY and item != LIGHTNING_INSTANTIATOR)
-                    or (key == ARCH_KEY and isinstance(item, str) and is_import_path(item))
-                ):
-                    found.append(f"{here}.{key}={item!r}")
-                else:
-                    entries.append((f"{here}.{key}", item))
-        elif isinstance(value, (list, tuple)):
-            entries = [(f"{here}[{index}]", item) for index, item in enumerate(value)]
-        else:
+        if not isinstance(value, (Mapping, list, tuple)) or not value:
             continue
-        if entries and depth == MAX_DEPTH:
-            raise ValueError(f"{where} nests deeper than {MAX_DEPTH} levels (at {here})")
-        pending.extend((name, item, depth + 1) for name, item in reversed(entries))
-    return found
+        visited += len(value)  # counted before its entries are listed: a huge list costs nothing
+        if visited > max_values:
+            raise ValueError(f"{where} holds more than {max_values} values")
+        if depth == MAX_DEPTH:
+            raise ValueError(f"{where} nests deeper than {MAX_DEPTH} levels (at {_path(here)})")
+        if isinstance(value, Mapping):
+            entries = [((here, f".{_label(key)}"), key, item) for key, item in value.items()]
+        else:
+            entries = [((here, f"[{index}]"), None, item) for index, item in enumerate(value)]
+        yield from entries
+        pending.extend((name, item, depth + 1) for name, _, item in reversed(entries))
+
+
+def _label(key: object) -> str:
+    """A mapping key as a path shows it: a string as it is, anything else as its repr, either cut to 60 characters."""
+    text = key if isinstance(key, str) else SHORT.repr(key)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _path(where: Where) -> str:
+    labels = []
+    node: Where | None = where
+    while node is not None:
+        node, label = node
+        labels.append(label)
+    return "".join(reversed(labels))
 
 
 def read_checkpoint(checkpoint: PathLike | IO[bytes]) -> Mapping[Any, Any]:
@@ -161,6 +195,11 @@ def untrusted_hparams(
     Raises:
         UntrustedCheckpointError: in one line naming ``source`` and, where trusting the file would load it, ``flag``.
     """
+    try:
+        for _ in nested_entries(checkpoint, "the checkpoint", MAX_CHECKPOINT_VALUES):
+            pass  # walked for its bounds only
+    except ValueError as error:
+        raise _refused(source, str(error), None) from None
     hparams = checkpoint_hparams(checkpoint)
     hparams_type = checkpoint.get(HPARAMS_TYPE_KEY)
     try:

@@ -79,12 +79,12 @@ def plain_checkpoint(path: Path, **hyper_parameters: Any) -> Path:
     return path
 
 
-def deeply_nested(path: Path, depth: int, source: Path) -> Path:
-    """``source`` with a list nested ``depth`` deep among its hyperparameters, pickled by hand (the pickler itself
-    recurses, the weights-only unpickler does not)."""
+def deeply_nested(path: Path, depth: int, source: Path, entry: str = "hyper_parameters") -> Path:
+    """``source`` with a list nested ``depth`` deep in its ``entry``, pickled by hand (the pickler itself recurses,
+    the weights-only unpickler does not)."""
     checkpoint = torch.load(source, weights_only=True)
     placeholder = "NESTED-HERE"
-    checkpoint["hyper_parameters"]["nested"] = placeholder
+    checkpoint.setdefault(entry, {})["nested"] = placeholder
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer, _use_new_zipfile_serialization=False)  # a stream: no offsets to keep right
     string = b"X" + struct.pack("<I", len(placeholder)) + placeholder.encode()  # BINUNICODE
@@ -244,13 +244,16 @@ def test_a_user_module_is_sized_by_its_weights_too(tmp_path: Path) -> None:
 # Plain data: bounded depth and size, one line; a user's module gets checked values only.
 
 
-def test_hyperparameters_nested_beyond_pythons_stack_are_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("entry", ["hyper_parameters", "loops", "callbacks"])
+def test_a_checkpoint_nested_beyond_pythons_stack_is_one_line(tmp_path: Path, entry: str) -> None:
+    """Hyperparameters reach __init__; the other entries reach Lightning's readers, which recurse (a resumed Trainer
+    deep-copies every callback state)."""
+    message = rf"the checkpoint nests deeper than {MAX_DEPTH} levels \(at the checkpoint\.{entry}\.nested\[0\]"
     base = classifier_checkpoint(tmp_path / "base.ckpt", converted=False)
-    path = deeply_nested(tmp_path / "deep.ckpt", 50_000, base)
-    with pytest.raises(UntrustedCheckpointError, match=rf"nests deeper than {MAX_DEPTH} levels"):
-        ImageClassifier.load_from_checkpoint(path)
-    plain = deeply_nested(tmp_path / "deep-plain.ckpt", 50_000, plain_checkpoint(tmp_path / "plain.ckpt"))
-    with pytest.raises(ModelFileError, match=rf"nests deeper than {MAX_DEPTH} levels.*--trust-pickle$"):
+    with pytest.raises(UntrustedCheckpointError, match=message):
+        ImageClassifier.load_from_checkpoint(deeply_nested(tmp_path / "deep.ckpt", 50_000, base, entry))
+    plain = deeply_nested(tmp_path / "deep-plain.ckpt", 50_000, plain_checkpoint(tmp_path / "plain.ckpt"), entry)
+    with pytest.raises(ModelFileError, match=message):
         load_model(plain, arch=PLAIN_ARCH)
 
 
@@ -366,14 +369,14 @@ def test_ckpt_path_strings_bound_to_code_typed_options_import_nothing(tmp_path: 
     done = run_cli("condconv-finetune", "validate", "--ckpt_path", path, *small, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert not (tmp_path / "imported").exists() and not (tmp_path / "built").exists()
-    huge = classifier_checkpoint(tmp_path / "huge.ckpt", num_classes=2**22)
-    refused = run_cli("condconv-finetune", "validate", "--ckpt_path", huge, *small, cwd=tmp_path)
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert (
-        refused.stderr.strip()
-        .splitlines()[-1]
-        .endswith("If you trust the checkpoint's origin, pass --trust_checkpoint true")
-    )
+    hostile = {
+        "huge": (classifier_checkpoint(tmp_path / "huge.ckpt", num_classes=2**22), "the sizes do not come from"),
+        "deep": (deeply_nested(tmp_path / "deep.ckpt", 50_000, path, "callbacks"), "the checkpoint nests deeper"),
+    }
+    for checkpoint, message in hostile.values():
+        refused = run_cli("condconv-finetune", "validate", "--ckpt_path", checkpoint, *small, cwd=tmp_path)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+        assert message in refused.stderr.strip().splitlines()[-1]
 
 
 def test_ckpt_path_yaml_in_a_string_stays_a_string(
