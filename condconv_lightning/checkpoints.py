@@ -207,18 +207,19 @@ def untrusted_hparams(
     except ValueError as error:
         raise _refused(source, f"its hyperparameters are not plain data: {error}", flag) from None
     if hparams_type is not None and not isinstance(hparams_type, str):
-        references.append(f"{HPARAMS_TYPE_KEY}={hparams_type!r}")
+        references.append(f"{HPARAMS_TYPE_KEY}={SHORT.repr(hparams_type)}")
     if references:
-        more = f" (and {len(references) - 1} more)" if len(references) > 1 else ""
-        raise _refused(source, f"its hyperparameters name code to import ({references[0]}{more})", flag)
+        others = f" (and {len(references) - 1} more)" if len(references) > 1 else ""
+        raise _refused(source, f"its hyperparameters name code to import ({references[0]}{others})", flag)
     values = {key: value for key, value in hparams.items() if key != INSTANTIATOR_KEY}
-    parameters, _ = _init_parameters(cls)
+    parameters, more = _init_parameters(cls)
     if checkpoint.get(HPARAMS_NAME_KEY) in parameters:  # Lightning's old layout: one argument holds them all
         values = {checkpoint[HPARAMS_NAME_KEY]: values}
     schema: Mapping[str, Callable[[object], object]] | None = getattr(cls, SCHEMA_ATTRIBUTE, None)
     if schema is not None:
         values = _schema_checked(cls.__name__, schema, parameters, values, source, flag)
-    _check_sizes(cls, {**init_kwargs(cls, values), **(given or {})}, checkpoint.get("state_dict"), source, flag)
+    given = {key: value for key, value in (given or {}).items() if more or key in parameters}  # as Lightning does
+    _check_sizes(cls, {**init_kwargs(cls, values), **given}, checkpoint.get("state_dict"), source, flag)
     return values
 
 

@@ -183,6 +183,11 @@ def test_other_checkpoint_keys_lightning_reads_are_checked_too(tmp_path: Path, e
         ImageClassifier.load_from_checkpoint(path)
 
 
+def test_a_callers_keyword_that_is_no_parameter_is_dropped_as_lightning_drops_it(tmp_path: Path) -> None:
+    path = classifier_checkpoint(tmp_path / "ok.ckpt", converted=False)
+    assert ImageClassifier.load_from_checkpoint(path, no_such_option=1, label_smoothing=0.2).label_smoothing == 0.2
+
+
 def test_hparams_file_is_read_only_when_trusted(tmp_path: Path) -> None:
     path = classifier_checkpoint(tmp_path / "ok.ckpt", converted=False)
     hparams = tmp_path / "hparams.yaml"
