@@ -24,15 +24,22 @@ Examples:
 
 from __future__ import annotations
 
+import pickle
+import signal
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
+import lightning.pytorch as pl
 from jsonargparse import ArgumentParser, Namespace
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import Callback, LightningDataModule
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.trainer.states import TrainerStatus
 
 from ..callbacks import CondConvConversion, RoutingEntropyMonitor
-from ..checkpoints import UntrustedCheckpointError, plain_hparams, read_hparams
+from ..checkpoints import UntrustedCheckpointError, read_checkpoint, untrusted_hparams
 from ..demos.data import SyntheticImageDataModule
 from ..finetune.image_folder import (  # noqa: F401 (--data ImageFolderDataModule resolves it)
     DataFolderError,
@@ -40,13 +47,15 @@ from ..finetune.image_folder import (  # noqa: F401 (--data ImageFolderDataModul
 )
 from ..finetune.module import ImageClassifier
 from ..functional import is_tuning_enabled
-from ..loading.errors import ModelFileError, one_line
+from ..loading.errors import one_line
 from ..loading.imports import make_cwd_importable
 from .errors import print_error
 from .parser import FinetuneParser
 
 LIGHTNING_CKPT_NAMES = ("best", "last", "hpc", "registry")
 """``--ckpt_path`` values Lightning resolves itself (``Trainer.fit(ckpt_path=...)``), not files."""
+EXIT_STATUS = {"SIGTERM": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT}
+"""The exit status of a run a signal stopped, as a shell reports a process the signal ended (143, 130)."""
 
 __all__ = ["main"]
 
@@ -54,17 +63,46 @@ __all__ = ["main"]
 class FinetuneCLI(LightningCLI):
     """LightningCLI with defaults for data (any LightningDataModule is accepted) and for the Trainer's callbacks.
 
-    ``--ckpt_path`` checkpoints are untrusted: their hyperparameters become the model's
-    defaults only as plain values (entries that name classes are refused unless
-    ``--trust_checkpoint true``), and never set ``weights`` or ``trust_pickle``.
+    ``--ckpt_path`` checkpoints are untrusted: unless ``--trust_checkpoint true``, their
+    hyperparameters set the model's options only as values that pass the model's schema
+    (:func:`~condconv_lightning.checkpoints.untrusted_hparams`), assigned to the configuration
+    as they are, and never set ``weights``, ``trust_pickle``, ``optimizer`` or ``scheduler``.
+    SIGTERM and SIGINT during a run end it with exit status 143 and 130, after Lightning has
+    stopped the run as it does.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """LightningCLI's, but a run stopped by SIGTERM or SIGINT exits 143 or 130, not 0 or 1.
+
+        Lightning stops a run on SIGTERM with an exit status of 0 and on SIGINT with 1, after
+        saving what it saves; a pre-empted job would look successful.
+        """
+        try:
+            super().__init__(*args, **kwargs)
+        except SystemExit as error:
+            trainer = getattr(self, "trainer", None)
+            if trainer is None or trainer.state.status != TrainerStatus.INTERRUPTED:
+                raise
+            if trainer.received_sigterm:
+                stopped_by = "SIGTERM"
+            elif isinstance(error.__context__, KeyboardInterrupt):  # Lightning's sys.exit(1) after Ctrl-C
+                stopped_by = "SIGINT"
+            else:
+                raise
+            print(
+                f"condconv-finetune: stopped by {stopped_by} at step {trainer.global_step}; checkpoints written "
+                "before it are kept",
+                file=sys.stderr,
+            )
+            raise SystemExit(EXIT_STATUS[stopped_by]) from None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--trust_checkpoint",
             type=bool,
             default=False,
-            help="let a --ckpt_path checkpoint's hyperparameters name classes to import and build (trusted files only)",
+            help="pass a --ckpt_path checkpoint's hyperparameters to the parser unchecked, as Lightning does: they "
+            "may name classes to import and build (trusted files only)",
         )
         parser.set_defaults(
             {
@@ -111,6 +149,8 @@ class FinetuneCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, ImportError) as error:
             _exit_with(_cause(error))
+        if not self._settings().get("trust_checkpoint"):
+            self.trainer.callbacks.append(SafeCheckpointPaths())
         classes = getattr(self.datamodule, "num_classes", None)
         outputs = getattr(self.model, "hparams", {}).get("num_classes")
         if isinstance(classes, int) and isinstance(outputs, int) and classes != outputs:
@@ -121,12 +161,14 @@ class FinetuneCLI(LightningCLI):
         return self.config.get(subcommand) if subcommand else self.config
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse, then read an untrusted ``--ckpt_path`` checkpoint's hyperparameters as plain values only.
+        """Parse, then read an untrusted ``--ckpt_path`` checkpoint's hyperparameters as checked values only.
 
         LightningCLI reads a checkpoint's hyperparameters right after parsing and hands them to the
-        parser, which builds any class they name. Without ``--trust_checkpoint`` this method reads
-        them instead and sets ``ckpt_path`` aside until the classes are built, so Lightning finds
-        none to read; :meth:`before_instantiate_classes` puts it back for ``Trainer.fit``.
+        parser, which imports any class or callable a string there names. Without
+        ``--trust_checkpoint`` this method reads them instead, through the one checked reader, and
+        assigns the values to the model's options directly (no parser sees them); it sets
+        ``ckpt_path`` aside until the classes are built, so Lightning finds none to read, and
+        :meth:`before_instantiate_classes` puts it back for ``Trainer.fit``.
         """
         super().parse_arguments(parser, args)
         self._untrusted_ckpt_path = None
@@ -138,14 +180,74 @@ class FinetuneCLI(LightningCLI):
         if not ckpt_path or not Path(ckpt_path).is_file() or settings.get("trust_checkpoint"):
             return
         try:
-            hparams = plain_hparams(read_hparams(ckpt_path), ckpt_path, "--trust_checkpoint true")
-        except (UntrustedCheckpointError, ModelFileError, OSError, RuntimeError) as error:  # ModelFileError: unreadable
+            checkpoint = read_checkpoint(ckpt_path)
+            values = untrusted_hparams(self.model_class, checkpoint, ckpt_path, "--trust_checkpoint true")
+        except UntrustedCheckpointError as error:
             parser.error(str(error))
-        hparams = {key: value for key, value in hparams.items() if key not in ("weights", "trust_pickle")}
-        if hparams:
-            self.config = parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        except (ValueError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+            damaged = isinstance(error, pickle.UnpicklingError)  # not torch's advice to unpickle it
+            reason = "it holds pickled objects or is damaged" if damaged else one_line(error)
+            parser.error(f"--ckpt_path {ckpt_path}: cannot read it weights-only ({reason})")
+        for key, value in values.items():
+            settings["model"][key] = value
         self._untrusted_ckpt_path = ckpt_path
-        self._settings()["ckpt_path"] = None
+        settings["ckpt_path"] = None
+
+
+class SafeCheckpointPaths(Callback):
+    """Drop the checkpoint paths of a resumed ModelCheckpoint state that Lightning could be led to delete.
+
+    ModelCheckpoint restores the paths of the checkpoints it wrote (``best_model_path``,
+    ``best_k_models``, ...) and deletes one when a newer checkpoint replaces it, if it lies in its
+    folder: a check that reads ``..`` as a folder name (``checkpoints/../../precious.txt`` passes)
+    and passes every remote path. Without ``--trust_checkpoint`` such paths are dropped before
+    ModelCheckpoint reads its state, with a warning; paths of other folders stay (that check
+    keeps them), so resuming a run in a new folder is as before.
+    """
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        states = checkpoint.get("callbacks")
+        if not isinstance(states, dict):
+            return
+        for callback in trainer.callbacks:
+            state = states.get(callback.state_key)
+            if isinstance(callback, ModelCheckpoint) and isinstance(state, dict):
+                dropped = _drop_deletable_paths(callback.dirpath, state)
+                if dropped:
+                    warnings.warn(
+                        f"--ckpt_path: ignored {dropped} checkpoint paths in its ModelCheckpoint state that lead out "
+                        f"of {callback.dirpath} (a run deletes the checkpoints it replaces); pass "
+                        "--trust_checkpoint true to keep them",
+                        stacklevel=1,
+                    )
+
+
+CHECKPOINT_PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
+"""The paths a ModelCheckpoint state holds besides ``best_k_models``."""
+
+
+def _drop_deletable_paths(folder: str | None, state: dict) -> int:
+    """Empty every checkpoint path of a ModelCheckpoint ``state`` that is not :func:`_safe`; how many were emptied."""
+    dropped = 0
+    for key in CHECKPOINT_PATH_KEYS:
+        if state.get(key) and not _safe(folder, state[key]):
+            state[key] = ""
+            dropped += 1
+    if "best_k_models" in state:
+        best = state["best_k_models"] if isinstance(state["best_k_models"], dict) else {}
+        state["best_k_models"] = {path: score for path, score in best.items() if _safe(folder, path)}
+        dropped += len(best) - len(state["best_k_models"])
+    return dropped
+
+
+def _safe(folder: str | None, path: object) -> bool:
+    """Whether ModelCheckpoint deletes ``path`` only if it is a file of ``folder``: a local path without ``..``,
+    or a remote one directly in a remote ``folder``."""
+    if not isinstance(path, str) or ".." in path.replace("\\", "/").split("/"):
+        return False
+    if "://" not in path:
+        return True
+    return folder is not None and "://" in folder and path.rpartition("/")[0] == folder.rstrip("/")
 
 
 def _data_classes(spec: Any) -> int:
@@ -203,6 +305,9 @@ def main(args: list[str] | None = None) -> None:
         if "\nOriginal Traceback" in message:  # raised in a DataLoader worker: torch's report ends with the error
             message = message.strip().splitlines()[-1].partition(": ")[2]
         _exit_with(message)
+    except KeyboardInterrupt:  # Ctrl-C before or after the Trainer ran, where Lightning does not handle it
+        print("condconv-finetune: stopped by SIGINT", file=sys.stderr)
+        raise SystemExit(EXIT_STATUS["SIGINT"]) from None
 
 
 if __name__ == "__main__":

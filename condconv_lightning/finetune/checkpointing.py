@@ -31,7 +31,10 @@ def save_conversion(module: nn.Module, checkpoint: dict[str, Any]) -> None:
 def restore_conversion(module: nn.Module, checkpoint: dict[str, Any]) -> None:
     """Convert ``module``'s layers as ``checkpoint`` records, so that its state dict loads; converted ones stay."""
     if CHECKPOINT_KEY in checkpoint:
-        spec = ConversionSpec.from_dict(checkpoint[CHECKPOINT_KEY])
+        try:
+            spec = ConversionSpec.from_dict(checkpoint[CHECKPOINT_KEY])
+        except ValueError as error:
+            raise ValueError(f"checkpoint entry {CHECKPOINT_KEY!r}: {error}; the checkpoint is damaged") from None
         check_against_weights(spec, checkpoint.get("state_dict", {}), "checkpoint", module)
         apply_spec(module, spec, upcycle=False)  # the checkpoint's weights replace the experts next
 

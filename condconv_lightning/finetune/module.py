@@ -9,8 +9,11 @@ own: a fresh router on top of upcycled experts usually wants a different step si
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
-from typing import IO, Any, Literal
+from types import MappingProxyType
+from typing import IO, Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -19,7 +22,16 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..checkpoints import plain_hparams, read_hparams
+from ..arguments import (
+    PlainValue,
+    check_choice,
+    check_int_at_least,
+    check_model_name,
+    check_number_in,
+    check_plain_kwargs,
+    check_positive_or_none,
+)
+from ..checkpoints import UntrustedCheckpointError, init_kwargs, read_checkpoint, untrusted_hparams
 from ..condconv2d import CondConv2d
 from ..loading.architectures import accepts, build_with, resolve_architecture
 from ..loading.model_file import load_pretrained
@@ -29,6 +41,8 @@ __all__ = ["ImageClassifier", "parameter_groups"]
 
 LEGACY_KEY = "condconv_conversion_spec"
 """Where the first release stored the spec of ``model`` (now :data:`CHECKPOINT_KEY`, for the whole module)."""
+SCHEDULER_INTERVALS = ("epoch", "step")
+OWN_LR = "use the optimizer's"
 
 
 def parameter_groups(
@@ -61,7 +75,7 @@ def parameter_groups(
     return [group for group in groups.values() if group["params"]]
 
 
-def _network(arch: str | None, arch_kwargs: dict[str, Any] | None, num_classes: int) -> nn.Module:
+def _network(arch: str | None, arch_kwargs: dict[str, PlainValue] | None, num_classes: int) -> nn.Module:
     """The network ``arch`` names (default ``resnet_tiny``), given ``num_classes`` when it takes that argument."""
     builder = resolve_architecture(arch or "resnet_tiny", "arch")
     kwargs = dict(arch_kwargs or {})
@@ -85,7 +99,10 @@ class ImageClassifier(ConversionCheckpointMixin, pl.LightningModule):
             ``module.path:ClassOrFactory``
             (:mod:`condconv_lightning.loading.architectures`); ``num_classes`` is passed
             to it when it takes that argument.
-        arch_kwargs: more keyword arguments for ``arch`` (they win over ``num_classes``).
+        arch_kwargs: more keyword arguments for ``arch`` (they win over ``num_classes``): plain
+            values (``str``, ``bool``, ``int``, finite ``float``, None), since they are saved with
+            the hyperparameters. A registry model refuses its download switches here
+            (``pretrained``, ``weights``, ...): pass ``weights`` instead.
         weights: a local weights file to start from, loaded before any conversion
             (:func:`condconv_lightning.loading.load_pretrained`): a pretrained state dict,
             safetensors or Lightning ``.ckpt`` (a classifier of another size is left out
@@ -105,9 +122,14 @@ class ImageClassifier(ConversionCheckpointMixin, pl.LightningModule):
         label_smoothing: passed to ``F.cross_entropy``.
 
     Raises:
-        ValueError: ``num_classes`` below 2, a non-positive ``expert_lr``/``router_lr``, both
-            ``model`` and ``arch``, or (``ModelFileError``) an ``arch`` or ``weights`` that
-            cannot be used, said in one line.
+        ValueError: ``num_classes`` below 2, an ``expert_lr``/``router_lr`` that is no positive
+            finite number, a ``label_smoothing`` outside ``[0, 1]``, ``arch_kwargs`` that are not
+            plain values, both ``model`` and ``arch``, or (``ModelFileError``) an ``arch`` or
+            ``weights`` that cannot be used, said in one line.
+
+    A checkpoint's hyperparameters are checked against :attr:`HPARAMS_SCHEMA` when the
+    checkpoint is not trusted (:meth:`load_from_checkpoint`, ``condconv-finetune --ckpt_path``):
+    the validators ``__init__`` applies, and ``arch`` a registry or built-in name only.
 
     Checkpoints record which layers of ``model`` are CondConv (a
     :class:`~condconv_lightning.surgery.ConversionSpec`), and loading a checkpoint applies
@@ -124,11 +146,24 @@ class ImageClassifier(ConversionCheckpointMixin, pl.LightningModule):
         >>> module = ImageClassifier(resnet_tiny(num_classes=4), num_classes=4, router_lr=1e-2)
     """
 
+    HPARAMS_SCHEMA: ClassVar[Mapping[str, Callable[[object], object]]] = MappingProxyType(
+        {
+            "arch": partial(check_model_name, "arch"),
+            "arch_kwargs": partial(check_plain_kwargs, "arch_kwargs"),
+            "num_classes": partial(check_int_at_least, "num_classes", minimum=2),
+            "scheduler_interval": partial(check_choice, "scheduler_interval", choices=SCHEDULER_INTERVALS),
+            "expert_lr": partial(check_positive_or_none, "expert_lr", none=OWN_LR),
+            "router_lr": partial(check_positive_or_none, "router_lr", none=OWN_LR),
+            "label_smoothing": partial(check_number_in, "label_smoothing", low=0.0, high=1.0),
+        }
+    )
+    """Every hyperparameter this module saves, with the check a value from an untrusted checkpoint passes."""
+
     def __init__(
         self,
         model: nn.Module | None = None,
         arch: str | None = None,
-        arch_kwargs: dict[str, Any] | None = None,
+        arch_kwargs: dict[str, PlainValue] | None = None,
         weights: str | Path | None = None,
         trust_pickle: bool = False,
         num_classes: int = 4,
@@ -140,13 +175,12 @@ class ImageClassifier(ConversionCheckpointMixin, pl.LightningModule):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2, got {num_classes!r}")
-        for name, lr in (("expert_lr", expert_lr), ("router_lr", router_lr)):
-            if lr is not None and not lr > 0:
-                raise ValueError(f"{name} must be positive or None (use the optimizer's), got {lr!r}")
-        if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        check_int_at_least("num_classes", num_classes, 2)
+        check_positive_or_none("expert_lr", expert_lr, OWN_LR)
+        check_positive_or_none("router_lr", router_lr, OWN_LR)
+        check_choice("scheduler_interval", scheduler_interval, SCHEDULER_INTERVALS)
+        check_number_in("label_smoothing", label_smoothing, 0.0, 1.0)
+        check_plain_kwargs("arch_kwargs", arch_kwargs)
         if model is not None and arch is not None:
             raise ValueError(f"pass either model or arch ({arch!r}), not both")
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "weights", "trust_pickle"])
@@ -209,20 +243,32 @@ class ImageClassifier(ConversionCheckpointMixin, pl.LightningModule):
     ) -> ImageClassifier:
         """Lightning's ``load_from_checkpoint``, treating the checkpoint as untrusted unless told otherwise.
 
-        The checkpoint's hyperparameters reach ``__init__`` as plain values only: entries
-        that name code (``class_path``, an instantiator other than LightningCLI's) are
-        refused, and ``weights``/``trust_pickle`` come only from the caller's ``kwargs``.
+        The checkpoint's hyperparameters reach ``__init__`` only as values that pass
+        :attr:`HPARAMS_SCHEMA`, sized by the weights beside them
+        (:func:`~condconv_lightning.checkpoints.untrusted_hparams`); every other parameter
+        (``weights``, ``trust_pickle``, ``optimizer``, ...) takes the caller's ``kwargs`` or
+        its default.
 
         Args:
-            trust_checkpoint: let the checkpoint's hyperparameters name classes to build
-                (as Lightning does by default). ``weights_only=False`` implies it.
+            hparams_file: hyperparameters replacing the checkpoint's (Lightning's YAML or CSV
+                file); read only with ``trust_checkpoint=True``: pass values as ``kwargs`` instead.
+            trust_checkpoint: let the checkpoint's (and ``hparams_file``'s) hyperparameters reach
+                ``__init__`` unchecked and name classes to build, as Lightning does by default.
+                ``weights_only=False`` implies it.
 
         Raises:
-            UntrustedCheckpointError: the hyperparameters name code and ``trust_checkpoint`` is False.
+            UntrustedCheckpointError: the hyperparameters name code, fail the schema, or size a
+                larger model than the weights, and ``trust_checkpoint`` is False.
         """
         if not (trust_checkpoint or weights_only is False):
-            plain_hparams(read_hparams(checkpoint_path), checkpoint_path, "trust_checkpoint=True")
-            kwargs = {"_instantiator": None, "weights": None, "trust_pickle": False, **kwargs}
+            if hparams_file is not None:
+                raise UntrustedCheckpointError(
+                    f"hparams_file {hparams_file}: its values would reach __init__ unchecked; pass them as keyword "
+                    "arguments, or pass trust_checkpoint=True if you trust both files"
+                )
+            checkpoint = read_checkpoint(checkpoint_path)
+            values = untrusted_hparams(cls, checkpoint, checkpoint_path, "trust_checkpoint=True", given=kwargs)
+            kwargs = {**init_kwargs(cls, values), **kwargs}
         if weights_only is not None:  # a keyword of newer Lightning releases only
             kwargs["weights_only"] = weights_only
         return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, **kwargs)
@@ -230,5 +276,11 @@ class ImageClassifier(ConversionCheckpointMixin, pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if LEGACY_KEY in checkpoint:  # written by the first release: layer names relative to ``model``
             legacy = checkpoint.pop(LEGACY_KEY)
-            checkpoint[CHECKPOINT_KEY] = {**legacy, "layers": {f"model.{n}": o for n, o in legacy["layers"].items()}}
+            layers = legacy.get("layers") if isinstance(legacy, Mapping) else None
+            if not isinstance(layers, Mapping) or not all(isinstance(name, str) for name in layers):
+                raise ValueError(
+                    f"checkpoint entry {LEGACY_KEY!r} is not a conversion spec (a mapping whose 'layers' maps layer "
+                    "names to options); the checkpoint is damaged"
+                )
+            checkpoint[CHECKPOINT_KEY] = {**legacy, "layers": {f"model.{n}": o for n, o in layers.items()}}
         super().on_load_checkpoint(checkpoint)

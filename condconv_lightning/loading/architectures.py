@@ -8,8 +8,10 @@ An architecture is one of
 - ``module.path:callable``, a model class or factory imported from an installed module or the
   current folder (as ``uvicorn`` and ``gunicorn`` name applications).
 
-Nothing is downloaded: registry models are built without weights, and pretrained weights
-come from a local file (:func:`~condconv_lightning.loading.load_pretrained`). A registry or
+Nothing is downloaded: registry models are built without weights (every switch in
+:data:`DOWNLOAD_SWITCHES` the constructor takes is set off, and refused from any caller or
+file), and pretrained weights come from a local file
+(:func:`~condconv_lightning.loading.load_pretrained`). A registry or
 built-in name selects a constructor that is already registered, so it is data; only the
 ``module.path:callable`` form imports code named by the string (see
 :func:`condconv_lightning.checkpoints.is_import_path`).
@@ -30,12 +32,27 @@ from ..demos import models as builtin_models
 from .errors import ModelFileError, one_line
 from .imports import import_object
 
-__all__ = ["BUILTIN_MODELS", "accepts", "build_architecture", "resolve_architecture"]
+__all__ = ["BUILTIN_MODELS", "DOWNLOAD_SWITCHES", "accepts", "build_architecture", "resolve_architecture"]
 
 BUILTIN_MODELS = ("mobilenet_tiny", "resnet50_like", "resnet_tiny")
 """Bare names of the demo models in :mod:`condconv_lightning.demos`."""
 
 EXAMPLES = "timm:NAME, torchvision:NAME, resnet_tiny or module.path:ClassOrFactory"
+DOWNLOAD_SWITCHES = frozenset(
+    {
+        # timm.create_model: weights from the hub or a URL, another config to fetch them by, a file to load after
+        "pretrained",
+        "pretrained_cfg",
+        "pretrained_cfg_overlay",
+        "checkpoint_path",
+        "cache_dir",
+        # torchvision builders: the network's and the backbone's weights, and their legacy names
+        "weights",
+        "weights_backbone",
+        "pretrained_backbone",
+    }
+)
+"""Keywords with which timm or torchvision download weights, or read them from a hub, a cache or a file."""
 
 
 def resolve_architecture(arch: str, flag: str = "--arch") -> Callable[..., Any]:
@@ -66,12 +83,29 @@ def resolve_architecture(arch: str, flag: str = "--arch") -> Callable[..., Any]:
             raise ModelFileError(
                 f"{flag} {arch}: timm has no model {name!r}; timm.list_models('*{name}*') lists close names"
             )
-        return partial(package.create_model, name, pretrained=False)
+        return _offline(partial(package.create_model, name), {"pretrained": False}, arch, flag)
     if name not in package.models.list_models():
         raise ModelFileError(
             f"{flag} {arch}: torchvision has no model {name!r}; torchvision.models.list_models() lists them"
         )
-    return partial(package.models.get_model_builder(name), weights=None)
+    builder = package.models.get_model_builder(name)
+    parameters = inspect.signature(builder).parameters
+    return _offline(builder, {key: None for key in ("weights", "weights_backbone") if key in parameters}, arch, flag)
+
+
+def _offline(build: Callable[..., Any], off: dict[str, Any], arch: str, flag: str) -> Callable[..., Any]:
+    """``build`` with its download switches set ``off``; a caller's keyword naming any switch is refused."""
+
+    def builder(**kwargs: Any) -> Any:
+        switches = sorted(DOWNLOAD_SWITCHES & kwargs.keys())
+        if switches:
+            raise ModelFileError(
+                f"{flag} {arch}: {switches[0]}= would fetch weights from the network, a hub or a file; nothing is "
+                "ever downloaded: drop it and pass the weights as a local file"
+            )
+        return build(**kwargs, **off)
+
+    return builder
 
 
 def accepts(builder: Callable[..., Any], keyword: str) -> bool:
@@ -97,6 +131,8 @@ def build_with(builder: Callable[..., Any], arch: str, kwargs: Mapping[str, Any]
     """Call ``builder(**kwargs)`` and check that it returns a module, with one-line errors naming ``flag``."""
     try:
         model = builder(**kwargs)
+    except ModelFileError:
+        raise
     except Exception as error:
         raise ModelFileError(f"{flag} {arch} with arguments {dict(kwargs)} raised {one_line(error)}") from None
     if not isinstance(model, nn.Module):

@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import compat
-from ..checkpoints import CONVERSION_KEY, UntrustedCheckpointError, checkpoint_hparams, plain_hparams
+from ..checkpoints import CONVERSION_KEY, UntrustedCheckpointError, init_kwargs, untrusted_hparams
 from ..formats import DetectedFile, FileFormat, detect_format, pickled_globals
 from ..io import (
     UnsafeFileError,
@@ -94,12 +94,14 @@ def load_model(
         model = _load_converted(path, build_with(builder, arch, arch_kwargs or {}), f"--arch {arch}")
         return LoadedModel(model, False, f"converted weights + spec ({len(state)} tensors)", detected.format)
     if checkpoint and _is_lightning_module_class(builder):
+        kwargs = dict(arch_kwargs or {})
         if not trust_pickle:
             try:
-                plain_hparams(checkpoint_hparams(content), path, "--trust-pickle")  # type: ignore[arg-type]
+                values = untrusted_hparams(builder, content, path, "--trust-pickle", given=kwargs)  # type: ignore[arg-type]
             except UntrustedCheckpointError as error:
                 raise ModelFileError(str(error)) from None
-        model = _load_lightning_checkpoint(builder, path, arch, arch_kwargs or {}, trust_pickle)
+            kwargs = {**init_kwargs(builder, values), **kwargs}
+        model = _load_lightning_checkpoint(builder, path, arch, kwargs, trust_pickle)
     else:
         model = build_with(builder, arch, arch_kwargs or {})
     _load_weights(model, state, path, f"--arch {arch}")
@@ -296,15 +298,12 @@ def _is_lightning_module_class(obj: object) -> bool:
 
 
 def _load_lightning_checkpoint(
-    cls: Any, path: Path, arch: str, arch_kwargs: Mapping[str, Any], trust_pickle: bool
+    cls: Any, path: Path, arch: str, kwargs: Mapping[str, Any], trust_pickle: bool
 ) -> nn.Module:
+    """``cls.load_from_checkpoint`` with ``kwargs`` for ``__init__`` (untrusted: every parameter, checked)."""
     try:
         # strict=False: key mismatches are reported by _load_weights in one line.
-        # untrusted: __init__ gets the checkpoint's plain values, not LightningCLI's instantiator
-        untrusted = {} if trust_pickle else {"_instantiator": None}
-        return cls.load_from_checkpoint(
-            path, map_location="cpu", weights_only=not trust_pickle, strict=False, **untrusted, **arch_kwargs
-        )
+        return cls.load_from_checkpoint(path, map_location="cpu", weights_only=not trust_pickle, strict=False, **kwargs)
     except Exception as error:
         raise ModelFileError(
             f"--arch {arch}: {cls.__name__}.load_from_checkpoint({path}) failed: {one_line(error)}"
