@@ -1,4 +1,4 @@
-"""Measured ``auto`` within bounds: what tuning may run.
+"""Measured ``auto`` within bounds: what tuning may run, what a tuning cache may hold.
 
 Nothing here times a strategy: which candidates are timed is read from the tuner's own decisions
 (``_fastest`` replaced by a recorder), memory from allocations, a resource limit or peak RSS.
@@ -6,6 +6,7 @@ Nothing here times a strategy: which candidates are timed is read from the tuner
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +22,10 @@ from condconv_lightning.functional import (
     condconv2d,
     condconv2d_with_strategy,
     is_tuning_enabled,
+    load_tuning_cache,
+    save_tuning_cache,
     set_tuning,
+    tuning_cache,
 )
 from condconv_lightning.functional.auto import choose_strategy
 
@@ -57,6 +61,14 @@ def problem(
     pad, pair = k // 2, (lambda v: (v, v))
     return ("cpu", dtype, memory_format, batch, cin, cout, size, size, pair(k), pair(stride), pair(pad), (1, 1), groups,
             experts, False, grad)  # fmt: skip
+
+
+def entry(key: tuple, strategy: str) -> dict:
+    return {"key": dict(zip((name for name, _ in autotune._KEY_FIELDS), autotune._jsonable(key))), "strategy": strategy}
+
+
+def write_cache(path, entries: list[dict]) -> None:
+    path.write_text(json.dumps({"version": 1, "entries": entries}, indent=1))
 
 
 # Memory: tuning never runs a candidate that needs far more than the rules' choice (host memory cannot
@@ -199,3 +211,73 @@ def test_a_forward_that_fits_with_tuning_off_fits_with_tuning_on():
     run = subprocess.run([sys.executable, "-c", LIMITED], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["grouped", "grouped"]
+
+
+# A cache entry is checked by the tuner's own bounds.
+
+
+def test_a_cache_entry_the_tuner_would_not_choose_is_ignored_with_one_warning(tmp_path, timed):
+    depthwise = problem(8, 64, 64, 32, 5, groups=64)
+    pointwise = problem(32, 256, 64, 56, 1, grad=True)  # training: bmm leaves grouped out by a wide margin
+    fine = problem(4, 8, 8, 6, 3, experts=3)
+    path = tmp_path / "tuning.json"
+    write_cache(path, [entry(depthwise, "bmm"), entry(pointwise, "grouped"), entry(fine, "bmm")])
+    with pytest.warns(UserWarning, match=rf"^{path}: ignored 2 tuning cache entries whose strategy") as record:
+        assert load_tuning_cache(path) == 1
+    assert len(record) == 1 and tuning_cache() == {fine: "bmm"}
+    x, weight, r = torch.randn(8, 64, 32, 32), torch.randn(4, 64, 1, 5, 5), torch.rand(8, 4)
+    _, strategy = condconv2d_with_strategy(x, weight, r, padding=2, groups=64)
+    assert timed == [["grouped", "mixture"]] and strategy == "grouped"  # tuned again, within the bounds
+
+
+def test_every_choice_the_tuner_can_make_loads_back_without_a_warning(tmp_path, monkeypatch, recwarn):
+    """The file is checked by the tuner's own decision, so whatever it stores, the loader accepts."""
+    keys = [c[1] for c in MEMORY_CASES]
+    for key in keys:
+        rules = autotune._rules_for(key)
+        for strategy in {rules, *autotune._candidates(key, rules)}:
+            clear_tuning_cache()
+            autotune._store(key, strategy)
+            save_tuning_cache(tmp_path / "tuning.json")
+            clear_tuning_cache()
+            assert load_tuning_cache(tmp_path / "tuning.json") == 1 and tuning_cache() == {key: strategy}
+    assert not recwarn.list
+
+
+def test_a_cache_for_other_devices_is_checked_the_same_and_kept_as_it_is(tmp_path):
+    depthwise = problem(8, 64, 64, 32, 5, groups=64)
+    on_gpu = ("cuda:3", *depthwise[1:])
+    single = (*on_gpu[:3], 1, *on_gpu[4:])  # at B = 1 grouped is the rules' choice
+    write_cache(tmp_path / "tuning.json", [entry(on_gpu, "bmm"), entry(single, "grouped")])
+    with pytest.warns(UserWarning, match="ignored 1 tuning cache entry whose"):
+        assert load_tuning_cache(tmp_path / "tuning.json") == 1
+    assert list(tuning_cache()) == [single]  # not this machine's device: kept, never used
+
+
+# Other contents a cache file may have.
+
+
+def malformed(tmp_path, change) -> str:
+    """The message of loading a one-entry cache after ``change`` (a function of the file's text)."""
+    path = tmp_path / "tuning.json"
+    write_cache(path, [entry(problem(4, 8, 8, 6, 3, experts=3), "grouped")])
+    path.write_bytes(change(path.read_text()).encode("utf-8"))
+    with pytest.raises(ValueError) as info:
+        load_tuning_cache(path)
+    assert not tuning_cache() and "\n" not in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda t: t.replace('"groups": 1', '"groups": 0'), "must be positive"),
+        (lambda t: t.replace('"batch": 4', '"batch": 0'), "must be positive"),
+        (lambda t: t.replace('"stride": [\n     1,', '"stride": [\n     0,'), "must be positive"),
+        (lambda t: t.replace('"groups": 1', '"groups": 3'), "multiples of groups"),
+        (lambda t: t.replace('"dilation": [\n     1,', '"dilation": [\n     5,'), "kernel is larger than the padded"),
+    ],
+    ids=["zero-groups", "zero-batch", "zero-stride", "groups-not-dividing", "kernel-larger-than-input"],
+)
+def test_a_cache_no_call_could_have_made_is_refused_in_one_line(tmp_path, change, message):
+    assert message in malformed(tmp_path, change)

@@ -41,7 +41,9 @@ never the many-fold of an ``unfold`` buffer or of K outputs (host memory cannot 
 running out; the kernel ends the process). Speed: the cost model rules out candidates
 that lose by a wide margin, the rules' choice included (the rules know nothing of what
 timing costs). The rules' choice, if left, is timed first; a problem left with one
-candidate is not timed at all (with none, the rules decide). The cost model's exclusions:
+candidate is not timed at all (with none, the rules decide). A tuning cache entry
+(:func:`load_tuning_cache`) is checked by the same two bounds: a strategy they leave out
+for its problem (other than the rules' choice) is ignored. The cost model's exclusions:
 
 - ``mixture`` when ``(K - 1) * S`` exceeds :data:`MIXTURE_MAX_EXTRA_POSITIONS`
   (S = output positions; 4096 in float32, 12288 in bfloat16 and float16): its K convs
@@ -98,6 +100,7 @@ import reprlib
 import statistics
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -248,10 +251,13 @@ def save_tuning_cache(path: str | os.PathLike) -> None:
 
 
 def load_tuning_cache(path: str | os.PathLike, device: str | torch.device | None = None) -> int:
-    """Add the choices of a file written by :func:`save_tuning_cache`; returns how many were read.
+    """Add the choices of a file written by :func:`save_tuning_cache`; returns how many were added.
 
-    The file is validated strictly (size, known fields, types, dtype, device and strategy
-    names) before anything is added; it is data only, nothing in it is executed.
+    The file is validated strictly (size, known fields, types, sizes a convolution can have,
+    dtype, device and strategy names) before anything is added; it is data only, nothing in
+    it is executed. A choice the tuner could not have made for its
+    problem (a strategy the cost model or the memory bound leaves out there, module docstring)
+    is ignored, with one warning that counts them: those problems are tuned again.
 
     Args:
         path: the JSON file.
@@ -292,7 +298,15 @@ def load_tuning_cache(path: str | os.PathLike, device: str | torch.device | None
         raise ValueError(f"{path} is not a version-{_CACHE_VERSION} tuning cache; save one with save_tuning_cache")
     if not isinstance(data["entries"], list):
         raise ValueError(f"{path}: 'entries' must be a list; save the cache with save_tuning_cache")
-    loaded = dict(_parse_entry(index, entry, path) for index, entry in enumerate(data["entries"]))
+    parsed = [_parse_entry(index, entry, path) for index, entry in enumerate(data["entries"])]
+    loaded = {key: strategy for key, strategy in parsed if _plausible(strategy, key)}
+    if len(loaded) < len(parsed):
+        ignored = len(parsed) - len(loaded)
+        warnings.warn(
+            f"{path}: ignored {ignored} tuning cache {'entry' if ignored == 1 else 'entries'} whose strategy the "
+            "tuner would not choose for its problem (too slow or too much memory); those problems are tuned again",
+            stacklevel=2,
+        )
     if target is not None:
         kind = target.partition(":")[0]
         loaded = {
@@ -473,6 +487,14 @@ def _candidates(key: tuple, rules: str) -> list[str]:
     (:func:`_fits`); the rules' choice alone when none is left."""
     order = [rules] + [s for s in CANDIDATES if s != rules]
     return [s for s in order if _worth_timing(s, key) and _fits(s, key, rules)] or [rules]
+
+
+def _plausible(strategy: str, key: tuple) -> bool:
+    """Whether tuning could have chosen ``strategy`` for ``key``: one of its candidates, or the rules' choice
+    (what runs when no candidate fits in CUDA memory). A cache entry is checked by this, the same test
+    the tuner applies before timing."""
+    rules = _rules_for(key)
+    return strategy == rules or strategy in _candidates(key, rules)
 
 
 def _rules_for(key: tuple) -> str:
@@ -695,7 +717,23 @@ def _parse_entry(index: int, entry: object, path: object) -> tuple[tuple, str]:
         elif name == "device" and _device_name(value) != value:
             raise invalid(f"device {reprlib.repr(value)} is not 'cpu' or a CUDA device with its index such as 'cuda:0'")
         key.append(value)
+    problem = _not_a_convolution(tuple(key))
+    if problem:
+        raise invalid(problem)
     return tuple(key), entry["strategy"]
+
+
+def _not_a_convolution(key: tuple) -> str:
+    """What keeps ``key`` from describing a call of a convolution (empty if nothing does)."""
+    batch, in_channels, out_channels, height, width, kernel, stride, padding, dilation, groups, experts = key[3:14]
+    if 0 in (batch, in_channels, out_channels, height, width, groups, experts, *kernel, *stride, *dilation):
+        return "batch, channels, height, width, kernel_size, stride, dilation, groups and experts must be positive"
+    if in_channels % groups or out_channels % groups:
+        return "in_channels and out_channels must be multiples of groups"
+    sizes = zip((height, width), padding, dilation, kernel)
+    if any(size + 2 * pad < span * (k - 1) + 1 for size, pad, span, k in sizes):
+        return "the kernel is larger than the padded input"
+    return ""
 
 
 def _short_int(text: str) -> int:
