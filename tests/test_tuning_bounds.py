@@ -1,4 +1,4 @@
-"""Measured ``auto`` within bounds: what tuning may run, what a tuning cache may hold.
+"""Measured ``auto`` within bounds: what tuning may run, what a tuning cache may hold, what reading one costs.
 
 Nothing here times a strategy: which candidates are timed is read from the tuner's own decisions
 (``_fastest`` replaced by a recorder), memory from allocations, a resource limit or peak RSS.
@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import condconv_lightning.functional.autotune as autotune
 import condconv_lightning.functional.condconv as condconv
+from condconv_lightning.callbacks import TuningCache
 from condconv_lightning.functional import (
     clear_tuning_cache,
     condconv2d,
@@ -254,6 +259,124 @@ def test_a_cache_for_other_devices_is_checked_the_same_and_kept_as_it_is(tmp_pat
     assert list(tuning_cache()) == [single]  # not this machine's device: kept, never used
 
 
+# Only a regular file is read.
+
+
+@contextmanager
+def at_most(seconds: int) -> Iterator[None]:
+    """Fail, instead of hanging, if the block takes longer (a read of a FIFO without a writer blocks)."""
+
+    def expired(signum, frame):
+        raise TimeoutError(f"blocked for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize(
+    "make,kind",
+    [
+        (lambda p: os.mkfifo(p), "a FIFO"),
+        (lambda p: p.mkdir(), "a directory"),
+        (lambda p: p.symlink_to("/dev/null"), "a character device"),
+        (lambda p: (os.mkfifo(p.with_suffix(".fifo")), p.symlink_to(p.with_suffix(".fifo"))), "a FIFO"),
+    ],
+    ids=["fifo", "directory", "device", "link-to-fifo"],
+)
+def test_only_a_regular_file_is_read_as_a_tuning_cache(tmp_path, make, kind):
+    path = tmp_path / "tuning.json"
+    make(path)
+    with at_most(10), pytest.raises(ValueError, match=rf"^cannot read tuning cache {path}: {kind}, not a regular"):
+        load_tuning_cache(path)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    callback = TuningCache(path)
+    with at_most(10), pytest.raises(ValueError, match=f"{kind}, not a regular file"):
+        callback.setup(trainer, None, "fit")  # type: ignore[arg-type]
+
+
+# Reading a file costs a small multiple of the size limit, which is what a cache needs.
+
+PEAK = """
+import sys
+from condconv_lightning.functional import load_tuning_cache
+def kib(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+load_tuning_cache(sys.argv[2])  # a small cache: every import and first use before the baseline
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")  # the peak RSS (VmHWM) starts again from the RSS now
+before = kib("VmRSS")
+try:
+    print("loaded", load_tuning_cache(sys.argv[1]))
+except ValueError as error:
+    print("refused", error)
+print((kib("VmHWM") - before) * 1024)
+"""
+"""Peak RSS of a load over the RSS before it, in a process of its own. ``ru_maxrss`` would not do: a
+child started from a larger process (pytest's) reports that process's peak as its own from the start."""
+
+
+def the_largest_cache(path) -> None:
+    """:data:`MAX_CACHE_ENTRIES` entries of the largest sizes a key holds, all of them loadable."""
+    big = 10**18 - 1
+    sizes = (big, big, big, big, (big, big), (big, big), (big, big), (1, 1), big, big, False, False)
+    entries = [
+        entry(("cuda:127", "complex128", "channels_last", i + 1, *sizes), "grouped")
+        for i in range(autotune.MAX_CACHE_ENTRIES)
+    ]
+    write_cache(path, entries)
+
+
+def sparse(path, size: int) -> None:
+    with open(path, "wb") as file:
+        file.truncate(size)
+
+
+CONTENTS = [  # what the file holds, whether it loads
+    ("60 MiB, over the size limit", lambda p: sparse(p, 60 * 2**20), False),
+    ("empty arrays up to the limit", lambda p: p.write_bytes(b"[" + b"[]," * 2_700_000 + b"[]]"), False),
+    ("numbers up to the limit", lambda p: p.write_bytes(b"[" + b"1.5," * 2_000_000 + b"0]"), False),
+    ("strings up to both bounds", lambda p: p.write_bytes(b"[" + (b'"' + b"x" * 38 + b'",') * 200_000 + b"0]"), False),
+    ("the largest cache", the_largest_cache, True),
+]
+
+
+@pytest.mark.parametrize("make,loads", [c[1:] for c in CONTENTS], ids=[c[0] for c in CONTENTS])
+def test_reading_a_cache_file_holds_a_small_multiple_of_the_size_limit(tmp_path, make, loads):
+    path, small = tmp_path / "tuning.json", tmp_path / "small.json"
+    make(path)
+    write_cache(small, [entry(problem(4, 8, 8, 6, 3, experts=3), "grouped")])
+    run = subprocess.run([sys.executable, "-c", PEAK, str(path), str(small)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    outcome, grown = run.stdout.splitlines()
+    assert outcome.startswith("loaded" if loads else "refused")
+    assert int(grown) <= 4 * autotune.MAX_CACHE_FILE_BYTES
+
+
+def test_the_size_limit_is_what_the_largest_cache_needs(tmp_path):
+    the_largest_cache(tmp_path / "tuning.json")
+    size = (tmp_path / "tuning.json").stat().st_size
+    assert size <= autotune.MAX_CACHE_FILE_BYTES < 1.25 * size
+    assert load_tuning_cache(tmp_path / "tuning.json") == autotune.MAX_CACHE_ENTRIES
+    save_tuning_cache(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_bytes() == (tmp_path / "tuning.json").read_bytes()
+
+
+def test_saving_more_choices_than_a_cache_holds_keeps_the_latest_with_a_warning(tmp_path):
+    keys = [problem(batch, 8, 8, 6, 3) for batch in range(1, autotune.MAX_CACHE_ENTRIES + 3)]
+    for key in keys:
+        autotune._store(key, "grouped")
+    with pytest.warns(UserWarning, match=rf"saved the latest {autotune.MAX_CACHE_ENTRIES} of {len(keys)} tuned"):
+        save_tuning_cache(tmp_path / "tuning.json")
+    clear_tuning_cache()
+    assert load_tuning_cache(tmp_path / "tuning.json") == autotune.MAX_CACHE_ENTRIES
+    assert list(tuning_cache()) == keys[2:]
+
+
 # Other contents a cache file may have.
 
 
@@ -271,13 +394,50 @@ def malformed(tmp_path, change) -> str:
 @pytest.mark.parametrize(
     "change,message",
     [
+        (lambda t: t.replace('"strategy": "grouped"', '"strategy": "bmm", "strategy": "grouped"'), "'strategy' given"),
+        (lambda t: t.replace('"groups": 1', '"groups": 1, "groups": 2'), "field 'groups' given twice"),
+        (lambda t: t.replace('"cpu"', '"cpu\u00a0"'), "not ASCII text"),
         (lambda t: t.replace('"groups": 1', '"groups": 0'), "must be positive"),
         (lambda t: t.replace('"batch": 4', '"batch": 0'), "must be positive"),
         (lambda t: t.replace('"stride": [\n     1,', '"stride": [\n     0,'), "must be positive"),
         (lambda t: t.replace('"groups": 1', '"groups": 3'), "multiples of groups"),
         (lambda t: t.replace('"dilation": [\n     1,', '"dilation": [\n     5,'), "kernel is larger than the padded"),
+        (lambda t: t.replace('"batch": 4', '"batch": ' + "9" * 19), "an integer of 19 digits"),
+        (lambda t: t.replace("[\n  {", "[" + "[" * 50_000 + "]" * 50_000 + ",\n  {"), "nested too deeply"),
+        (lambda t: t.replace("[\n  {", "[" + "[" * 100_000 + "]" * 100_000 + ",\n  {"), "more JSON values"),
+        (lambda t: t.replace("[\n  {", "[" + "0," * 300_000 + "\n  {"), "more JSON values"),
     ],
-    ids=["zero-groups", "zero-batch", "zero-stride", "groups-not-dividing", "kernel-larger-than-input"],
+    ids=[
+        "duplicate-strategy",
+        "duplicate-field",
+        "not-ascii",
+        "zero-groups",
+        "zero-batch",
+        "zero-stride",
+        "groups-not-dividing",
+        "kernel-larger-than-input",
+        "19-digit-size",
+        "deep-nesting",
+        "more-nesting-than-entries-hold",
+        "many-values",
+    ],
 )
 def test_a_cache_no_call_could_have_made_is_refused_in_one_line(tmp_path, change, message):
     assert message in malformed(tmp_path, change)
+
+
+def test_too_many_entries_are_refused_before_any_is_used(tmp_path):
+    one = entry(problem(4, 8, 8, 6, 3, experts=3), "grouped")
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps({"version": 1, "entries": [one] * (autotune.MAX_CACHE_ENTRIES + 1)}))
+    with pytest.raises(ValueError, match=f"more JSON values than {autotune.MAX_CACHE_ENTRIES} entries hold"):
+        load_tuning_cache(path)
+    assert not tuning_cache()
+
+
+def test_the_largest_sizes_a_key_holds_load_in_bounded_time(tmp_path):
+    big = 10**18 - 1
+    key = ("cpu", "float32", "contiguous", big, big, big, big, big, (3, 3), (1, 1), (1, 1), (1, 1), 1, big, True, True)
+    write_cache(tmp_path / "tuning.json", [entry(key, s) for s in ("grouped",)])
+    with at_most(10):
+        assert load_tuning_cache(tmp_path / "tuning.json") == 1  # the rules' choice: always plausible

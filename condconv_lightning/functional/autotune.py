@@ -97,6 +97,7 @@ import json
 import math
 import os
 import reprlib
+import stat
 import statistics
 import threading
 import time
@@ -157,8 +158,20 @@ _KEY_FIELDS = (
 _SIZE_FIELDS = (3, 6, 7)
 """Positions of the sizes that may be symbolic under ``torch.compile`` (batch, height, width) in a key."""
 _CACHE_VERSION = 1
-MAX_CACHE_FILE_BYTES = 64 * 2**20
-"""A larger file is refused unread: a cache holds one short entry per problem."""
+MAX_CACHE_ENTRIES = 10_000
+"""Most entries a tuning cache holds, one per problem: a process meets each converted conv at a few
+batch sizes (training, its last partial batch, evaluation), with and without gradients; the 85
+distinct convs of ResNet-50, MobileNetV2 and EfficientNet-B0 so make about 340 problems, and this
+bound is some thirty times that."""
+MAX_CACHE_FILE_BYTES = 8 * 2**20
+"""A larger file is refused after reading this much: :func:`save_tuning_cache` writes 450-480 bytes per
+entry for real problems and at most 724 (every size of 18 digits, the most a key may hold), so
+:data:`MAX_CACHE_ENTRIES` entries of any problems fit."""
+_CONTAINERS_PER_ENTRY = 6
+"""JSON objects and arrays of one entry as saved: the entry, its key, and the key's four pairs."""
+_COMMAS_PER_ENTRY = 21
+"""Commas of one entry as saved, the one after it included: 15 between the key's fields, one in each
+pair, one between key and strategy. The file's two top-level fields add one, which the last entry lacks."""
 _DTYPES = ("float16", "bfloat16", "float32", "float64", "complex64", "complex128")
 _DTYPE_OBJECTS = {name: getattr(torch, name) for name in _DTYPES}
 _DEVICE_TYPES = ("cpu", "cuda")
@@ -241,10 +254,21 @@ def tuning_cache() -> dict[tuple, str]:
 
 
 def save_tuning_cache(path: str | os.PathLike) -> None:
-    """Write the tuned choices to a JSON file, atomically (replacing ``path`` if it exists)."""
+    """Write the tuned choices to a JSON file, atomically (replacing ``path`` if it exists).
+
+    A file holds at most :data:`MAX_CACHE_ENTRIES` choices, the latest; with more in the cache,
+    the earlier ones are left out with a warning (those problems are tuned again where they are met).
+    """
+    choices = list(tuning_cache().items())
+    if len(choices) > MAX_CACHE_ENTRIES:
+        warnings.warn(
+            f"{path}: saved the latest {MAX_CACHE_ENTRIES} of {len(choices)} tuned choices, as many as a "
+            "tuning cache holds",
+            stacklevel=2,
+        )
+        choices = choices[-MAX_CACHE_ENTRIES:]
     entries = [
-        {"key": dict(zip((name for name, _ in _KEY_FIELDS), _jsonable(key))), "strategy": s}
-        for key, s in tuning_cache().items()
+        {"key": dict(zip((name for name, _ in _KEY_FIELDS), _jsonable(key))), "strategy": s} for key, s in choices
     ]
     with atomic_write(path, overwrite=True) as tmp:
         Path(tmp).write_text(json.dumps({"version": _CACHE_VERSION, "entries": entries}, indent=1))
@@ -253,9 +277,9 @@ def save_tuning_cache(path: str | os.PathLike) -> None:
 def load_tuning_cache(path: str | os.PathLike, device: str | torch.device | None = None) -> int:
     """Add the choices of a file written by :func:`save_tuning_cache`; returns how many were added.
 
-    The file is validated strictly (size, known fields, types, sizes a convolution can have,
-    dtype, device and strategy names) before anything is added; it is data only, nothing in
-    it is executed. A choice the tuner could not have made for its
+    The file is validated strictly (a regular file, its size, known fields, types, sizes a
+    convolution can have, dtype, device and strategy names) before anything is added; it is
+    data only, nothing in it is executed. A choice the tuner could not have made for its
     problem (a strategy the cost model or the memory bound leaves out there, module docstring)
     is ignored, with one warning that counts them: those problems are tuned again.
 
@@ -277,11 +301,7 @@ def load_tuning_cache(path: str | os.PathLike, device: str | torch.device | None
             f"device must be 'cpu' or a CUDA device with its index such as 'cuda:1', got {reprlib.repr(device)}"
         )
     try:
-        with open(path, "rb") as file:
-            raw = file.read(MAX_CACHE_FILE_BYTES + 1)
-        if len(raw) > MAX_CACHE_FILE_BYTES:
-            raise ValueError(f"larger than {MAX_CACHE_FILE_BYTES // 2**20} MiB")
-        data = json.loads(raw, parse_int=_short_int)
+        data = json.loads(_read_cache_file(path), parse_int=_short_int, object_pairs_hook=_fields)
     except RecursionError:
         raise ValueError(
             f"cannot read tuning cache {path}: nested too deeply; save one with save_tuning_cache"
@@ -317,6 +337,41 @@ def load_tuning_cache(path: str | os.PathLike, device: str | torch.device | None
         for key, strategy in loaded.items():
             _store(key, strategy)
     return len(loaded)
+
+
+def _read_cache_file(path: str | os.PathLike) -> str:
+    """The text of a tuning cache, read only from a regular file and only up to the size limits, before
+    any parsing: a FIFO would block the read, a device would never end it, and the JSON parser holds
+    many times a file's size in Python objects (hence the bounds on the values it may create)."""
+    _check_regular(os.stat(path).st_mode)  # before opening: opening a device can act on it
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(descriptor, "rb") as file:
+        _check_regular(os.fstat(file.fileno()).st_mode)  # the name may have been replaced meanwhile
+        raw = file.read(MAX_CACHE_FILE_BYTES + 1)
+    if len(raw) > MAX_CACHE_FILE_BYTES:
+        raise ValueError(f"larger than {MAX_CACHE_FILE_BYTES // 2**20} MiB")
+    if not raw.isascii():  # save_tuning_cache writes ASCII; other text would take up to 4 bytes a character
+        raise ValueError("not ASCII text")
+    containers, separators = raw.count(b"{") + raw.count(b"["), raw.count(b",")
+    if containers > 2 + _CONTAINERS_PER_ENTRY * MAX_CACHE_ENTRIES or separators > _COMMAS_PER_ENTRY * MAX_CACHE_ENTRIES:
+        raise ValueError(f"more JSON values than {MAX_CACHE_ENTRIES} entries hold")
+    return raw.decode("ascii")  # the bytes are freed on return, before the parser creates anything
+
+
+def _check_regular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kinds = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
+        kinds |= {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+        raise ValueError(f"{kinds.get(stat.S_IFMT(mode), 'not a regular file')}, not a regular file")
+
+
+def _fields(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object of the cache; a name given twice is refused (a parser keeps one of them silently)."""
+    fields = dict(pairs)
+    if len(fields) < len(pairs):
+        names = [name for name, _ in pairs]
+        raise ValueError(f"field {reprlib.repr(next(n for n in names if names.count(n) > 1))} given twice")
+    return fields
 
 
 def problem_key(
