@@ -245,8 +245,8 @@ def test_strategies_that_would_run_in_chunks_are_timed(batch, size, stride, expe
     assert batch * autotune.auto.per_sample_kernel_bytes(x, weight) > autotune.auto.KERNEL_BUDGET_BYTES
     r = torch.empty(batch, experts, device="meta")
     key = autotune.problem_key(x, weight, None, r, (stride, stride), (1, 1), (1, 1), 1)
-    assert autotune._worth_timing("grouped", x, weight, key)
-    assert autotune._worth_timing("bmm", x, weight, key)
+    assert autotune._worth_timing("grouped", key)
+    assert autotune._worth_timing("bmm", key)
 
 
 @pytest.mark.parametrize(
@@ -270,7 +270,7 @@ def test_mixture_is_timed_up_to_a_limit_on_extra_positions_that_depends_on_the_d
     weight = torch.empty(experts, 64, 64, 3, 3, device="meta", dtype=dtype)
     r = torch.empty(32, experts, device="meta", dtype=dtype)
     key = autotune.problem_key(x, weight, None, r, (stride, stride), (1, 1), (1, 1), 1)
-    assert autotune._worth_timing("mixture", x, weight, key) is timed
+    assert autotune._worth_timing("mixture", key) is timed
 
 
 @pytest.mark.parametrize(
@@ -294,10 +294,10 @@ def test_a_large_unfold_rules_out_bmm_only_for_a_stride_1_depthwise_conv(
     key = autotune.problem_key(x, weight, None, r, (stride, stride), padding, (1, 1), groups)
     out = (size + 2 * (kernel // 2) - kernel) // stride + 1
     assert 128 * channels * kernel * kernel * out * out * 4 > autotune.auto.KERNEL_BUDGET_BYTES
-    assert autotune._worth_timing("bmm", x, weight, key) is timed
+    assert autotune._worth_timing("bmm", key) is timed
     small = torch.empty(1, channels, size, size, device="meta")  # under the budget bmm is always timed
     key = autotune.problem_key(small, weight, None, r[:1], (stride, stride), padding, (1, 1), groups)
-    assert autotune._worth_timing("bmm", small, weight, key)
+    assert autotune._worth_timing("bmm", key)
 
 
 def test_cache_round_trips_through_json(tmp_path, timings):
@@ -483,7 +483,7 @@ def test_loading_names_a_bad_entry_briefly_and_refuses_a_huge_file(tmp_path):
     assert len(str(info.value)) < 300
     with open(path, "wb") as file:  # sparse: refused by its size, never read whole
         file.truncate(autotune.MAX_CACHE_FILE_BYTES + 1)
-    with pytest.raises(ValueError, match="larger than 64 MiB"):
+    with pytest.raises(ValueError, match=f"larger than {autotune.MAX_CACHE_FILE_BYTES // 2**20} MiB"):
         load_tuning_cache(path)
     assert not tuning_cache()
 
@@ -680,15 +680,6 @@ def test_offloading_hooks_neither_time_nor_save_a_choice(timings):
     meta = CondConv2d(8, 8, 3, padding=1, num_experts=3, device="meta")
     torch.utils.checkpoint.checkpoint(meta, torch.randn(4, 8, 6, 6, device="meta"), use_reentrant=False)
     assert not tuning_cache() and all(key[0] != "meta" for key in autotune._pinned)  # only timeable devices
-
-
-def test_timing_copies_keep_the_input_strides():
-    x = torch.randn(4, 8, 12, 12)[:, :, :, ::2]  # sliced: neither dense layout
-    assert autotune._like(x).stride() == x.stride() and autotune._like(x).shape == x.shape
-    expanded = torch.randn(1, 8, 6, 6).expand(4, -1, -1, -1)
-    assert autotune._like(expanded).is_contiguous()  # overlapping elements cannot be filled
-    narrow = torch.randn(2, 8, 6, 4000)[..., :6]  # a view of a buffer 600x its size: no copy of the whole span
-    assert autotune._like(narrow).is_contiguous()
 
 
 @pytest.mark.parametrize("strategy", ["auto", "grouped", "mixture", "bmm"])

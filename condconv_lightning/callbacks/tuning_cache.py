@@ -30,8 +30,10 @@ class TuningCache(Callback):
     global rank 0 writes it, atomically, after each ``fit``, ``validate``, ``test`` or
     ``predict``, and when one stops on an exception (Ctrl-C included), so a long run that
     fails keeps what it tuned. The file is validated strictly before anything in it is
-    used (see :func:`~condconv_lightning.functional.load_tuning_cache`); a bad file stops
-    the run with a one-line error before any step, and is left as it is.
+    used (see :func:`~condconv_lightning.functional.load_tuning_cache`); a bad file, or a
+    path that is no regular file (a FIFO, a device), stops the run with a one-line error
+    before any step, and is left as it is. Entries the tuner would not choose for their
+    problems are ignored with a warning and left out of the file saved at the end.
 
     Args:
         path: the JSON file; its folder must exist.

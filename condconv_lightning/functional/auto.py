@@ -44,6 +44,8 @@ picks it until it has been measured on a GPU against the strategies above.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -88,16 +90,29 @@ def choose_strategy(
     groups: int,
 ) -> str:
     """Name of the strategy ``auto`` uses for this call (input already padded if needed)."""
-    batch, in_channels = x.shape[:2]
     kh, kw = weight.shape[-2:]
-    sample, kernel = x.shape[1:].numel(), weight.shape[1:].numel()  # per sample, per expert
     pointwise = (kh, kw) == (1, 1) and groups == 1
     if is_exporting():
         return "bmm" if pointwise else "mixture"
+    return rules_choice(
+        x.shape[0],
+        x.shape[1:].numel(),
+        weight.shape[1:].numel(),
+        groups,
+        pointwise,
+        lambda: x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1,
+    )
+
+
+def rules_choice(
+    batch: int, sample: int, kernel: int, groups: int, pointwise: bool, channels_last: Callable[[], bool]
+) -> str:
+    """The rules outside export, from the call's sizes: what :func:`choose_strategy` decides, and what a
+    tuning-cache key is checked against (``sample``: elements of one sample of the input; ``kernel``: of one
+    expert; ``channels_last``: asked only where it matters, since a traced call guards on what it asks)."""
     if batch == 1 or groups > 1:
         return "grouped"
     if pointwise:
         return "bmm"
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and in_channels > 1
     small_kernel = kernel <= _SMALL_KERNEL_RATIO * sample
-    return "grouped" if small_kernel and not channels_last else "mixture"
+    return "grouped" if small_kernel and not channels_last() else "mixture"

@@ -2,8 +2,8 @@
 
 In the manner of ``torch.backends.cudnn.benchmark`` and Triton's autotune: the first
 call with a new problem key (device, compute dtype, memory format, every size of the
-call, K, bias, whether gradients are needed) times each candidate strategy on fresh
-tensors of the call's shapes and caches the fastest; later calls with the same key
+call, K, bias, whether gradients are needed) times each candidate strategy on the
+call's own tensors and caches the fastest; later calls with the same key
 use the cached choice. The rules of :mod:`.auto` remain the fallback: with tuning off
 (which ignores the cache too), and while tracing (``torch.compile``, ``torch.export``,
 ONNX, ``torch.jit.trace``, a dispatch mode such as FakeTensor), under ``torch.func``
@@ -25,16 +25,25 @@ best median is dropped, and a lone survivor wins at once. The lowest median wins
 go to the rules' choice. A median, not the fastest sample: on a shared machine one run
 in several can be a third faster than the rest of the same code, and the fastest
 sample follows such outliers (in a suite run on 2 CPU cores, choosing by the median of
-three runs was never worse than by the fastest; docs/performance.md). The fresh
-tensors come from a private generator, so tuning leaves the global RNG, the module and
-the caller's autograd graph untouched. A candidate whose timing copies do not fit in CUDA memory
-is out of the race; if none fits, the rules decide that problem.
+three runs was never worse than by the fastest; docs/performance.md). The call's tensors
+are timed detached (as leaves that need gradients where the call's do): tuning copies
+nothing, so a timed call holds what the candidate's own call holds and no more, draws no
+random numbers, and leaves the module and the caller's autograd graph and gradients
+untouched. A candidate whose buffers do not fit in CUDA memory is out of the race; if
+none fits, the rules decide that problem.
 
 Candidates: ``grouped``, ``mixture`` and ``bmm``; opt-in strategies (``fused``) are
-never timed. The cost model rules out, without timing, candidates that lose by a wide
-margin, the rules' choice included (the rules know nothing of what timing costs). The
-rules' choice, if left, is timed first; a problem left with one candidate is not timed
-at all (with none, the rules decide):
+never timed. Before anything is timed, two bounds leave candidates out. Memory: a
+candidate whose estimated peak (:func:`footprint_bytes`, from the problem key alone) is
+more than :data:`MEMORY_MARGIN` times the rules' choice's is never run, however fast it
+might be: tuning needs at most about twice what the call it tunes needs with tuning off,
+never the many-fold of an ``unfold`` buffer or of K outputs (host memory cannot be caught
+running out; the kernel ends the process). Speed: the cost model rules out candidates
+that lose by a wide margin, the rules' choice included (the rules know nothing of what
+timing costs). The rules' choice, if left, is timed first; a problem left with one
+candidate is not timed at all (with none, the rules decide). A tuning cache entry
+(:func:`load_tuning_cache`) is checked by the same two bounds: a strategy they leave out
+for its problem (other than the rules' choice) is ignored. The cost model's exclusions:
 
 - ``mixture`` when ``(K - 1) * S`` exceeds :data:`MIXTURE_MAX_EXTRA_POSITIONS`
   (S = output positions; 4096 in float32, 12288 in bfloat16 and float16): its K convs
@@ -65,7 +74,9 @@ at all (with none, the rules decide):
   such problem of a suite run on 2 CPU cores: B 32 and 128, K 4 and 8, fp32 and bf16). A large
   ``unfold`` alone is no such margin: at B = 128 ``bmm`` ran ResNet-50's 7x7 stem
   1.6-1.8x (fp32) and 2.8-3.3x (bf16) faster than ``grouped``, and MobileNetV2's
-  strided depthwise 3x3 at 112x112 1.1-1.6x faster in bf16 (K 4 and 8).
+  strided depthwise 3x3 at 112x112 1.1-1.6x faster in bf16 (K 4 and 8); the memory bound
+  now leaves ``bmm`` out of the stem in training and in bf16, and out of that depthwise
+  conv in bf16 (docs/auto-tuning.md).
 
 A call whose per-sample kernels exceed ``auto.KERNEL_BUDGET_BYTES`` runs ``grouped`` and
 ``bmm`` in recomputed chunks, and they are timed all the same: which side wins depends
@@ -86,9 +97,11 @@ import json
 import math
 import os
 import reprlib
+import stat
 import statistics
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -112,6 +125,17 @@ MIXTURE_MAX_EXTRA_POSITIONS: dict[int, int] = {16: 12288, 32: 4096}
 """``mixture`` is timed while ``(K - 1) * S`` is at most this, by the bits of the compute dtype
 (float64 takes float32's): in float32 at K = 4, S <= 1365 (down to 28x28); in bfloat16 and
 float16 at K = 4, S <= 4096 (down to 64x64), at K = 8 down to 41x41."""
+MEMORY_MARGIN = 2.0
+"""A candidate is run only while its estimated peak memory (:func:`footprint_bytes`) is at most this many
+times the rules' choice's (or :data:`MEMORY_SLACK_BYTES` above it): tuning may hold the call's memory once
+more, room for the estimate's error and for the strategies' ties, while ``bmm``'s ``unfold`` (kh * kw
+times the input), ``mixture``'s K outputs and per-sample kernels many times the activations stay out
+(docs/auto-tuning.md has what that gives up)."""
+MEMORY_SLACK_BYTES = 16 * 2**20
+"""Below this much more than the rules' choice a candidate fits whatever :data:`MEMORY_MARGIN` says: less
+than the scratchpads a backend sizes on its own, which the estimate leaves out (oneDNN's reached 28 MiB
+on CPU for a depthwise 5x5 conv of 1152 channels), and nothing next to the memory a process that imports
+PyTorch holds."""
 
 _KEY_FIELDS = (
     ("device", str),
@@ -134,9 +158,22 @@ _KEY_FIELDS = (
 _SIZE_FIELDS = (3, 6, 7)
 """Positions of the sizes that may be symbolic under ``torch.compile`` (batch, height, width) in a key."""
 _CACHE_VERSION = 1
-MAX_CACHE_FILE_BYTES = 64 * 2**20
-"""A larger file is refused unread: a cache holds one short entry per problem."""
+MAX_CACHE_ENTRIES = 10_000
+"""Most entries a tuning cache holds, one per problem: a process meets each converted conv at a few
+batch sizes (training, its last partial batch, evaluation), with and without gradients; the 85
+distinct convs of ResNet-50, MobileNetV2 and EfficientNet-B0 so make about 340 problems, and this
+bound is some thirty times that."""
+MAX_CACHE_FILE_BYTES = 8 * 2**20
+"""A larger file is refused after reading this much: :func:`save_tuning_cache` writes 450-480 bytes per
+entry for real problems and at most 724 (every size of 18 digits, the most a key may hold), so
+:data:`MAX_CACHE_ENTRIES` entries of any problems fit."""
+_CONTAINERS_PER_ENTRY = 6
+"""JSON objects and arrays of one entry as saved: the entry, its key, and the key's four pairs."""
+_COMMAS_PER_ENTRY = 21
+"""Commas of one entry as saved, the one after it included: 15 between the key's fields, one in each
+pair, one between key and strategy. The file's two top-level fields add one, which the last entry lacks."""
 _DTYPES = ("float16", "bfloat16", "float32", "float64", "complex64", "complex128")
+_DTYPE_OBJECTS = {name: getattr(torch, name) for name in _DTYPES}
 _DEVICE_TYPES = ("cpu", "cuda")
 """Where anything is timed (elsewhere the rules decide): CPU by the wall clock, CUDA by events."""
 _MEMORY_FORMATS = ("contiguous", "channels_last", "strided")
@@ -217,20 +254,34 @@ def tuning_cache() -> dict[tuple, str]:
 
 
 def save_tuning_cache(path: str | os.PathLike) -> None:
-    """Write the tuned choices to a JSON file, atomically (replacing ``path`` if it exists)."""
+    """Write the tuned choices to a JSON file, atomically (replacing ``path`` if it exists).
+
+    A file holds at most :data:`MAX_CACHE_ENTRIES` choices, the latest; with more in the cache,
+    the earlier ones are left out with a warning (those problems are tuned again where they are met).
+    """
+    choices = list(tuning_cache().items())
+    if len(choices) > MAX_CACHE_ENTRIES:
+        warnings.warn(
+            f"{path}: saved the latest {MAX_CACHE_ENTRIES} of {len(choices)} tuned choices, as many as a "
+            "tuning cache holds",
+            stacklevel=2,
+        )
+        choices = choices[-MAX_CACHE_ENTRIES:]
     entries = [
-        {"key": dict(zip((name for name, _ in _KEY_FIELDS), _jsonable(key))), "strategy": s}
-        for key, s in tuning_cache().items()
+        {"key": dict(zip((name for name, _ in _KEY_FIELDS), _jsonable(key))), "strategy": s} for key, s in choices
     ]
     with atomic_write(path, overwrite=True) as tmp:
         Path(tmp).write_text(json.dumps({"version": _CACHE_VERSION, "entries": entries}, indent=1))
 
 
 def load_tuning_cache(path: str | os.PathLike, device: str | torch.device | None = None) -> int:
-    """Add the choices of a file written by :func:`save_tuning_cache`; returns how many were read.
+    """Add the choices of a file written by :func:`save_tuning_cache`; returns how many were added.
 
-    The file is validated strictly (size, known fields, types, dtype, device and strategy
-    names) before anything is added; it is data only, nothing in it is executed.
+    The file is validated strictly (a regular file, its size, known fields, types, sizes a
+    convolution can have, dtype, device and strategy names) before anything is added; it is
+    data only, nothing in it is executed. A choice the tuner could not have made for its
+    problem (a strategy the cost model or the memory bound leaves out there, module docstring)
+    is ignored, with one warning that counts them: those problems are tuned again.
 
     Args:
         path: the JSON file.
@@ -250,11 +301,7 @@ def load_tuning_cache(path: str | os.PathLike, device: str | torch.device | None
             f"device must be 'cpu' or a CUDA device with its index such as 'cuda:1', got {reprlib.repr(device)}"
         )
     try:
-        with open(path, "rb") as file:
-            raw = file.read(MAX_CACHE_FILE_BYTES + 1)
-        if len(raw) > MAX_CACHE_FILE_BYTES:
-            raise ValueError(f"larger than {MAX_CACHE_FILE_BYTES // 2**20} MiB")
-        data = json.loads(raw, parse_int=_short_int)
+        data = json.loads(_read_cache_file(path), parse_int=_short_int, object_pairs_hook=_fields)
     except RecursionError:
         raise ValueError(
             f"cannot read tuning cache {path}: nested too deeply; save one with save_tuning_cache"
@@ -271,7 +318,15 @@ def load_tuning_cache(path: str | os.PathLike, device: str | torch.device | None
         raise ValueError(f"{path} is not a version-{_CACHE_VERSION} tuning cache; save one with save_tuning_cache")
     if not isinstance(data["entries"], list):
         raise ValueError(f"{path}: 'entries' must be a list; save the cache with save_tuning_cache")
-    loaded = dict(_parse_entry(index, entry, path) for index, entry in enumerate(data["entries"]))
+    parsed = [_parse_entry(index, entry, path) for index, entry in enumerate(data["entries"])]
+    loaded = {key: strategy for key, strategy in parsed if _plausible(strategy, key)}
+    if len(loaded) < len(parsed):
+        ignored = len(parsed) - len(loaded)
+        warnings.warn(
+            f"{path}: ignored {ignored} tuning cache {'entry' if ignored == 1 else 'entries'} whose strategy the "
+            "tuner would not choose for its problem (too slow or too much memory); those problems are tuned again",
+            stacklevel=2,
+        )
     if target is not None:
         kind = target.partition(":")[0]
         loaded = {
@@ -282,6 +337,41 @@ def load_tuning_cache(path: str | os.PathLike, device: str | torch.device | None
         for key, strategy in loaded.items():
             _store(key, strategy)
     return len(loaded)
+
+
+def _read_cache_file(path: str | os.PathLike) -> str:
+    """The text of a tuning cache, read only from a regular file and only up to the size limits, before
+    any parsing: a FIFO would block the read, a device would never end it, and the JSON parser holds
+    many times a file's size in Python objects (hence the bounds on the values it may create)."""
+    _check_regular(os.stat(path).st_mode)  # before opening: opening a device can act on it
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(descriptor, "rb") as file:
+        _check_regular(os.fstat(file.fileno()).st_mode)  # the name may have been replaced meanwhile
+        raw = file.read(MAX_CACHE_FILE_BYTES + 1)
+    if len(raw) > MAX_CACHE_FILE_BYTES:
+        raise ValueError(f"larger than {MAX_CACHE_FILE_BYTES // 2**20} MiB")
+    if not raw.isascii():  # save_tuning_cache writes ASCII; other text would take up to 4 bytes a character
+        raise ValueError("not ASCII text")
+    containers, separators = raw.count(b"{") + raw.count(b"["), raw.count(b",")
+    if containers > 2 + _CONTAINERS_PER_ENTRY * MAX_CACHE_ENTRIES or separators > _COMMAS_PER_ENTRY * MAX_CACHE_ENTRIES:
+        raise ValueError(f"more JSON values than {MAX_CACHE_ENTRIES} entries hold")
+    return raw.decode("ascii")  # the bytes are freed on return, before the parser creates anything
+
+
+def _check_regular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kinds = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
+        kinds |= {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+        raise ValueError(f"{kinds.get(stat.S_IFMT(mode), 'not a regular file')}, not a regular file")
+
+
+def _fields(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object of the cache; a name given twice is refused (a parser keeps one of them silently)."""
+    fields = dict(pairs)
+    if len(fields) < len(pairs):
+        names = [name for name, _ in pairs]
+        raise ValueError(f"field {reprlib.repr(next(n for n in names if names.count(n) > 1))} given twice")
+    return fields
 
 
 def problem_key(
@@ -374,12 +464,11 @@ def tuned_strategy(
     with _cache_lock:
         cached = _cache.get(key)  # another thread may have timed it while this one waited
         if cached is None:
-            order = [rules] + [s for s in CANDIDATES if s != rules]
-            candidates = [s for s in order if _worth_timing(s, x, weight, key)] or [rules]
+            candidates = _candidates(key, rules)
             if candidates[1:]:
                 try:
                     candidates = [_fastest(candidates, x, weight, bias, routing_weights, key[-1], run)]
-                except torch.cuda.OutOfMemoryError:  # the timing copies did not fit next to the caller's tensors
+                except torch.cuda.OutOfMemoryError:  # no candidate fit next to the caller's tensors
                     candidates = [rules]
             cached = _store(key, candidates[0])
     return cached
@@ -447,15 +536,50 @@ def _can_time_apart_from_hooks(x: Tensor) -> bool:
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def _worth_timing(strategy: str, x: Tensor, weight: Tensor, key: tuple) -> bool:
+def _candidates(key: tuple, rules: str) -> list[str]:
+    """What the tuner times for problem ``key``, the rules' choice first: the strategies that neither lose
+    by a wide margin (:func:`_worth_timing`) nor hold more memory than the rules' choice allows
+    (:func:`_fits`); the rules' choice alone when none is left."""
+    order = [rules] + [s for s in CANDIDATES if s != rules]
+    return [s for s in order if _worth_timing(s, key) and _fits(s, key, rules)] or [rules]
+
+
+def _plausible(strategy: str, key: tuple) -> bool:
+    """Whether tuning could have chosen ``strategy`` for ``key``: one of its candidates, or the rules' choice
+    (what runs when no candidate fits in CUDA memory). A cache entry is checked by this, the same test
+    the tuner applies before timing."""
+    rules = _rules_for(key)
+    return strategy == rules or strategy in _candidates(key, rules)
+
+
+def _rules_for(key: tuple) -> str:
+    """:func:`auto.choose_strategy`'s choice for the call ``key`` describes."""
+    in_channels, out_channels, height, width, (kh, kw) = key[4:9]
+    groups = key[12]
+    return auto.rules_choice(
+        key[3],
+        in_channels * height * width,
+        out_channels * (in_channels // groups) * kh * kw,
+        groups,
+        (kh, kw) == (1, 1) and groups == 1,
+        lambda: key[2] == "channels_last",
+    )
+
+
+def _positions(key: tuple) -> int:
+    """Output positions of the call ``key`` describes."""
+    height, width, (kh, kw), (sh, sw), (ph, pw), (dh, dw) = key[6:12]
+    return ((height + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((width + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+
+def _worth_timing(strategy: str, key: tuple) -> bool:
     """The cost model's wide-margin exclusions (module docstring)."""
-    batch, in_channels, out_channels, height, width = key[3:8]
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw), groups = key[8:13]
-    positions = ((height + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((width + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
-    dtype = auto.compute_dtype(x)
-    bits = torch.finfo(dtype).bits
+    batch, in_channels, out_channels = key[3:6]
+    (kh, kw), (sh, sw), _, _, groups, experts = key[8:14]
+    positions = _positions(key)
+    dtype = _DTYPE_OBJECTS[key[1]]
     if strategy == "mixture":
-        return (weight.shape[0] - 1) * positions <= MIXTURE_MAX_EXTRA_POSITIONS[min(bits, 32)]
+        return (experts - 1) * positions <= MIXTURE_MAX_EXTRA_POSITIONS[min(torch.finfo(dtype).bits, 32)]
     pointwise = (kh, kw) == (1, 1) and groups == 1
     if strategy == "grouped":  # at B = 1 a plain conv with the mixed kernel; forward only it can win
         needs_grad = key[-1]
@@ -463,6 +587,74 @@ def _worth_timing(strategy: str, x: Tensor, weight: Tensor, key: tuple) -> bool:
     unfold_bytes = batch * in_channels * kh * kw * positions * dtype.itemsize
     depthwise = 1 < groups == in_channels == out_channels and (sh, sw) == (1, 1)
     return strategy == "bmm" and (pointwise or not depthwise or unfold_bytes <= auto.KERNEL_BUDGET_BYTES)
+
+
+def _fits(strategy: str, key: tuple, rules: str) -> bool:
+    """Whether a call of ``strategy`` holds at most :data:`MEMORY_MARGIN` times the memory of the rules'
+    choice, or at most :data:`MEMORY_SLACK_BYTES` more, by :func:`footprint_bytes`."""
+    bound = footprint_bytes(rules, key)
+    return footprint_bytes(strategy, key) <= max(MEMORY_MARGIN * bound, bound + MEMORY_SLACK_BYTES)
+
+
+def footprint_bytes(strategy: str, key: tuple) -> int:
+    """Estimated peak bytes of one call of ``strategy`` on problem ``key`` as the tuner times it (the
+    forward, and with gradients its backward), read off ``condconv.py``: the inputs and the output, and
+    what the strategy allocates beside them.
+
+    - ``grouped`` and ``bmm``: the per-sample kernels of one batch chunk (``auto.KERNEL_BUDGET_BYTES``),
+      and the output twice where chunks are concatenated;
+    - ``bmm`` with a kernel larger than 1x1 (or padding, or groups): one chunk's ``unfold`` buffer,
+      every input element kh * kw times per output position; at 1x1, a strided or sliced input's copy;
+    - ``mixture``: the K stacked experts and their K outputs, then the mixed output (and with a bias,
+      ``bmm``'s and ``mixture``'s output once more: the bias is added after the product);
+    - a convolution (``grouped``'s, ``mixture``'s): a copy of its weights and of its input or output,
+      the larger, as oneDNN makes on CPU to reorder them into its own layout; ``grouped`` on input that
+      is not NCHW-contiguous copies it to NCHW.
+
+    A 16-bit compute dtype is taken to be autocast's: the inputs stay float32, the products copy them
+    to 16 bits, and ``unfold``, which autocast leaves alone, fills its buffer in float32 before the
+    product copies it. With gradients, the backward holds each input and each buffer it reads with its
+    gradient, and the output with its gradient. Workspaces a backend sizes on its own (cuDNN's,
+    oneDNN's scratchpads) are not counted.
+    """
+    batch, in_channels, out_channels, height, width, (kh, kw), (sh, sw), (ph, pw) = key[3:11]
+    groups, experts, bias, grad = key[12:16]
+    item = _DTYPE_OBJECTS[key[1]].itemsize
+    stored = 4 if item == 2 else item  # the inputs' own dtype
+    kernel = out_channels * (in_channels // groups) * kh * kw  # elements of one expert, or of one sample's kernel
+    sample, positions = in_channels * height * width, _positions(key)
+    output = batch * out_channels * positions * item
+    chunk = min(batch, max(1, auto.KERNEL_BUDGET_BYTES // (kernel * item)))
+    inputs = (batch * sample + experts * kernel + batch * experts + bias * experts * out_channels) * stored
+    casts = (batch * sample + experts * kernel) * item if stored != item else 0  # autocast's copies
+    copies = 0
+    if strategy == "mixture":
+        stacked, outputs = experts * kernel * item, experts * output
+        saved, copies = stacked + outputs, _conv_copies(batch * sample * item, outputs, stacked)
+        forward = outputs + max(stacked + copies, (1 + bias) * output)
+    elif strategy == "grouped":
+        kernels = chunk * kernel * item
+        saved = kernels + (0 if key[2] == "contiguous" else chunk * sample * item)  # the NCHW copy
+        copies = _conv_copies(chunk * sample * item, output * chunk // batch, kernels)
+        forward = max(saved + output + copies, 2 * output if chunk < batch else 0)
+    else:
+        if (kh, kw, ph, pw, groups) != (1, 1, 0, 0, 1):
+            columns = chunk * in_channels * kh * kw * positions * (stored + item if stored != item else item)
+        elif (sh, sw) != (1, 1) or key[2] == "strided":
+            columns = chunk * in_channels * positions * item
+        else:
+            columns = 0
+        saved = chunk * kernel * item + columns
+        forward = saved + (1 + bias + (chunk < batch)) * output
+    peak = inputs + casts + forward
+    if grad:  # the backward: the inputs, the buffers it reads and the output, each with its gradient
+        peak = max(peak, 2 * (inputs + saved + output) + casts + copies)
+    return peak
+
+
+def _conv_copies(conv_input: int, conv_output: int, weight: int) -> int:
+    """Bytes of the copies a convolution's backend may make: of its weights, and of its input or output."""
+    return weight + max(conv_input, conv_output)
 
 
 def _fastest(
@@ -474,22 +666,19 @@ def _fastest(
     grad: bool,
     run: Runner,
 ) -> str:
-    """Time each candidate on fresh tensors shaped like the call's; ties go to the earlier candidate."""
-    generator = torch.Generator(device=x.device).manual_seed(0)
-    with torch.no_grad():
-        fresh = [
-            None if t is None else _like(t).uniform_(generator=generator) for t in (x, weight, bias, routing_weights)
-        ]
-    if grad:
-        fresh = [
-            None if f is None else f.requires_grad_(t.requires_grad)
-            for f, t in zip(fresh, (x, weight, bias, routing_weights))
-        ]
+    """Time each candidate on the call's own tensors; ties go to the earlier candidate.
+
+    The tensors are detached (with gradients, as leaves that need them where the call's do): the
+    timing reads them and allocates only what a call of the candidate allocates, with no copy beside
+    the caller's, and the caller's autograd graph and gradients are left alone.
+    """
+    tensors = (x, weight, bias, routing_weights)
+    own = [None if t is None else t.detach().requires_grad_(grad and t.requires_grad) for t in tensors]
 
     def step(strategy: str) -> Callable[[], None]:
         def call() -> None:
             with torch.enable_grad() if grad else torch.no_grad():
-                y = run(strategy, *fresh)  # type: ignore[arg-type]
+                y = run(strategy, *own)  # type: ignore[arg-type]
                 if grad:
                     y.backward(torch.ones_like(y))
 
@@ -549,16 +738,6 @@ def _one_call_ms(call: Callable[[], None], device: torch.device) -> float:
     return (time.perf_counter() - start_s) * 1e3
 
 
-def _like(t: Tensor) -> Tensor:
-    """An uninitialized tensor with ``t``'s sizes and strides (a sliced input keeps its gaps, which
-    ``empty_like`` would close); a dense one where ``t``'s elements overlap (an expanded tensor) or
-    are spread over more than 4x their number (a narrow view of a large buffer)."""
-    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size)
-    if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())) or span > 4 * t.numel():
-        return torch.empty_like(t)
-    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-
-
 def _jsonable(key: tuple) -> list:
     return [list(v) if isinstance(v, tuple) else v for v in key]
 
@@ -593,7 +772,23 @@ def _parse_entry(index: int, entry: object, path: object) -> tuple[tuple, str]:
         elif name == "device" and _device_name(value) != value:
             raise invalid(f"device {reprlib.repr(value)} is not 'cpu' or a CUDA device with its index such as 'cuda:0'")
         key.append(value)
+    problem = _not_a_convolution(tuple(key))
+    if problem:
+        raise invalid(problem)
     return tuple(key), entry["strategy"]
+
+
+def _not_a_convolution(key: tuple) -> str:
+    """What keeps ``key`` from describing a call of a convolution (empty if nothing does)."""
+    batch, in_channels, out_channels, height, width, kernel, stride, padding, dilation, groups, experts = key[3:14]
+    if 0 in (batch, in_channels, out_channels, height, width, groups, experts, *kernel, *stride, *dilation):
+        return "batch, channels, height, width, kernel_size, stride, dilation, groups and experts must be positive"
+    if in_channels % groups or out_channels % groups:
+        return "in_channels and out_channels must be multiples of groups"
+    sizes = zip((height, width), padding, dilation, kernel)
+    if any(size + 2 * pad < span * (k - 1) + 1 for size, pad, span, k in sizes):
+        return "the kernel is larger than the padded input"
+    return ""
 
 
 def _short_int(text: str) -> int:
