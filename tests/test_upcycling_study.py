@@ -94,25 +94,25 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def test_quick_study_writes_every_run_and_artifact(quick: tuple[Path, dict]) -> None:
     out, results = quick
+    config = results["config"]
     assert results["mode"] == "quick" and results["seeds"] == 2
     assert {"platform", "cpu_count", "torch", "date"} <= set(results["machine"])
-    assert set(results["tasks"]) == {"gratings", "digits"}
-    assert {"static", "default", "router_random"} <= set(results["variants_run"])
+    assert set(results["tasks"]) == {"gratings", "digits", "renderings"}
+    assert {"static", "scratch", "static_wide", "k1", "random_softmax"} <= set(results["variants_run"])
     runs = {(r["task"], r["variant"], r["seed"]) for r in results["runs"]}
     expected = {(t, v, s) for t in results["tasks"] for v in results["variants_run"] for s in range(2)}
     assert runs == expected and len(results["runs"]) == len(expected)
     for run in results["runs"]:
-        accuracies = [
-            run["final_val_acc"],
-            run["step0"]["val_acc"],
-            run["acc_at_static_time"],
-            *run["curve"]["val_acc"],
-        ]
-        assert all(0.0 <= a <= 1.0 for a in accuracies)
-        assert run["curve"]["steps"][0] == 0 and run["curve"]["steps"][-1] == results["config"]["steps"]
-        assert run["step_ms_median"] > 0 and run["params"] > 0
-        if run["variant"] == "static":
-            assert run["routing"] is None and run["step_time_ratio"] == 1.0
+        curve = run["curve"]
+        assert all(0.0 <= a <= 1.0 for a in [run["final_val_acc"], run["acc_at_static_time"], *curve["val_acc"]])
+        assert curve["steps"][0] == 0 and curve["steps"][-1] == config["total_steps"]  # every model: the same budget
+        assert curve["steps"] == sorted(set(curve["steps"]))
+        assert run["step_ms_median"] > 0 and run["params"] > 0 and run["time_ratio"] > 0
+        from_scratch = run["variant"] in ("scratch", "static_wide")
+        assert run["static_steps"] == (0 if from_scratch else config["convert_at"])
+        assert (run["step0"] is None) == from_scratch
+        if run["variant"] in ("static", "static_wide"):
+            assert run["routing"] is None
         else:
             routing = run["routing"]
             assert all(0.0 <= routing[key] <= 1.0 + 1e-6 for key in ("entropy", "usage_entropy", "group_tv"))
@@ -120,16 +120,47 @@ def test_quick_study_writes_every_run_and_artifact(quick: tuple[Path, dict]) -> 
         for name in (f"accuracy_vs_steps_{task}", f"accuracy_vs_time_{task}", f"delta_vs_static_{task}"):
             assert (out / f"{name}.png").stat().st_size > 10_000
     summary = (out / "summary.md").read_text()
-    assert "| static |" in summary and "| default |" in summary and "## digits" in summary
+    assert "| static |" in summary and "| scratch |" in summary and "## renderings" in summary
 
 
-def test_default_conversion_is_exact_and_random_routers_are_not(quick: tuple[Path, dict]) -> None:
+def test_upcycled_variants_start_where_the_static_model_stands(quick: tuple[Path, dict]) -> None:
+    """Every exact recipe's step-0 outputs are the static model's; the runs share the static steps' curve."""
     _, results = quick
     by_key = {(r["task"], r["variant"], r["seed"]): r for r in results["runs"]}
+    exact = [name for name in results["variants_run"] if name not in ("static", "scratch", "static_wide")]
+    assert exact, "the quick run holds exact recipes"
     for task in results["tasks"]:
         for seed in range(results["seeds"]):
-            static = by_key[task, "static", seed]["step0"]
-            default = by_key[task, "default", seed]["step0"]
-            assert default["max_rel_diff"] <= 1e-5
-            assert default["val_acc"] == static["val_acc"]
-            assert by_key[task, "router_random", seed]["step0"]["max_rel_diff"] > 1e-3
+            static = by_key[task, "static", seed]
+            for name in exact:
+                run = by_key[task, name, seed]
+                assert run["step0"]["max_rel_diff"] <= 1e-5, (task, name, seed)
+                assert run["step0"]["val_acc"] == static["step0"]["val_acc"]
+                shared = run["curve"]["steps"].index(results["config"]["convert_at"]) + 1
+                assert run["curve"]["val_acc"][:shared] == static["curve"]["val_acc"][:shared]
+
+
+def test_the_widened_static_control_matches_the_converted_parameter_count(quick: tuple[Path, dict]) -> None:
+    _, results = quick
+    for run in results["runs"]:
+        if run["variant"] == "static_wide":
+            converted = next(
+                r
+                for r in results["runs"]
+                if (r["task"], r["seed"], r["variant"]) == (run["task"], run["seed"], "random_softmax")
+            )
+            assert abs(run["params"] - converted["params"]) / converted["params"] < 0.1
+
+
+def test_renderings_draw_each_digit_four_visibly_different_ways(monkeypatch: pytest.MonkeyPatch) -> None:
+    tool = _tool(monkeypatch)
+    task = tool.renderings_task(tool.QUICK)
+    kinds = len(tool.RENDERINGS)
+    assert task.train_x.shape[1:] == (3, 16, 16) and len(task.val_y) == kinds * tool.QUICK.digits_val
+    assert torch.bincount(task.val_groups).tolist() == [tool.QUICK.digits_val] * kinds
+    same_digit = torch.stack([task.val_x[task.val_groups == g][0] for g in range(kinds)])  # one digit, each way
+    distances = (same_digit[:, None] - same_digit[None]).abs().mean(dim=(2, 3, 4))
+    assert float(distances.add(torch.eye(kinds)).min()) > 0.1, "every rendering differs visibly from every other"
+    gray = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tool.render(gray, "inverted"), 1 - gray.expand(-1, 3, -1, -1))
+    assert torch.equal(tool.render(gray, "rotated"), torch.rot90(gray.expand(-1, 3, -1, -1), 1, dims=(2, 3)))

@@ -1,26 +1,36 @@
-"""Multi-seed upcycling study: does converting a trained CNN to CondConv pay, and with which options?
+"""Multi-seed upcycling study: does converting a trained CNN to CondConv pay, and with which recipe?
 
-    python tools/upcycling_study.py [--quick] [--seeds N] [--tasks gratings,digits] [--variants a,b,...] [--out DIR]
+    python tools/upcycling_study.py [--quick] [--seeds N] [--tasks a,b] [--variants a,b] [--total-steps N] [--out DIR]
 
-Protocol (per task and seed): pre-train a narrow static ResNet for ``pretrain_steps``,
-then, from that same state and with the same batches in the same order, fine-tune
-every variant for ``steps`` AdamW steps: the static model itself (the control) and
-copies converted with :func:`condconv_lightning.surgery.convert` under different
-options (perturbation, router initialization and learning rate, routing and
-temperature schedule, K, which layers, what trains). Every ``eval_every`` steps the
-validation accuracy is recorded; each step is timed, so variants are compared at
-equal steps and at equal wall-clock (the accuracy a variant reaches within the static
-model's fine-tuning time). At the end, routing statistics on the validation images:
-per-sample and usage entropy and how differently the sub-populations (contexts of the
-gratings, classes of the digits) are routed.
+Protocol, per task and seed, at one budget of ``total_steps`` training steps for every model:
 
-Tasks: ``gratings`` (:func:`condconv_lightning.demos.make_multicontext_gratings`: the
-right filter depends on a global colour cast) and ``digits`` (scikit-learn's bundled
-8x8 handwritten digits, upsampled; a real-image control with no context structure).
+- ``static``: the narrow static ResNet trained for ``convert_at`` steps, then, with a fresh AdamW
+  (as every converted variant gets), for the remaining steps on the same batches as the variants.
+  Its curve over all steps shows whether it has plateaued.
+- upcycled variants: the same static model at ``convert_at`` steps, converted with
+  :func:`condconv_lightning.surgery.convert` (layer2-4, K = 4 unless the variant says otherwise),
+  then trained for the remaining steps: equal total steps with the control.
+- ``scratch``: the CondConv model trained from scratch for all the steps (``init="fresh"``, the
+  paper's setting): the ceiling a recipe is measured against.
+- ``static_wide``: a static ResNet widened to the converted model's parameter count, all steps:
+  are the extra parameters alone worth as much?
+- ``k1``: one expert under sigmoid routing (a per-sample scale of the conv): does the attention
+  alone pay, or do the experts?
 
-Writes ``results.json`` (every run), ``summary.md`` (tables) and the plots
-``accuracy_vs_steps_<task>.png``, ``accuracy_vs_time_<task>.png`` and
-``delta_vs_static_<task>.png`` (paired difference to the control) into ``--out``.
+Every ``eval_every`` steps the validation accuracy is recorded and each step is timed, so
+variants are compared at equal total steps and at equal wall-clock (the accuracy a run had
+when its training time, static steps included, used up the static control's). At the end,
+routing on the validation images: per-sample and usage entropy and how differently the
+sub-populations are routed.
+
+Tasks: ``gratings`` (:func:`condconv_lightning.demos.make_multicontext_gratings`: the right filter
+depends on a global colour cast), ``digits`` (scikit-learn's bundled 8x8 handwritten digits,
+upsampled; no designed sub-populations) and ``renderings`` (the same digits, each drawn in four
+visibly different renderings: plain, inverted, rotated, colour on a coloured ground).
+
+Writes ``results.json`` (every run), ``summary.md`` (tables) and per task the plots
+``accuracy_vs_steps_<task>.png``, ``accuracy_vs_time_<task>.png`` and ``delta_vs_static_<task>.png``
+into ``--out``.
 """
 
 from __future__ import annotations
@@ -30,12 +40,13 @@ import copy
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,19 +57,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from condconv_lightning import __version__
-from condconv_lightning.callbacks import RoutingTemperatureScheduler
 from condconv_lightning.condconv2d import CondConv2d
 from condconv_lightning.demos import ResNet, make_multicontext_gratings
 from condconv_lightning.finetune import parameter_groups
+from condconv_lightning.functional import routing_entropy
 from condconv_lightning.io import atomic_write
 from condconv_lightning.metrics import RoutingEntropy
 from condconv_lightning.surgery import ConversionConfig, convert
 
 matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt
-
-ROUTER_RANDOM_STD = 0.1
-"""Std of the ``router_random`` variant's Gaussian router weights: about ``nn.Linear``'s init scale at 32 inputs."""
 
 
 @dataclass(frozen=True)
@@ -69,68 +77,136 @@ class StudyConfig:
     image_size: int = 16
     batch_size: int = 64
     lr: float = 2e-3
-    pretrain_steps: int = 400
-    steps: int = 400
-    eval_every: int = 25
-    anneal_fraction: float = 1 / 3  # softmax temperature 30 -> 1 over this fraction of the fine-tuning steps
+    total_steps: int = 4000
+    convert_at: int = 2000  # static steps before the upcycled variants convert
+    eval_every: int = 100
+    layers: tuple[str, ...] = ("layer2", "layer3", "layer4")
     gratings_classes: int = 6
     gratings_contexts: int = 6
     gratings_noise: float = 0.5
     gratings_train: int = 8192
-    gratings_val: int = 1024
+    gratings_val: int = 2048
     digits_val: int = 497  # of 1797: 1300 training images
+    calibration_images: int = 512  # the data-aware router init's k-means sample
     seeds: int = 5
 
 
 FULL = StudyConfig()
 QUICK = dataclasses.replace(
-    FULL, pretrain_steps=12, steps=12, eval_every=4, gratings_train=512, gratings_val=256, digits_val=256, seeds=2
+    FULL,
+    total_steps=24,
+    convert_at=12,
+    eval_every=4,
+    gratings_train=512,
+    gratings_val=256,
+    digits_val=256,
+    calibration_images=64,
+    seeds=2,
 )
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to continue from the pre-trained static model; ``convert=False`` is the control."""
+    """One model trained on the budget: the control, a reference, or a recipe of upcycling.
+
+    ``kind``: ``static`` (the control), ``wide`` (a wider static model, all steps), ``scratch``
+    (CondConv from scratch, all steps) or ``upcycle`` (converted from the static model at
+    ``convert_at``). The conversion fields are :class:`ConversionConfig`'s; the others are
+    symmetry breakers the library does not offer, tried here first:
+
+    - ``drop_ratio``: Drop-Upcycling (Nakamura et al., ICLR 2025, arXiv:2502.19261): after
+      conversion, each expert redraws this fraction of its output channels from a normal
+      distribution with the original kernel's mean and std (not exact).
+    - ``kmeans_router``: a data-aware router: k-means of the layer's pooled inputs on a
+      calibration batch, one centroid per expert, as the router's rows (exact with routing
+      that sums to one and identical experts).
+    - ``mi_weight``: an auxiliary loss, weight times the sum over layers of (mean per-sample
+      routing entropy minus usage entropy): minus the mutual information between sample and
+      expert (as in Mod-Squad, Chen et al., CVPR 2023), which rewards routing that is decided
+      per sample and balanced over the data.
+    """
 
     description: str
-    convert: bool = True
-    layers: tuple[str, ...] = ("layer3", "layer4")
+    kind: str = "upcycle"
     num_experts: int = 4
     routing: str = "sigmoid"
+    router_init: str = "zero"
+    router_scale: float = 1.0
     perturbation: float = 0.05
-    router_init_std: float = 0.0
     router_lr_multiplier: float = 1.0
-    anneal: bool = False
-    freeze_base: bool = False
+    drop_ratio: float = 0.0
+    kmeans_router: bool = False
+    mi_weight: float = 0.0
+
+    def conversion(self, seed: int, init: str = "upcycle") -> ConversionConfig:
+        return ConversionConfig(
+            num_experts=self.num_experts,
+            routing=self.routing,  # type: ignore[arg-type]
+            init=init,  # type: ignore[arg-type]
+            perturbation=self.perturbation,
+            router_init=self.router_init,  # type: ignore[arg-type]
+            router_scale=self.router_scale,
+            seed=seed,
+        )
 
 
+EXACT_SOFTMAX = dict(routing="softmax", router_init="random", perturbation=0.0)
 VARIANTS: dict[str, Variant] = {
-    "static": Variant("unconverted model, fine-tuned on (control)", convert=False),
-    "default": Variant("library defaults: sigmoid, K=4, perturbation 0.05, zero router, router lr 1x; layer3+layer4"),
-    "perturb_0": Variant("perturbation 0 (identical experts)", perturbation=0.0),
-    "perturb_0.2": Variant("perturbation 0.2", perturbation=0.2),
-    "perturb_0.5": Variant("perturbation 0.5", perturbation=0.5),
-    "router_random": Variant(
-        f"router weights ~ N(0, {ROUTER_RANDOM_STD}^2) instead of zero (not exact)", router_init_std=ROUTER_RANDOM_STD
+    "static": Variant("unconverted model, trained on (control)", kind="static"),
+    "scratch": Variant("CondConv from scratch, all steps (the paper's: sigmoid, K=4): the ceiling", kind="scratch"),
+    "static_wide": Variant("static ResNet widened to the converted model's parameter count, all steps", kind="wide"),
+    "k1": Variant("one expert, sigmoid: a per-sample scale of each conv (zero router, exact)", num_experts=1),
+    "zero_sigmoid": Variant("sigmoid routing, zero router, perturbation 0.05 (the former defaults; exact)"),
+    "zero_softmax": Variant("softmax routing, zero router, perturbation 0.05 (exact)", routing="softmax"),
+    "random_softmax": Variant("softmax routing, random router (scale 1), identical experts (exact)", **EXACT_SOFTMAX),
+    "random_softmax_s3": Variant(
+        "softmax routing, random router (scale 3), identical experts (exact)", **EXACT_SOFTMAX, router_scale=3.0
     ),
-    "router_lr_10x": Variant("router learning rate 10x the base", router_lr_multiplier=10.0),
-    "softmax": Variant("softmax routing, temperature 1", routing="softmax"),
-    "softmax_anneal": Variant(
-        "softmax routing, temperature 30 -> 1 (DynamicConv schedule)", routing="softmax", anneal=True
+    "random_softmax_s10": Variant(
+        "softmax routing, random router (scale 10), identical experts (exact)", **EXACT_SOFTMAX, router_scale=10.0
     ),
-    "k8": Variant("K=8 experts", num_experts=8),
-    "layer4": Variant("convert layer4 only", layers=("layer4",)),
-    "layer2-4": Variant("convert layer2, layer3 and layer4", layers=("layer2", "layer3", "layer4")),
-    "experts_only": Variant("train experts and routers only (the rest frozen)", freeze_base=True),
-    "combined": Variant(
-        "softmax routing, random router (not exact), router lr 10x, perturbation 0.5: every symmetry breaker at once",
-        routing="softmax",
-        router_init_std=ROUTER_RANDOM_STD,
+    "random_softmax_s3_lr10": Variant(
+        "softmax, random router (scale 3), router learning rate 10x (exact)",
+        **EXACT_SOFTMAX,
+        router_scale=3.0,
         router_lr_multiplier=10.0,
-        perturbation=0.5,
+    ),
+    "random_nsigmoid_s3": Variant(
+        "normalized sigmoid routing, random router (scale 3), identical experts (exact)",
+        routing="normalized_sigmoid",
+        router_init="random",
+        router_scale=3.0,
+        perturbation=0.0,
+    ),
+    "random_nsigmoid": Variant(
+        "normalized sigmoid routing, random router (scale 1), identical experts (exact)",
+        routing="normalized_sigmoid",
+        router_init="random",
+        perturbation=0.0,
+    ),
+    "random_sigmoid": Variant(
+        "sigmoid routing, random router (scale 1), perturbation 0.05 (not exact)", router_init="random"
+    ),
+    "random_softmax_lr10": Variant(
+        "softmax, random router (scale 1), router learning rate 10x (exact)", **EXACT_SOFTMAX, router_lr_multiplier=10.0
+    ),
+    "drop_upcycling": Variant(
+        "softmax, random router, each expert redraws half its output channels (Drop-Upcycling; not exact)",
+        **EXACT_SOFTMAX,
+        drop_ratio=0.5,
+    ),
+    "kmeans_router": Variant(
+        "softmax, router rows from k-means of the pooled inputs on a calibration batch (exact)",
+        **EXACT_SOFTMAX,
+        kmeans_router=True,
+    ),
+    "mi_loss": Variant(
+        "softmax, random router, auxiliary mutual-information loss (weight 0.1; exact at conversion)",
+        **EXACT_SOFTMAX,
+        mi_weight=0.1,
     ),
 }
-QUICK_VARIANTS = ("static", "default", "router_random", "softmax_anneal")
+QUICK_VARIANTS = ("static", "scratch", "static_wide", "k1", "zero_sigmoid", "random_softmax", "kmeans_router")
 
 
 @dataclass
@@ -168,18 +244,28 @@ def gratings_task(config: StudyConfig) -> Task:
     )
 
 
-def digits_task(config: StudyConfig) -> Task:
-    """scikit-learn's bundled 8x8 digits (1797 images, no download), bilinearly upsampled, gray in 3 channels."""
-    from sklearn.datasets import load_digits  # only this task needs scikit-learn
+def load_digits(config: StudyConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scikit-learn's bundled 8x8 digits (1797 images, no download) upsampled to ``[N, 1, S, S]`` in [0, 1],
+    labels, and a fixed split (training indices, validation indices)."""
+    from sklearn.datasets import load_digits as bundled  # only the digit tasks need scikit-learn
 
-    digits = load_digits()
+    digits = bundled()
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
-    images = F.interpolate(images, size=config.image_size, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+    images = F.interpolate(images, size=config.image_size, mode="bilinear", align_corners=False).clamp(0, 1)
     labels = torch.tensor(digits.target, dtype=torch.int64)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    val, train = order[: config.digits_val], order[config.digits_val :]
+    return images, labels, order[config.digits_val :], order[: config.digits_val]
+
+
+def standardized(images: Tensor, train: Tensor) -> Tensor:
     mean, std = images[train].mean(), images[train].std()
-    images = ((images - mean) / std).contiguous()
+    return ((images - mean) / std).contiguous()
+
+
+def digits_task(config: StudyConfig) -> Task:
+    """The digits, gray in 3 channels: a real-image control with no designed sub-populations."""
+    images, labels, train, val = load_digits(config)
+    images = standardized(images.expand(-1, 3, -1, -1), train)
     return Task(
         "digits",
         f"scikit-learn load_digits (UCI handwritten digits, 8x8 gray, 10 classes) upsampled to "
@@ -194,12 +280,72 @@ def digits_task(config: StudyConfig) -> Task:
     )
 
 
-TASKS = {"gratings": gratings_task, "digits": digits_task}
-PLURAL = {"context": "contexts", "class": "classes"}
+RENDERINGS = ("plain", "inverted", "rotated", "colour")
 
 
-def build_model(config: StudyConfig, num_classes: int) -> nn.Module:
-    return ResNet((1,) * len(config.widths), config.widths, num_classes)
+def render(gray: Tensor, rendering: str) -> Tensor:
+    """``[N, 1, S, S]`` digits in [0, 1] drawn as ``[N, 3, S, S]`` in one of :data:`RENDERINGS`."""
+    rgb = gray.expand(-1, 3, -1, -1)
+    if rendering == "inverted":  # dark strokes on white
+        return 1.0 - rgb
+    if rendering == "rotated":  # a quarter turn
+        return torch.rot90(rgb, 1, dims=(2, 3))
+    if rendering == "colour":  # yellow strokes on a blue ground
+        ground = torch.tensor([0.1, 0.2, 0.8])[None, :, None, None]
+        ink = torch.tensor([1.0, 0.9, 0.0])[None, :, None, None]
+        return ground * (1.0 - gray) + ink * gray
+    return rgb
+
+
+def renderings_task(config: StudyConfig) -> Task:
+    """Every digit in each of the four renderings: one label, four visibly different sub-populations."""
+    gray, labels, train, val = load_digits(config)
+    images = torch.cat([render(gray, r) for r in RENDERINGS])
+    kinds = torch.arange(len(RENDERINGS)).repeat_interleave(len(labels))
+    offsets = torch.arange(len(RENDERINGS)) * len(labels)
+    train_all, val_all = (torch.cat([indices + o for o in offsets]) for indices in (train, val))
+    images = standardized(images, train_all)
+    labels = labels.repeat(len(RENDERINGS))
+    return Task(
+        "renderings",
+        f"the digits (upsampled to {config.image_size}x{config.image_size}), each drawn {len(RENDERINGS)} ways: "
+        f"{', '.join(RENDERINGS)} (yellow on blue); {len(train_all)} training / {len(val_all)} validation images",
+        10,
+        images[train_all],
+        labels[train_all],
+        images[val_all],
+        labels[val_all],
+        kinds[val_all],
+        "rendering",
+    )
+
+
+TASKS: dict[str, Callable[[StudyConfig], Task]] = {
+    "gratings": gratings_task,
+    "digits": digits_task,
+    "renderings": renderings_task,
+}
+PLURAL = {"context": "contexts", "class": "classes", "rendering": "renderings"}
+
+
+def build_model(widths: Sequence[int], num_classes: int) -> nn.Module:
+    return ResNet((1,) * len(widths), tuple(widths), num_classes)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def matching_widths(config: StudyConfig, num_classes: int, target: int) -> tuple[int, ...]:
+    """Stage widths proportional to ``config.widths`` whose static ResNet has about ``target`` parameters."""
+    best: tuple[int, ...] = config.widths
+    for tenths in range(10, 60):
+        widths = tuple(max(1, round(w * tenths / 10)) for w in config.widths)
+        if abs(parameter_count(build_model(widths, num_classes)) - target) < abs(
+            parameter_count(build_model(best, num_classes)) - target
+        ):
+            best = widths
+    return best
 
 
 def batch_order(num_samples: int, steps: int, batch_size: int, seed: int) -> Tensor:
@@ -229,94 +375,193 @@ def train_accuracy(model: nn.Module, task: Task, limit: int = 1024) -> float:
     return float((logits_of(model, task.train_x[:limit]).argmax(1) == task.train_y[:limit]).float().mean())
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, labels: Tensor) -> float:
-    loss = F.cross_entropy(model(images), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
-
-
-def pretrain(task: Task, config: StudyConfig, seed: int) -> tuple[nn.Module, dict[str, Any]]:
-    """The static model every variant of this seed starts from."""
-    torch.manual_seed(seed)
-    model = build_model(config, task.num_classes)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    order = batch_order(len(task.train_y), config.pretrain_steps, config.batch_size, seed=1000 + seed)
-    started = time.perf_counter()
-    for indices in order:
-        train_step(model, optimizer, task.train_x[indices], task.train_y[indices])
-    seconds = time.perf_counter() - started
-    return model, {"val_acc": accuracy(model, task), "train_acc": train_accuracy(model, task), "seconds": seconds}
-
-
-def convert_variant(model: nn.Module, variant: Variant, seed: int) -> None:
-    """Convert with the library; a random router init is drawn afterwards (the library's upcycling is exact)."""
-    config = ConversionConfig(
-        num_experts=variant.num_experts, routing=variant.routing, perturbation=variant.perturbation, seed=seed
-    )
-    convert(model, list(variant.layers), config)
-    if variant.router_init_std > 0:
-        generator = torch.Generator().manual_seed(2000 + seed)
-        with torch.no_grad():
-            for layer in condconv_layers(model):
-                layer.router.weight.normal_(0.0, variant.router_init_std, generator=generator)
-
-
 def condconv_layers(model: nn.Module) -> list[CondConv2d]:
     return [m for m in model.modules() if isinstance(m, CondConv2d)]
 
 
-def fine_tune(
-    task: Task, config: StudyConfig, seed: int, name: str, variant: Variant, pretrained: nn.Module, reference: Tensor
-) -> dict[str, Any]:
-    """One run: convert a copy of ``pretrained`` as ``variant`` says, measure step 0, fine-tune, measure."""
-    torch.manual_seed(seed)
-    model = copy.deepcopy(pretrained)
-    if variant.convert:
-        convert_variant(model, variant, seed)
-    logits = logits_of(model, task.val_x)
-    step0 = {
-        "val_acc": float((logits.argmax(1) == task.val_y).float().mean()),
-        "max_rel_diff": float((logits - reference).abs().max() / reference.abs().max()),
-    }
-    layers = condconv_layers(model)
-    if variant.freeze_base:
-        trainable = {id(p) for layer in layers for p in layer.parameters()}
-        for parameter in model.parameters():
-            parameter.requires_grad_(id(parameter) in trainable)
-    groups = parameter_groups(model, router_lr=config.lr * variant.router_lr_multiplier)
-    optimizer = torch.optim.AdamW(groups, lr=config.lr)
-    schedule = (
-        RoutingTemperatureScheduler(30.0, 1.0, max(1, round(config.steps * config.anneal_fraction)), interval="step")
-        if variant.anneal
-        else None
-    )
-    order = batch_order(len(task.train_y), config.steps, config.batch_size, seed=5000 + seed)
-    curve_steps, curve_acc, step_seconds = [0], [step0["val_acc"]], []
-    for step, indices in enumerate(order):
-        if schedule is not None:
-            for layer in layers:
-                layer.set_temperature(schedule.temperature_at(step))
+class MutualInformationLoss:
+    """Sum over layers of (mean per-sample routing entropy - usage entropy) of the last forward, with gradients.
+
+    The library's routing hooks hand out detached weights, so this recomputes each layer's routing from its
+    input in a forward pre-hook (a pool and a linear layer: cheap).
+    """
+
+    def __init__(self, layers: list[CondConv2d]) -> None:
+        self.terms: list[Tensor] = []
+        self.handles = [layer.register_forward_pre_hook(self.record) for layer in layers]
+
+    def record(self, layer: nn.Module, args: tuple[Tensor, ...]) -> None:
+        if layer.training:  # not during the evaluations between steps
+            stats = routing_entropy(layer.route(args[0]))  # type: ignore[operator]
+            self.terms.append(stats["entropy"] - stats["usage_entropy"])
+
+    def pop(self) -> Tensor:
+        total = torch.stack(self.terms).sum()
+        self.terms.clear()
+        return total
+
+
+def train_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    task: Task,
+    order: Tensor,
+    config: StudyConfig,
+    first_step: int,
+    curve: dict[str, list[float]],
+    mi_weight: float = 0.0,
+) -> list[float]:
+    """Train on the batches of ``order``, evaluating every ``eval_every`` total steps; returns the step times (s)."""
+    auxiliary = MutualInformationLoss(condconv_layers(model)) if mi_weight else None
+    seconds = []
+    for offset, indices in enumerate(order):
         started = time.perf_counter()
-        train_step(model, optimizer, task.train_x[indices], task.train_y[indices])
-        step_seconds.append(time.perf_counter() - started)
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-            curve_steps.append(step + 1)
-            curve_acc.append(accuracy(model, task))
+        loss = F.cross_entropy(model(task.train_x[indices]), task.train_y[indices])
+        if auxiliary is not None:
+            loss = loss + mi_weight * auxiliary.pop()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seconds.append(time.perf_counter() - started)
+        step = first_step + offset + 1
+        if step % config.eval_every == 0 or offset + 1 == len(order):
+            curve["steps"].append(step)
+            curve["val_acc"].append(accuracy(model, task))
+    if auxiliary is not None:
+        for handle in auxiliary.handles:
+            handle.remove()
+    return seconds
+
+
+def optimizer_for(model: nn.Module, config: StudyConfig, router_lr_multiplier: float = 1.0) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(parameter_groups(model, router_lr=config.lr * router_lr_multiplier), lr=config.lr)
+
+
+def pretrain(task: Task, config: StudyConfig, seed: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The static model at ``convert_at`` steps, from which the control and every upcycled variant continue."""
+    torch.manual_seed(seed)
+    model = build_model(config.widths, task.num_classes)
+    curve: dict[str, list[float]] = {"steps": [0], "val_acc": [accuracy(model, task)]}
+    order = batch_order(len(task.train_y), config.total_steps, config.batch_size, seed=1000 + seed)
+    seconds = train_steps(model, optimizer_for(model, config), task, order[: config.convert_at], config, 0, curve)
+    info = {
+        "val_acc": curve["val_acc"][-1],
+        "train_acc": train_accuracy(model, task),
+        "curve": curve,
+        "step_ms_median": 1e3 * statistics.median(seconds),
+    }
+    return model, info
+
+
+def drop_upcycle(model: nn.Module, ratio: float, seed: int) -> None:
+    """Drop-Upcycling for convolutions: each expert redraws ``ratio`` of its output channels from a normal
+    distribution with the mean and std of its kernel (the experts start as scaled copies of one kernel)."""
+    generator = torch.Generator().manual_seed(3000 + seed)
+    with torch.no_grad():
+        for layer in condconv_layers(model):
+            experts = layer.expert_weight()  # [K, Cout, Cin/g, kh, kw], a view of the parameter
+            mean, std = float(experts[0].mean()), float(experts[0].std())
+            count = max(1, round(ratio * layer.out_channels))
+            for expert in experts:
+                channels = torch.randperm(layer.out_channels, generator=generator)[:count]
+                expert[channels] = torch.randn(expert[channels].shape, generator=generator) * std + mean
+
+
+@torch.no_grad()
+def kmeans_routers(model: nn.Module, images: Tensor, scale: float, seed: int, iterations: int = 20) -> None:
+    """Router rows from k-means (K centroids) of each CondConv2d's pooled inputs on ``images``.
+
+    Row ``k`` is centroid ``k`` minus the mean of the pooled inputs; the bias centres the logits,
+    and rows and bias are scaled so the logits' std over the sample is ``scale``.
+    """
+    layers = condconv_layers(model)
+    pooled: dict[int, Tensor] = {}
+    handles = [
+        layer.register_forward_pre_hook(lambda m, args: pooled.__setitem__(id(m), args[0].mean(dim=(2, 3))))
+        for layer in layers
+    ]
+    logits_of(model, images)  # eval mode, as the routers will first see the data
+    for handle in handles:
+        handle.remove()
+    generator = torch.Generator().manual_seed(4000 + seed)
+    for layer in layers:
+        features = pooled[id(layer)].double()
+        mean = features.mean(0)
+        centroids = features[torch.randperm(len(features), generator=generator)[: layer.num_experts]].clone()
+        for _ in range(iterations):
+            nearest = torch.cdist(features, centroids).argmin(1)
+            for k in range(layer.num_experts):
+                if bool((nearest == k).any()):
+                    centroids[k] = features[nearest == k].mean(0)
+        rows = centroids - mean
+        logits = (features - mean) @ rows.T
+        factor = scale / float(logits.std().clamp_min(1e-12))
+        layer.router.weight.copy_(rows * factor)
+        layer.router.bias.copy_(-(mean @ rows.T) * factor)
+
+
+def run_variant(
+    task: Task,
+    config: StudyConfig,
+    seed: int,
+    name: str,
+    variant: Variant,
+    pretrained: nn.Module,
+    pre: dict[str, Any],
+    reference: Tensor,
+) -> dict[str, Any]:
+    """One model trained on the budget (see the module docstring); its curve is over total steps."""
+    torch.manual_seed(seed)
+    order = batch_order(len(task.train_y), config.total_steps, config.batch_size, seed=1000 + seed)
+    if variant.kind in ("scratch", "wide"):
+        widths = config.widths
+        if variant.kind == "wide":
+            target = parameter_count(upcycled_reference(config, task.num_classes, seed))
+            widths = matching_widths(config, task.num_classes, target)
+        model = build_model(widths, task.num_classes)
+        if variant.kind == "scratch":
+            convert(model, list(config.layers), variant.conversion(seed, init="fresh"))
+        first_step, static_ms, step0 = 0, 0.0, None
+        curve: dict[str, list[float]] = {"steps": [0], "val_acc": [accuracy(model, task)]}
+    else:
+        model = copy.deepcopy(pretrained)
+        if variant.kind == "upcycle":
+            convert(model, list(config.layers), variant.conversion(seed))
+            if variant.drop_ratio:
+                drop_upcycle(model, variant.drop_ratio, seed)
+            if variant.kmeans_router:
+                kmeans_routers(model, task.train_x[: config.calibration_images], variant.router_scale, seed)
+        logits = logits_of(model, task.val_x)
+        step0 = {
+            "val_acc": float((logits.argmax(1) == task.val_y).float().mean()),
+            "max_rel_diff": float((logits - reference).abs().max() / reference.abs().max()),
+        }
+        first_step, static_ms = config.convert_at, pre["step_ms_median"]
+        curve = {"steps": list(pre["curve"]["steps"]), "val_acc": list(pre["curve"]["val_acc"])}
+    optimizer = optimizer_for(model, config, variant.router_lr_multiplier)
+    seconds = train_steps(model, optimizer, task, order[first_step:], config, first_step, curve, variant.mi_weight)
+    step_ms = 1e3 * statistics.median(seconds[1:] or seconds)  # the first step tunes `auto`
     return {
         "task": task.name,
         "variant": name,
         "seed": seed,
         "step0": step0,
-        "curve": {"steps": curve_steps, "val_acc": curve_acc},
-        "final_val_acc": curve_acc[-1],
+        "curve": curve,
+        "final_val_acc": curve["val_acc"][-1],
         "final_train_acc": train_accuracy(model, task),
-        "step_ms_median": 1e3 * statistics.median(step_seconds[1:] or step_seconds),  # the first step tunes `auto`
-        "params": sum(p.numel() for p in model.parameters()),
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "routing": routing_statistics(model, task) if layers else None,
+        "step_ms_median": step_ms,
+        "static_steps": first_step,
+        "static_step_ms": static_ms,
+        "params": parameter_count(model),
+        "routing": routing_statistics(model, task) if condconv_layers(model) else None,
     }
+
+
+def upcycled_reference(config: StudyConfig, num_classes: int, seed: int) -> nn.Module:
+    """The model the recipes produce (layer2-4, K = 4), for its parameter count."""
+    model = build_model(config.widths, num_classes)
+    convert(model, list(config.layers), num_experts=4, seed=seed)
+    return model
 
 
 @torch.no_grad()
@@ -367,21 +612,28 @@ def routing_statistics(model: nn.Module, task: Task) -> dict[str, Any]:
     } | {"per_layer": per_layer}
 
 
+def elapsed_ms(run: dict[str, Any], step: int) -> float:
+    """Training time of ``run`` up to total step ``step``: its static steps at the static step time, then its own."""
+    static = min(step, run["static_steps"])
+    return static * run["static_step_ms"] + (step - static) * run["step_ms_median"]
+
+
 def accuracy_within(run: dict[str, Any], budget_ms: float) -> float:
     """Validation accuracy at the last evaluation the run reached within ``budget_ms`` of training time."""
     curve = run["curve"]
-    return [acc for s, acc in zip(curve["steps"], curve["val_acc"]) if s * run["step_ms_median"] <= budget_ms][-1]
+    return [acc for s, acc in zip(curve["steps"], curve["val_acc"]) if elapsed_ms(run, s) <= budget_ms * 1.0001][-1]
 
 
-def add_wall_clock(runs: list[dict[str, Any]], steps: int) -> None:
-    """``acc_at_static_time`` and ``step_time_ratio`` of every run, against the static run of its task and seed."""
+def add_wall_clock(runs: list[dict[str, Any]], total_steps: int) -> None:
+    """``acc_at_static_time`` and ``time_ratio`` of every run, against the static run of its task and seed."""
     static = {(r["task"], r["seed"]): r for r in runs if r["variant"] == "static"}
     for run in runs:
         control = static.get((run["task"], run["seed"]))
         if control is None:
             continue
-        run["step_time_ratio"] = run["step_ms_median"] / control["step_ms_median"]
-        run["acc_at_static_time"] = accuracy_within(run, steps * control["step_ms_median"])
+        budget = elapsed_ms(control, total_steps)
+        run["time_ratio"] = elapsed_ms(run, total_steps) / budget
+        run["acc_at_static_time"] = accuracy_within(run, budget)
 
 
 def machine() -> dict[str, Any]:
@@ -402,9 +654,15 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def standard_error(values: Sequence[float]) -> float:
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+
+
 def summary_rows(runs: list[dict[str, Any]], task: str, variants: Sequence[str]) -> list[dict[str, Any]]:
     """Per variant: aggregates over seeds, and the paired difference to the static run of the same seed."""
     static = {r["seed"]: r for r in runs if r["task"] == task and r["variant"] == "static"}
+    scratch = {r["seed"]: r for r in runs if r["task"] == task and r["variant"] == "scratch"}
+    scratch_gain = [scratch[s]["final_val_acc"] - static[s]["final_val_acc"] for s in scratch if s in static]
     rows = []
     for name in variants:
         chosen = [r for r in runs if r["task"] == task and r["variant"] == name]
@@ -416,28 +674,38 @@ def summary_rows(runs: list[dict[str, Any]], task: str, variants: Sequence[str])
             r["acc_at_static_time"] - static[r["seed"]]["final_val_acc"] for r in chosen if r["seed"] in static
         ]
         routing = [r["routing"] for r in chosen if r["routing"] is not None]
+        step0 = [r["step0"] for r in chosen if r["step0"] is not None]
         rows.append(
             {
                 "variant": name,
                 "seeds": len(chosen),
                 "final": mean_std(final),
-                "range": (min(final), max(final)),
                 "train": statistics.fmean(r["final_train_acc"] for r in chosen),
                 "paired": mean_std(paired) if paired else None,
+                "paired_se": standard_error(paired) if paired else None,
                 "wins": sum(d > 0 for d in paired),
-                "at_static_time": mean_std([r["acc_at_static_time"] for r in chosen if "acc_at_static_time" in r]),
+                "of_scratch": statistics.fmean(paired) / statistics.fmean(scratch_gain)
+                if paired and scratch_gain and statistics.fmean(scratch_gain) > 0
+                else None,
                 "paired_at_static_time": mean_std(paired_at_time) if paired_at_time else None,
-                "step_ratio": statistics.fmean(r.get("step_time_ratio", float("nan")) for r in chosen),
+                "time_ratio": statistics.fmean(r.get("time_ratio", float("nan")) for r in chosen),
                 "step_ms": statistics.fmean(r["step_ms_median"] for r in chosen),
                 "params": chosen[0]["params"],
-                "step0_acc": statistics.fmean(r["step0"]["val_acc"] for r in chosen),
-                "step0_diff": max(r["step0"]["max_rel_diff"] for r in chosen),
+                "step0_diff": max(s["max_rel_diff"] for s in step0) if step0 else None,
                 "entropy": statistics.fmean(x["entropy"] for x in routing) if routing else None,
                 "usage_entropy": statistics.fmean(x["usage_entropy"] for x in routing) if routing else None,
                 "group_tv": statistics.fmean(x["group_tv"] for x in routing) if routing else None,
             }
         )
     return rows
+
+
+def plateau(curve: dict[str, list[float]], total_steps: int) -> tuple[float, float]:
+    """Mean validation accuracy over the last quarter of the steps and over the quarter before it."""
+    steps, acc = curve["steps"], curve["val_acc"]
+    last = [a for s, a in zip(steps, acc) if s > 0.75 * total_steps]
+    before = [a for s, a in zip(steps, acc) if 0.5 * total_steps < s <= 0.75 * total_steps]
+    return statistics.fmean(before or last), statistics.fmean(last)
 
 
 def summary_markdown(results: dict[str, Any]) -> str:
@@ -448,44 +716,42 @@ def summary_markdown(results: dict[str, Any]) -> str:
         "",
         f"{info['date']}; {info['platform']}, {info['cpu_count']} CPUs, {info['torch_threads']} torch thread(s), "
         f"torch {info['torch']}; mode {results['mode']}; {results['seconds'] / 60:.1f} min in all.",
-        f"Per seed: {config['pretrain_steps']} pre-training steps of the static model, then {config['steps']} "
-        f"fine-tuning steps per variant (AdamW lr {config['lr']}, batch {config['batch_size']}), same batches.",
+        f"Every model trains {config['total_steps']} steps (AdamW lr {config['lr']}, batch {config['batch_size']}, "
+        f"the same batches); upcycled variants convert {', '.join(config['layers'])} of the static model at step "
+        f"{config['convert_at']}.",
         "",
     ]
     for task, about in results["tasks"].items():
-        pre = [p["val_acc"] for p in about["pretrain"].values()]
-        pre_train = statistics.fmean(p["train_acc"] for p in about["pretrain"].values())
+        static = [r for r in results["runs"] if r["task"] == task and r["variant"] == "static"]
+        halves = [plateau(r["curve"], config["total_steps"]) for r in static]
         lines += [
             f"## {task}",
             "",
-            f"{about['description']}. Pre-trained static model: val acc {statistics.fmean(pre):.3f} "
-            f"(seeds {', '.join(f'{v:.3f}' for v in pre)}), train acc {pre_train:.3f}. "
-            f"Routing difference between {PLURAL[about['groups']]}: mean total-variation distance between their "
-            "mean routing distributions (0 = routed alike).",
+            f"{about['description']}. Static control: mean val acc over the third quarter of the steps "
+            f"{statistics.fmean(h[0] for h in halves):.3f}, over the last quarter "
+            f"{statistics.fmean(h[1] for h in halves):.3f}. Routing difference between "
+            f"{PLURAL[about['groups']]}: mean total-variation distance between their mean routing distributions "
+            "(0 = routed alike).",
             "",
-            "| variant | final val acc (mean ± std) | min-max | train acc | Δ vs static, paired | beats static | "
-            "acc at static's wall-clock | step time vs static | params | step-0 acc | step-0 max rel. diff | "
+            "| variant | final val acc (mean ± std) | train acc | Δ vs static, paired (± s.e.) | beats static | "
+            "share of scratch's gain | Δ at static's wall-clock | time vs static | params | step-0 max rel. diff | "
             f"routing entropy | usage entropy | {about['groups']} routing difference |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in summary_rows(results["runs"], task, results["variants_run"]):
             control = row["variant"] == "static"
-            paired = "-" if control or row["paired"] is None else "{:+.3f} ± {:.3f}".format(*row["paired"])
-            wins = "-" if control else f"{row['wins']}/{row['seeds']}"
-            at_time = "" if control or row["paired_at_static_time"] is None else " (Δ {:+.3f} ± {:.3f})"
-            at_time = at_time.format(*row["paired_at_static_time"]) if at_time else ""
+            paired = "-" if control else "{:+.3f} ± {:.3f}".format(row["paired"][0], row["paired_se"])
             cells = [
                 row["variant"],
                 "{:.3f} ± {:.3f}".format(*row["final"]),
-                "{:.3f}-{:.3f}".format(*row["range"]),
                 f"{row['train']:.3f}",
                 paired,
-                wins,
-                "{:.3f} ± {:.3f}".format(*row["at_static_time"]) + at_time,
-                f"{row['step_ratio']:.2f}x ({row['step_ms']:.1f} ms)",
+                "-" if control else f"{row['wins']}/{row['seeds']}",
+                "-" if control or row["of_scratch"] is None else f"{row['of_scratch']:.2f}",
+                "-" if control else "{:+.3f} ± {:.3f}".format(*row["paired_at_static_time"]),
+                f"{row['time_ratio']:.2f}x ({row['step_ms']:.1f} ms/step)",
                 f"{row['params']:,}",
-                f"{row['step0_acc']:.3f}",
-                f"{row['step0_diff']:.1e}",
+                "-" if row["step0_diff"] is None else f"{row['step0_diff']:.1e}",
                 *("-" if row[key] is None else f"{row[key]:.3f}" for key in ("entropy", "usage_entropy", "group_tv")),
             ]
             lines.append("| " + " | ".join(cells) + " |")
@@ -496,13 +762,13 @@ def summary_markdown(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], task: str, out: Path) -> list[Path]:
-    """Per variant, mean over seeds (line) and min-max (band): accuracy over steps and over time, and the paired
-    difference to the static run of the same seed over steps (seed-to-seed spread of the pre-trained model cancels).
-    """
+    """Per variant, mean over seeds (line) and min-max (band): accuracy over total steps and over training time,
+    and the paired difference to the static run of the same seed over steps."""
     runs = [r for r in results["runs"] if r["task"] == task]
     names = [n for n in results["variants_run"] if any(r["variant"] == n for r in runs)]
     static = {r["seed"]: r for r in runs if r["variant"] == "static"}
     colours = plt.get_cmap("tab20")
+    total = results["config"]["total_steps"]
     paths = []
     for kind in ("steps", "time", "delta"):
         figure, axis = plt.subplots(figsize=(9, 5.5), dpi=110)
@@ -510,27 +776,30 @@ def plot(results: dict[str, Any], task: str, out: Path) -> list[Path]:
             chosen = [r for r in runs if r["variant"] == name and (kind != "delta" or r["seed"] in static)]
             if kind == "delta" and (name == "static" or not chosen):
                 continue
+            steps = chosen[0]["curve"]["steps"]
             acc = torch.tensor([r["curve"]["val_acc"] for r in chosen])
             if kind == "delta":
                 acc = acc - torch.tensor([static[r["seed"]]["curve"]["val_acc"] for r in chosen])
-            x = torch.tensor(chosen[0]["curve"]["steps"], dtype=torch.float64)
+            x = torch.tensor(steps, dtype=torch.float64)
             if kind == "time":
-                x = x * statistics.fmean(r["step_ms_median"] for r in chosen) / 1e3
+                x = torch.tensor([statistics.fmean(elapsed_ms(r, s) for r in chosen) / 1e3 for s in steps])
             style = {"color": "black", "linewidth": 2.2} if name == "static" else {"color": colours(index % 20)}
             axis.plot(x, acc.mean(0), label=name, **style)
             axis.fill_between(x, acc.min(0).values, acc.max(0).values, alpha=0.12, color=style["color"])
         if kind == "time" and static:
-            budget = results["config"]["steps"] * statistics.fmean(r["step_ms_median"] for r in static.values()) / 1e3
-            axis.axvline(budget, color="black", linestyle=":", label="static's fine-tuning time")
+            budget = statistics.fmean(elapsed_ms(r, total) for r in static.values()) / 1e3
+            axis.axvline(budget, color="black", linestyle=":", label="static's training time")
+        if kind != "time":
+            axis.axvline(results["config"]["convert_at"], color="gray", linestyle="--", linewidth=1)
         if kind == "delta":
             axis.axhline(0.0, color="black", linewidth=1.5)
         axis.set(
-            xlabel="fine-tuning time (s, median step time x steps)" if kind == "time" else "fine-tuning step",
+            xlabel="training time (s, median step times x steps)" if kind == "time" else "training step",
             ylabel="val accuracy minus static's (same seed)" if kind == "delta" else "validation accuracy",
             title=f"{task}: mean over {results['seeds']} seeds (band: min-max)",
         )
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7, ncol=2, loc="lower left" if kind == "delta" else "lower right")
+        axis.legend(fontsize=7, ncol=2, loc="upper left" if kind == "delta" else "lower right")
         path = out / (f"delta_vs_static_{task}.png" if kind == "delta" else f"accuracy_vs_{kind}_{task}.png")
         figure.tight_layout()
         with atomic_write(path, overwrite=True) as tmp:
@@ -555,8 +824,9 @@ def parse_list(text: str, known: Sequence[str], what: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="CI-sized: 2 seeds, 4 variants, a few steps")
+    parser.add_argument("--quick", action="store_true", help="CI-sized: 2 seeds, a few variants, a few steps")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 5, quick: 2)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run from this one on (default: 0)")
     parser.add_argument("--tasks", type=lambda t: parse_list(t, list(TASKS), "task"), default=list(TASKS))
     parser.add_argument(
         "--variants",
@@ -564,11 +834,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help=f"comma-separated subset of {', '.join(VARIANTS)} (static is always run)",
     )
-    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run (default: 400)")
-    parser.add_argument("--pretrain-steps", type=int, default=None, help="pre-training steps per seed (default: 400)")
-    parser.add_argument(
-        "--widths", type=lambda t: tuple(int(w) for w in t.split(",")), default=None, help="ResNet stage widths"
-    )
+    parser.add_argument("--total-steps", type=int, default=None, help="training steps of every model (default: 4000)")
+    parser.add_argument("--convert-at", type=int, default=None, help="static steps before conversion (default: half)")
     parser.add_argument("--out", type=Path, default=Path("runs/upcycling_study"))
     parser.add_argument(
         "--threads",
@@ -579,33 +846,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL
-    if args.widths is not None:
-        config = dataclasses.replace(config, widths=args.widths)
-    overrides = {"seeds": args.seeds, "steps": args.steps, "pretrain_steps": args.pretrain_steps}
-    for key, value in overrides.items():
+    if args.total_steps is not None:
+        config = dataclasses.replace(config, total_steps=args.total_steps, convert_at=args.total_steps // 2)
+    for key, value in {"seeds": args.seeds, "convert_at": args.convert_at}.items():
         if value is not None:
-            if value < 1:
-                parser.error(f"--{key.replace('_', '-')} must be at least 1")
             config = dataclasses.replace(config, **{key: value})
+    if config.seeds < 1 or not 1 <= config.convert_at < config.total_steps:
+        parser.error("need --seeds >= 1 and 1 <= --convert-at < --total-steps")
     variants = args.variants or list(QUICK_VARIANTS if args.quick else VARIANTS)
     variants = ["static", *(v for v in variants if v != "static")]
     if args.threads is not None or "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(args.threads or 1)
     args.out.mkdir(parents=True, exist_ok=True)
+    seeds = range(args.first_seed, args.first_seed + config.seeds)
 
     results: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
         "config": dataclasses.asdict(config),
         "machine": machine(),
         "seeds": config.seeds,
+        "seed_list": list(seeds),
         "variants_run": variants,
         "variants": {name: dataclasses.asdict(VARIANTS[name]) for name in variants},
         "tasks": {},
         "runs": [],
     }
     started = time.perf_counter()
-    # progress in units of training steps: pre-training counts like one fine-tuning run of its length
-    total = len(args.tasks) * config.seeds * (config.pretrain_steps + len(variants) * config.steps)
+    # progress in training steps: the shared static steps count once per seed
+    per_variant = {
+        name: config.total_steps
+        if VARIANTS[name].kind in ("scratch", "wide")
+        else config.total_steps - config.convert_at
+        for name in variants
+    }
+    total = len(args.tasks) * config.seeds * (config.convert_at + sum(per_variant.values()))
     done = 0
     for task_name in args.tasks:
         task = TASKS[task_name](config)
@@ -617,26 +891,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             "num_classes": task.num_classes,
             "pretrain": {},
         }
-        for seed in range(config.seeds):
-            pretrained, info = pretrain(task, config, seed)
-            results["tasks"][task_name]["pretrain"][str(seed)] = info
-            done += config.pretrain_steps
-            progress(f"{task_name} seed {seed} pre-trained: val acc {info['val_acc']:.3f}", started, done, total)
+        for seed in seeds:
+            pretrained, pre = pretrain(task, config, seed)
+            results["tasks"][task_name]["pretrain"][str(seed)] = pre
+            done += config.convert_at
+            progress(
+                f"{task_name} seed {seed} static at {config.convert_at}: {pre['val_acc']:.3f}", started, done, total
+            )
             reference = logits_of(pretrained, task.val_x)
             for name in variants:
                 run_started = time.perf_counter()
-                run = fine_tune(task, config, seed, name, VARIANTS[name], pretrained, reference)
+                run = run_variant(task, config, seed, name, VARIANTS[name], pretrained, pre, reference)
                 run["seconds"] = time.perf_counter() - run_started
                 results["runs"].append(run)
-                done += config.steps
+                done += per_variant[name]
                 progress(
-                    f"{task_name} seed {seed} {name}: val acc {run['step0']['val_acc']:.3f} -> "
-                    f"{run['final_val_acc']:.3f}, {run['step_ms_median']:.1f} ms/step, {run['seconds']:.1f} s",
+                    f"{task_name} seed {seed} {name}: val acc {run['final_val_acc']:.3f}, "
+                    f"{run['step_ms_median']:.1f} ms/step, {run['seconds']:.1f} s",
                     started,
                     done,
                     total,
                 )
-            add_wall_clock(results["runs"], config.steps)
+            add_wall_clock(results["runs"], config.total_steps)
             results["seconds"] = time.perf_counter() - started
             write_json(args.out / "results.json", results)  # after every seed: a stopped run keeps what it did
     results["machine"]["load_average_1min_at_end"] = os.getloadavg()[0]
