@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -68,6 +69,12 @@ USER_MODULE = textwrap.dedent(
             super().__init__(num_classes)
             self.extra = torch.nn.Linear(2, 2)
     """
+)
+NO_RELOAD_WARNING = (
+    "CondConvConversion: PlainClassifier does not rebuild converted layers when it loads a checkpoint: "
+    "PlainClassifier.load_from_checkpoint(path) will fail with size mismatches, and so will a Trainer given "
+    "ckpt_path without this callback (resuming with this callback works); mix ConversionCheckpointMixin into "
+    "PlainClassifier, or load its checkpoints with condconv_lightning.load_converted_checkpoint(PlainClassifier, path)"
 )
 
 
@@ -245,6 +252,22 @@ def test_load_converted_checkpoint_gives_what_image_classifier_load_from_checkpo
     assert ours.state_dict().keys() == lightnings.state_dict().keys() == module.state_dict().keys()
     assert all(torch.equal(value, lightnings.state_dict()[key]) for key, value in ours.state_dict().items())
     assert [type(m) for m in ours.modules()] == [type(m) for m in lightnings.modules()]
+
+
+@pytest.mark.parametrize(
+    ("name", "submodule", "warned"),
+    [("PlainClassifier", "net", 1), ("MyClassifier", "net", 0), ("ImageClassifier", "model", 0)],
+)
+def test_fit_warns_once_when_the_module_cannot_rebuild_its_conversion_from_a_checkpoint(
+    tmp_path: Path, user_module, name: str, submodule: str, warned: int
+) -> None:
+    module = ImageClassifier(num_classes=4) if name == "ImageClassifier" else getattr(user_module, name)()
+    conversion = CondConvConversion("layer4", submodule=submodule, num_experts=2, verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, 1, [conversion]).fit(module, batches())
+    messages = [str(w.message) for w in caught if str(w.message).startswith("CondConvConversion:")]
+    assert messages == [NO_RELOAD_WARNING] * warned
 
 
 def test_condconv_weights_without_a_conversion_record_are_one_line_naming_the_way_out(
