@@ -40,7 +40,6 @@ __all__ = [
     "load_converted_checkpoint",
     "restore_conversion",
     "save_conversion",
-    "stored_conversion",
 ]
 
 TRUST_FLAG = "trust_checkpoint=True"
@@ -55,22 +54,27 @@ def save_conversion(module: nn.Module, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = spec.to_dict()
 
 
-def stored_conversion(
-    module: nn.Module, checkpoint: Mapping[str, Any], source: object = "checkpoint"
-) -> ConversionSpec | None:
-    """The conversion ``checkpoint`` records for ``module``, or None if it records none and needs none.
+def restore_conversion(module: nn.Module, checkpoint: dict[str, Any], source: object = "checkpoint") -> None:
+    """Convert ``module``'s layers as ``checkpoint`` records, so that its state dict loads; converted ones stay.
 
     Raises:
-        ValueError: the record is malformed, or there is none but the weights hold CondConv2d layers
-            (``NAME.weight`` ``[K, P]`` beside ``NAME.router.weight``) that ``module`` lacks, in one line
-            naming ``source`` and how to load them.
+        ValueError: in one line naming ``source``: the record is malformed or does not match the weights, or
+            there is none but the weights hold CondConv2d layers (``NAME.weight`` ``[K, P]`` beside
+            ``NAME.router.weight``) that ``module`` lacks.
     """
-    if CHECKPOINT_KEY in checkpoint:
-        try:
-            return ConversionSpec.from_dict(checkpoint[CHECKPOINT_KEY])
-        except ValueError as error:
-            raise ValueError(f"checkpoint entry {CHECKPOINT_KEY!r}: {error}; the checkpoint is damaged") from None
-    unrecorded = _unrecorded_layers(module, checkpoint.get("state_dict"))
+    if CHECKPOINT_KEY not in checkpoint:
+        _refuse_unrecorded_layers(module, checkpoint.get("state_dict"), source)
+        return
+    try:
+        spec = ConversionSpec.from_dict(checkpoint[CHECKPOINT_KEY])
+    except ValueError as error:
+        raise ValueError(f"checkpoint entry {CHECKPOINT_KEY!r}: {error}; the checkpoint is damaged") from None
+    check_against_weights(spec, checkpoint.get("state_dict", {}), source, module)
+    apply_spec(module, spec, upcycle=False)  # the checkpoint's weights replace the experts next
+
+
+def _refuse_unrecorded_layers(module: nn.Module, state: object, source: object) -> None:
+    unrecorded = _unrecorded_layers(module, state)
     if unrecorded:
         experts = set(unrecorded.values())
         options = f", num_experts={experts.pop()}" if len(experts) == 1 else ""
@@ -81,19 +85,6 @@ def stored_conversion(
             f"fresh {name} as the run did (the same layers and options{options}), then call its "
             "load_state_dict(checkpoint['state_dict'])"
         )
-    return None
-
-
-def restore_conversion(module: nn.Module, checkpoint: dict[str, Any], source: object = "checkpoint") -> None:
-    """Convert ``module``'s layers as ``checkpoint`` records, so that its state dict loads; converted ones stay.
-
-    Raises:
-        ValueError: see :func:`stored_conversion`; or the record does not match the weights.
-    """
-    spec = stored_conversion(module, checkpoint, source)
-    if spec is not None:
-        check_against_weights(spec, checkpoint.get("state_dict", {}), source, module)
-        apply_spec(module, spec, upcycle=False)  # the checkpoint's weights replace the experts next
 
 
 def _unrecorded_layers(module: nn.Module, state: object) -> dict[str, int]:
@@ -153,8 +144,8 @@ def load_converted_checkpoint(
     Raises:
         UntrustedCheckpointError: untrusted hyperparameters that name code, fail the schema, or size a
             module larger than the weights.
-        ValueError: the file is no checkpoint readable weights-only, or it holds CondConv2d weights
-            without the record of their conversion (:func:`stored_conversion`).
+        ValueError: the file is no checkpoint readable weights-only, or its conversion record is malformed,
+            does not match its weights, or is missing beside CondConv2d weights (:func:`restore_conversion`).
         RuntimeError: the weights do not fit the module, in one line naming the first keys.
 
     Examples:
