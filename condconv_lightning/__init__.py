@@ -35,6 +35,7 @@ _LAZY = {
     "ImageClassifier": "condconv_lightning.finetune",
     "ImageFolderDataModule": "condconv_lightning.finetune",
     "ConversionCheckpointMixin": "condconv_lightning.finetune",
+    "load_converted_checkpoint": "condconv_lightning.finetune",
     "SyntheticImageDataModule": "condconv_lightning.demos",
 }
 
@@ -72,6 +73,7 @@ __all__ = [
     "describe",
     "list_convs",
     "load_converted",
+    "load_converted_checkpoint",
     "revert",
     "routing_entropy",
     "save_converted",

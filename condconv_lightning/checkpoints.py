@@ -50,8 +50,11 @@ from .io import PathLike, load_weights_only
 __all__ = [
     "REGISTRIES",
     "UntrustedCheckpointError",
+    "accepted",
+    "build_from_checkpoint",
     "code_references",
     "init_kwargs",
+    "init_values",
     "is_import_path",
     "read_checkpoint",
     "untrusted_hparams",
@@ -211,16 +214,59 @@ def untrusted_hparams(
     if references:
         others = f" (and {len(references) - 1} more)" if len(references) > 1 else ""
         raise _refused(source, f"its hyperparameters name code to import ({references[0]}{others})", flag)
-    values = {key: value for key, value in hparams.items() if key != INSTANTIATOR_KEY}
-    parameters, more = _init_parameters(cls)
-    if checkpoint.get(HPARAMS_NAME_KEY) in parameters:  # Lightning's old layout: one argument holds them all
-        values = {checkpoint[HPARAMS_NAME_KEY]: values}
+    values = init_values(cls, checkpoint)
     schema: Mapping[str, Callable[[object], object]] | None = getattr(cls, SCHEMA_ATTRIBUTE, None)
     if schema is not None:
-        values = _schema_checked(cls.__name__, schema, parameters, values, source, flag)
-    given = {key: value for key, value in (given or {}).items() if more or key in parameters}  # as Lightning does
-    _check_sizes(cls, {**init_kwargs(cls, values), **given}, checkpoint.get("state_dict"), source, flag)
+        values = _schema_checked(cls.__name__, schema, _init_parameters(cls)[0], values, source, flag)
+    built_with = {**init_kwargs(cls, values), **accepted(cls, given or {})}
+    _check_sizes(cls, built_with, checkpoint.get("state_dict"), source, flag)
     return values
+
+
+def init_values(cls: type, checkpoint: Mapping[Any, Any]) -> dict[Any, Any]:
+    """The hyperparameters of ``checkpoint`` as Lightning hands them to ``cls.__init__``, unchecked: merged
+    (:func:`checkpoint_hparams`), all under one argument where ``hparams_name`` names one of its parameters
+    (Lightning's old layout), without the instantiator's entry."""
+    values = {key: value for key, value in checkpoint_hparams(checkpoint).items() if key != INSTANTIATOR_KEY}
+    if checkpoint.get(HPARAMS_NAME_KEY) in _init_parameters(cls)[0]:
+        values = {checkpoint[HPARAMS_NAME_KEY]: values}
+    return values
+
+
+def accepted(cls: type, values: Mapping[Any, Any]) -> dict[Any, Any]:
+    """The entries of ``values`` that ``cls.__init__`` takes, as Lightning filters them: all of them when it
+    takes ``**kwargs``, else those named by its parameters."""
+    parameters, more = _init_parameters(cls)
+    return {key: value for key, value in values.items() if more or key in parameters}
+
+
+def build_from_checkpoint(
+    cls: type, checkpoint: Mapping[Any, Any], source: object, *, trusted: bool, flag: str, given: Mapping[str, Any]
+) -> Any:
+    """``cls`` built from ``checkpoint``'s hyperparameters with the caller's ``given`` keyword arguments winning, as
+    Lightning's ``load_from_checkpoint`` builds it before it loads the weights.
+
+    Untrusted, the values are :func:`untrusted_hparams`'s and ``cls`` is called with them. Trusted, they
+    are the file's as they are, and a checkpoint written by LightningCLI (which names its instantiator)
+    is built by that instantiator, which builds the classes its ``class_path`` entries name.
+
+    Raises:
+        UntrustedCheckpointError: untrusted hyperparameters that :func:`untrusted_hparams` refuses.
+        ValueError: trusted hyperparameters that name an instantiator other than LightningCLI's.
+    """
+    instantiator = checkpoint_hparams(checkpoint).get(INSTANTIATOR_KEY) if trusted else None
+    values = init_values(cls, checkpoint) if trusted else untrusted_hparams(cls, checkpoint, source, flag, given=given)
+    arguments = accepted(cls, {**values, **given})
+    if instantiator is None:
+        return cls(**arguments)
+    if instantiator != LIGHTNING_INSTANTIATOR:
+        raise ValueError(
+            f"{source}: its hyperparameters name the instantiator {SHORT.repr(instantiator)}, which is not "
+            f"LightningCLI's ({LIGHTNING_INSTANTIATOR}) and is never run; nothing was built"
+        )
+    from lightning.pytorch.cli import instantiate_module  # here: reading checkpoints does not import Lightning
+
+    return instantiate_module(cls, arguments)
 
 
 def init_kwargs(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,11 @@ the model for DDP and before creating optimizers (``Trainer._run``), so optimize
 see the new parameters and a checkpoint of a converted run loads into the converted
 model. (Lightning's former ``QuantizationAwareTraining`` did its surgery in
 ``on_fit_start`` and needed workarounds to resume; this callback does not.)
+
+Without the callback, nothing converts a fresh instance before its weights load unless the
+LightningModule does it in ``on_load_checkpoint``; the callback knows at fit whether the
+module's class does, and warns once when it does not, before the run writes checkpoints
+that its own ``load_from_checkpoint`` cannot read.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from rich.console import Console
 from torch import nn
 from typing_extensions import override
@@ -39,6 +46,9 @@ class CondConvConversion(Callback):
     parameters, so all ranks start identical. Checkpoints record the conversion; a
     LightningModule with :class:`~condconv_lightning.finetune.ConversionCheckpointMixin`
     rebuilds it in ``load_from_checkpoint`` and in a Trainer restore without this callback.
+    For any other class (one whose ``on_load_checkpoint`` is Lightning's), ``fit`` warns once,
+    on rank zero, that only :func:`~condconv_lightning.load_converted_checkpoint` and a
+    Trainer with this callback can load its checkpoints.
 
     Args:
         layers: selectors of the convolutions to convert (dotted names, prefixes such
@@ -93,6 +103,15 @@ class CondConvConversion(Callback):
         )
         if self.verbose:
             _print_report(self.report)
+        converted = self.report.converted or self.report.already_converted
+        if stage == TrainerFn.FITTING and converted and not is_overridden("on_load_checkpoint", pl_module):
+            name = type(pl_module).__name__
+            rank_zero_warn(
+                f"CondConvConversion: {name} does not rebuild converted layers when it loads a checkpoint: "
+                f"{name}.load_from_checkpoint(path) will fail with size mismatches, and so will a Trainer given "
+                "ckpt_path without this callback (resuming with this callback works); mix ConversionCheckpointMixin "
+                f"into {name}, or load its checkpoints with condconv_lightning.load_converted_checkpoint({name}, path)"
+            )
 
     @override
     def on_save_checkpoint(

@@ -5,7 +5,7 @@
 """
 
 from ..demos.data import SyntheticImageDataModule, make_context_gratings
-from .checkpointing import ConversionCheckpointMixin, restore_conversion, save_conversion
+from .checkpointing import ConversionCheckpointMixin, load_converted_checkpoint, restore_conversion, save_conversion
 from .image_folder import DataFolderError, ImageFolderDataModule
 from .module import ImageClassifier, parameter_groups
 
@@ -15,6 +15,7 @@ __all__ = [
     "ImageClassifier",
     "ImageFolderDataModule",
     "SyntheticImageDataModule",
+    "load_converted_checkpoint",
     "make_context_gratings",
     "parameter_groups",
     "restore_conversion",

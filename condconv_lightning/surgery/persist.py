@@ -139,27 +139,43 @@ def load_into(model: nn.Module, spec: ConversionSpec, state: Mapping[str, torch.
     before = modules_by_name(model)
     try:
         apply_spec(model, spec, upcycle=False)  # the weights replace the experts next: skip upcycling's draws
-        expected = model.state_dict()
-        state = match_keys(state, expected)
-        check_fits(expected, state, source)  # load_state_dict copies what fits before it raises on the rest
-        model.load_state_dict(state, strict=True)
+        load_state(model, state, source)
     except BaseException:
         restore_modules(model, before)
         raise
     return model
 
 
-def check_fits(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], source: object) -> None:
-    """Raise, naming the first few, unless ``state`` has exactly the keys of ``expected`` (a model's state dict)
-    with its tensors' shapes.
+def load_state(
+    model: nn.Module, state: Mapping[str, torch.Tensor], source: object, *, strict: bool = True
+) -> tuple[list[str], list[str]]:
+    """``model.load_state_dict(state, strict=strict)`` with keys matched across wrapper prefixes, refusing in one
+    line, before anything is copied, what it would refuse (``load_state_dict`` copies what fits before it raises
+    on the rest). Returns the missing and the unexpected keys, which only ``strict=False`` lets pass.
 
     Raises:
-        RuntimeError: missing or unexpected keys, or a size mismatch (as ``load_state_dict`` would).
+        RuntimeError: see :func:`check_fits`.
+    """
+    expected = model.state_dict()
+    state = match_keys(state, expected)
+    check_fits(expected, state, source, strict=strict)
+    keys = model.load_state_dict(state, strict=strict)
+    return list(keys.missing_keys), list(keys.unexpected_keys)
+
+
+def check_fits(
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], source: object, *, strict: bool = True
+) -> None:
+    """Raise, naming the first few, unless ``state`` has exactly the keys of ``expected`` (a model's state dict)
+    with its tensors' shapes (with ``strict=False``: unless the keys they share have the same shapes).
+
+    Raises:
+        RuntimeError: missing or unexpected keys (strict only), or a size mismatch (as ``load_state_dict`` would).
     """
     missing, unexpected, reshaped = key_mismatches(expected, state)
     problems = {
-        "missing keys": missing,
-        "unexpected keys": unexpected,
+        "missing keys": missing if strict else [],
+        "unexpected keys": unexpected if strict else [],
         "size mismatch for": [
             f"{key} ({list(state[key].shape)} in the file, {list(expected[key].shape)} in the model)"
             for key in reshaped
