@@ -19,6 +19,7 @@ import torch
 import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import suggested_max_num_workers
+from peak_memory import PRELUDE
 from PIL import Image
 
 from condconv_lightning.finetune import ImageClassifier, ImageFolderDataModule, image_folder
@@ -442,10 +443,10 @@ def test_decoding_and_resizing_a_hostile_image_stays_within_bounded_memory(tmp_p
     make_images(tmp_path / "train", per_class=1)
     make_images(tmp_path / "val", per_class=1)
     Image.new("RGB", (1, 8192)).save(tmp_path / "val" / "red" / "tall.png")
-    script = (
-        "import resource, sys\n"
+    script = PRELUDE + (
+        "import sys\n"
         "from condconv_lightning.finetune import ImageFolderDataModule\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "reset_peak()\n"
         "data = ImageFolderDataModule(sys.argv[1], image_size=224, batch_size=1, num_workers=0)\n"
         "try:\n"
         "    data.setup('fit')\n"
@@ -453,7 +454,7 @@ def test_decoding_and_resizing_a_hostile_image_stays_within_bounded_memory(tmp_p
         "        [dataset[i] for i in range(len(dataset))]\n"
         "except ValueError as error:\n"
         "    print(error)\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+        "print(peak_growth() // 2**20)\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120, check=True

@@ -110,8 +110,8 @@ def test_budget_chunks_match_whole_batch_and_stay_in_budget(strategy, k, groups,
 
     assert batches == [3, 3, 1, 3, 3, 1] or sorted(batches) == [1, 1, 3, 3, 3, 3]  # forward, then backward recompute
     torch.testing.assert_close(y_chunked, y_whole, rtol=1e-5, atol=1e-6)
-    for chunked, whole in zip(grads_chunked, grads_whole):
-        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    for chunked, whole in zip(grads_chunked, grads_whole):  # sums of many cancelling terms: scaled to their size
+        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5 * float(whole.abs().max()))
     assert y_chunked.is_contiguous(memory_format=torch.channels_last) == y_whole.is_contiguous(
         memory_format=torch.channels_last
     )

@@ -115,16 +115,23 @@ def test_a_timed_sample_repeats_a_short_call_and_reports_the_mean_per_call():
     assert len(calls) >= 2 and ms >= 1.0 and ms * len(calls) >= 20
 
 
-def test_the_median_sample_decides_not_a_lucky_fastest_one():
+def test_the_median_sample_decides_not_a_lucky_fastest_one(monkeypatch):
     """A strategy that is steadily slower but has one run much faster than its others
     (as a shared machine gives now and then) must not win over a steady faster one."""
     script = {"steady": [20, 20, 20, 20], "lucky": [24, 24, 24, 5]}  # ms: warm-up, then three rounds
     calls = {name: 0 for name in script}
+    ran: list[str] = []
 
     def run(strategy, x, weight, bias, r):
-        time.sleep(script[strategy][calls[strategy]] / 1e3)
+        ran.append(strategy)
         calls[strategy] += 1
         return x
+
+    def scripted_ms(call, device, min_ms=0.0):  # the scripted time of the sample, not the machine's
+        call()
+        return script[ran[-1]][calls[ran[-1]] - 1]
+
+    monkeypatch.setattr(autotune, "timed_ms", scripted_ms)
 
     x, weight, r = torch.randn(2, 4, 5, 5), torch.randn(3, 4, 4, 3, 3), torch.rand(2, 3)
     assert autotune._fastest(["lucky", "steady"], x, weight, None, r, False, run) == "steady"
@@ -539,9 +546,10 @@ def test_torch_func_transforms_run_with_tuning_on_and_time_nothing(timings):
     for name, p in layer.named_parameters():  # against plain autograd, one sample at a time
         for i in range(len(x)):
             (gradient,) = torch.autograd.grad(layer(x[i : i + 1]).square().sum(), p)
-            torch.testing.assert_close(per_sample[name][i], gradient)
+            scale = float(gradient.abs().max())  # other conv kernels, other rounding: judged against its size
+            torch.testing.assert_close(per_sample[name][i], gradient, rtol=1e-5, atol=1e-5 * scale)
         (gradient,) = torch.autograd.grad(layer(x).square().sum(), p)
-        torch.testing.assert_close(whole[name], gradient)
+        torch.testing.assert_close(whole[name], gradient, rtol=1e-5, atol=1e-5 * float(gradient.abs().max()))
 
 
 def test_dynamic_torch_compile_keeps_one_graph_over_batch_sizes_and_uses_a_cached_size(timings):

@@ -29,7 +29,7 @@ def run_quickstart(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]
         cwd=tmp_path_factory.mktemp("cwd"),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # catches a hang; a loaded 2-core machine took 113 s
         env={**os.environ, "COLUMNS": "200"},  # rich wraps to the terminal; keep table cells on one line
     )
     assert completed.returncode == 0, completed.stderr[-3000:]

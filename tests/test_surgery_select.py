@@ -133,7 +133,12 @@ REJECTION_CASES = [
     ([], {}, SelectorError, r"^layers is empty; name at least one layer"),
     (["layer3", " "], {}, SelectorError, r"^layers contains an empty selector; use '\*'"),
     ("layer3", {"num_experts": 0}, ValueError, r"^num_experts must be a positive integer, got 0$"),
-    ("layer3", {"routing": "relu"}, ValueError, r"^routing must be one of \('sigmoid', 'softmax'\), got 'relu'$"),
+    (
+        "layer3",
+        {"routing": "relu"},
+        ValueError,
+        r"^routing must be one of \('sigmoid', 'softmax', 'normalized_sigmoid'\), got 'relu'$",
+    ),
     ("layer3", {"strategy": "fast"}, ValueError, r"^strategy must be one of"),
     ("layer3", {"temperature": 0}, ValueError, r"^temperature must be a positive finite number, got 0$"),
     ("layer3", {"init": "copy"}, ValueError, r"^init must be one of \('upcycle', 'fresh'\), got 'copy'$"),

@@ -27,6 +27,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from peak_memory import PRELUDE
 from test_hardening import classifier_checkpoint, run_cli
 from test_models_by_name import registries as registries  # a fixture
 from torch import nn
@@ -204,16 +205,16 @@ def test_hparams_file_is_read_only_when_trusted(tmp_path: Path) -> None:
 def test_a_size_larger_than_the_weights_is_refused_before_allocation(tmp_path: Path) -> None:
     """4,194,304 classes: a 2 GiB classifier (128 inputs) beside weights for 4 classes."""
     path = classifier_checkpoint(tmp_path / "huge.ckpt", converted=False, num_classes=2**31 // (4 * 128))
-    script = textwrap.dedent(
+    script = PRELUDE + textwrap.dedent(
         f"""
-        import resource
         from condconv_lightning.finetune import ImageClassifier
 
+        reset_peak()
         try:
             ImageClassifier.load_from_checkpoint({str(path)!r})
         except ValueError as error:
             print(error)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        print(peak_growth() // 2**20)
         """
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

@@ -25,7 +25,9 @@ def test_make_context_gratings_default_draw_is_unchanged() -> None:
     digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in (labels, contexts, distractor))).hexdigest()
     assert digest[:16] == "6a72bd7e5d468386"
     assert images.shape == (64, 3, 32, 32) and images.dtype == torch.float32
-    assert float(images.double().sum()) == pytest.approx(353.2202530495824, rel=1e-9)
+    # randn's Box-Muller differs in the last bits between CPUs (vectorized or scalar log/sin/cos): the noise
+    # alone moves this sum by about 133 per redraw, so 1e-4 still catches any change of the draw
+    assert float(images.double().sum()) == pytest.approx(353.2202530495824, rel=1e-4)
     assert images[3, 1, 5, :4].tolist() == pytest.approx(
         [-0.03677711263298988, -0.10976257175207138, -0.001450924202799797, -0.18328897655010223], abs=1e-6
     )
@@ -134,8 +136,12 @@ def test_upcycled_variants_start_where_the_static_model_stands(quick: tuple[Path
             static = by_key[task, "static", seed]
             for name in exact:
                 run = by_key[task, name, seed]
-                assert run["step0"]["max_rel_diff"] <= 1e-5, (task, name, seed)
-                assert run["step0"]["val_acc"] == static["step0"]["val_acc"]
+                step0 = run["step0"]
+                assert step0["max_rel_diff"] <= 1e-5, (task, name, seed)
+                # a prediction may change only where the static model's top two logits lie within rounding
+                assert step0["changed"] <= step0["near_ties"], (task, name, seed)
+                n = results["tasks"][task]["val_size"]
+                assert abs(step0["val_acc"] - static["step0"]["val_acc"]) * n <= step0["near_ties"] + 1e-6
                 shared = run["curve"]["steps"].index(results["config"]["convert_at"]) + 1
                 assert run["curve"]["val_acc"][:shared] == static["curve"]["val_acc"][:shared]
 

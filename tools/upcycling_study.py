@@ -532,9 +532,14 @@ def run_variant(
             if variant.kmeans_router:
                 kmeans_routers(model, task.train_x[: config.calibration_images], variant.router_scale, seed)
         logits = logits_of(model, task.val_x)
+        difference = (logits - reference).abs().max()
+        top2 = reference.topk(2, dim=1).values
         step0 = {
             "val_acc": float((logits.argmax(1) == task.val_y).float().mean()),
-            "max_rel_diff": float((logits - reference).abs().max() / reference.abs().max()),
+            "max_rel_diff": float(difference / reference.abs().max()),
+            # predictions the conversion changed, and those it could change within its float32 rounding
+            "changed": int((logits.argmax(1) != reference.argmax(1)).sum()),
+            "near_ties": int((top2[:, 0] - top2[:, 1] <= 2 * difference).sum()),
         }
         first_step, static_ms = config.convert_at, pre["step_ms_median"]
         curve = {"steps": list(pre["curve"]["steps"]), "val_acc": list(pre["curve"]["val_acc"])}
