@@ -19,3 +19,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fresh_tuning():
+    """Tuning on and an empty cache for the test, and the process left as it was found (for tests of ``auto``)."""
+    from condconv_lightning.functional import clear_tuning_cache, is_tuning_enabled, set_tuning
+
+    previous = is_tuning_enabled()
+    clear_tuning_cache()
+    set_tuning(True)
+    yield
+    clear_tuning_cache()
+    set_tuning(previous)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from condconv_lightning import CondConv2d, convert, load_converted_checkpoint
@@ -120,14 +120,16 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     sys.modules.pop("user_module", None)
 
 
-@pytest.mark.slow
-def test_own_module_reloads_in_a_fresh_process_and_resumes_without_the_callback(tmp_path: Path, user_module) -> None:
-    torch.manual_seed(0)
-    model = user_module.MyClassifier()
-    conversion = CondConvConversion(  # not "auto": it may time, then pick, per process, and round differently
-        ["layer3", "layer4"], submodule="net", num_experts=3, seed=0, verbose=False, strategy="grouped"
+CONVERSION = {"num_experts": 3, "seed": 0, "verbose": False, "strategy": "grouped"}
+"""Not "auto": it may time, then pick, per process, and round differently."""
+
+
+def trained_checkpoint(tmp_path: Path, model: LightningModule) -> tuple[Path, torch.Tensor, torch.Tensor]:
+    """Fit ``model`` two steps with layer3 and layer4 converted and save a checkpoint: (checkpoint, probe, the
+    trained model's outputs on the probe). The probe is also saved, as ``probe.pt``, for other processes."""
+    trainer(tmp_path, 2, [CondConvConversion(["layer3", "layer4"], submodule="net", **CONVERSION)]).fit(
+        model, batches()
     )
-    trainer(tmp_path, 2, [conversion]).fit(model, batches())
     checkpoint = tmp_path / "trained.ckpt"
     model.trainer.save_checkpoint(checkpoint)
     probe = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -135,25 +137,41 @@ def test_own_module_reloads_in_a_fresh_process_and_resumes_without_the_callback(
     with torch.no_grad():
         trained = model(probe)
     torch.save(probe, tmp_path / "probe.pt")
+    return checkpoint, probe, trained
 
-    reload = textwrap.dedent(
-        f"""
-        import torch
-        from user_module import MyClassifier
-        model = MyClassifier.load_from_checkpoint({str(checkpoint)!r}).eval()
-        with torch.no_grad():
-            torch.save(model(torch.load({str(tmp_path / "probe.pt")!r})), {str(tmp_path / "reloaded.pt")!r})
-        """
+
+def outputs_in_a_fresh_process(tmp_path: Path, imports: str, load: str) -> torch.Tensor:
+    """The probe's outputs of the module ``load`` (an expression, after ``imports``) builds in a new process,
+    with this process's thread count (other thread counts may split sums otherwise)."""
+    reload = "\n".join(
+        [
+            "import torch",
+            imports,
+            f"torch.set_num_threads({torch.get_num_threads()})",
+            f"model = {load}.eval()",
+            "with torch.no_grad():",
+            f"    torch.save(model(torch.load({str(tmp_path / 'probe.pt')!r})), {str(tmp_path / 'reloaded.pt')!r})",
+        ]
     )
     result = subprocess.run([sys.executable, "-c", reload], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert torch.equal(torch.load(tmp_path / "reloaded.pt"), trained)
+    return torch.load(tmp_path / "reloaded.pt")
+
+
+@pytest.mark.slow
+def test_own_module_reloads_in_a_fresh_process_and_resumes_without_the_callback(tmp_path: Path, user_module) -> None:
+    torch.manual_seed(0)
+    checkpoint, probe, trained = trained_checkpoint(tmp_path, user_module.MyClassifier())
+    reloaded = outputs_in_a_fresh_process(
+        tmp_path, "from user_module import MyClassifier", f"MyClassifier.load_from_checkpoint({str(checkpoint)!r})"
+    )
+    assert torch.equal(reloaded, trained)
 
     fresh = user_module.MyClassifier()  # unconverted: the mixin converts it during the restore
     start = OutputsAtStart(probe)
     trainer(tmp_path, 3, [start]).fit(fresh, batches(), ckpt_path=checkpoint)
     assert torch.equal(start.outputs, trained)
-    assert sum(isinstance(m, CondConv2d) for m in fresh.modules()) == len(conversion.report.converted)
+    assert sum(isinstance(m, CondConv2d) for m in fresh.modules()) == 2 * 3  # layer3 and layer4: 3 convs each
     assert fresh.trainer.global_step == 3
 
 
@@ -163,38 +181,19 @@ def test_a_module_without_the_mixin_reloads_with_load_converted_checkpoint_in_a_
 ) -> None:
     """What the warning at fit says: Lightning's loader fails, this one and a resume with the callback work."""
     torch.manual_seed(0)
-    model = user_module.PlainClassifier()
-    options = {"num_experts": 3, "seed": 0, "verbose": False, "strategy": "grouped"}
-    trainer(tmp_path, 2, [CondConvConversion(["layer3", "layer4"], submodule="net", **options)]).fit(model, batches())
-    checkpoint = tmp_path / "trained.ckpt"
-    model.trainer.save_checkpoint(checkpoint)
-    probe = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    model.eval()
-    with torch.no_grad():
-        trained = model(probe)
-    torch.save(probe, tmp_path / "probe.pt")
-
+    checkpoint, probe, trained = trained_checkpoint(tmp_path, user_module.PlainClassifier())
     with pytest.raises(RuntimeError, match=r"^Error\(s\) in loading state_dict for PlainClassifier:"):
         user_module.PlainClassifier.load_from_checkpoint(checkpoint)
-
-    reload = textwrap.dedent(
-        f"""
-        import torch
-        from condconv_lightning import load_converted_checkpoint
-        from user_module import PlainClassifier
-        torch.set_num_threads({torch.get_num_threads()})
-        model = load_converted_checkpoint(PlainClassifier, {str(checkpoint)!r}).eval()
-        with torch.no_grad():
-            torch.save(model(torch.load({str(tmp_path / "probe.pt")!r})), {str(tmp_path / "reloaded.pt")!r})
-        """
+    reloaded = outputs_in_a_fresh_process(
+        tmp_path,
+        "from condconv_lightning import load_converted_checkpoint\nfrom user_module import PlainClassifier",
+        f"load_converted_checkpoint(PlainClassifier, {str(checkpoint)!r})",
     )
-    result = subprocess.run([sys.executable, "-c", reload], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert torch.equal(torch.load(tmp_path / "reloaded.pt"), trained)
+    assert torch.equal(reloaded, trained)
 
     fresh = user_module.PlainClassifier()
     start = OutputsAtStart(probe)
-    conversion = CondConvConversion(["layer3", "layer4"], submodule="net", **options)
+    conversion = CondConvConversion(["layer3", "layer4"], submodule="net", **CONVERSION)
     trainer(tmp_path, 3, [conversion, start]).fit(fresh, batches(), ckpt_path=checkpoint)
     assert torch.equal(start.outputs, trained)
     assert fresh.trainer.global_step == 3

@@ -25,21 +25,11 @@ from condconv_lightning.functional import (
     is_tuning_enabled,
     load_tuning_cache,
     save_tuning_cache,
-    set_tuning,
     tuning,
     tuning_cache,
 )
 
-
-@pytest.fixture(autouse=True)
-def fresh_tuning():
-    """Every test starts with tuning on and an empty cache, and leaves the process as it found it."""
-    previous = is_tuning_enabled()
-    clear_tuning_cache()
-    set_tuning(True)
-    yield
-    clear_tuning_cache()
-    set_tuning(previous)
+pytestmark = pytest.mark.usefixtures("fresh_tuning")  # tuning on, an empty cache, the process left as found
 
 
 @pytest.fixture

@@ -28,24 +28,13 @@ from condconv_lightning.functional import (
     clear_tuning_cache,
     condconv2d,
     condconv2d_with_strategy,
-    is_tuning_enabled,
     load_tuning_cache,
     save_tuning_cache,
-    set_tuning,
     tuning_cache,
 )
 from condconv_lightning.functional.auto import choose_strategy
 
-
-@pytest.fixture(autouse=True)
-def fresh_tuning():
-    """Every test starts with tuning on and an empty cache, and leaves the process as it found it."""
-    previous = is_tuning_enabled()
-    clear_tuning_cache()
-    set_tuning(True)
-    yield
-    clear_tuning_cache()
-    set_tuning(previous)
+pytestmark = pytest.mark.usefixtures("fresh_tuning")  # tuning on, an empty cache, the process left as found
 
 
 @pytest.fixture
