@@ -181,7 +181,8 @@ class ConversionReport:
         ]
         rows = [
             [
-                r.name + (f" (= {', '.join(r.aliases[1:])})" if len(r.aliases) > 1 else ""),
+                # a layer name is text, never markup or terminal control; made printable before it wraps
+                printable(r.name + (f" (= {', '.join(r.aliases[1:])})" if len(r.aliases) > 1 else "")),
                 _conv(r),
                 str(r.num_experts),
                 _int(r.params_before),
@@ -207,7 +208,7 @@ class ConversionReport:
             name_width = max(12, width - others - (len(headers) + 1))  # separators and the two edges
             rows = [[wrap_at_dots(row[0], name_width), *row[1:]] for row in rows]
         for row in rows:
-            table.add_row(Text(printable(row[0])), *row[1:])  # a layer name is text, never markup or terminal control
+            table.add_row(Text(row[0]), *row[1:])
         return table
 
     def _caption(self, size: str | None) -> str:
