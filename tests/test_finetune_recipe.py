@@ -6,6 +6,7 @@ import csv
 import importlib
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -158,6 +159,59 @@ def test_help_is_short_and_the_full_help_is_there(tmp_path: Path) -> None:
     full = finetune("fit", "--help_full", cwd=tmp_path)
     assert full.returncode == 0 and "--trainer.limit_train_batches" in full.stdout
     assert len(full.stdout.splitlines()) > 3 * len(lines)
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """Each option's (or subcommand's) help in an argparse help, its lines joined, by its first name."""
+    entries: dict[str, str] = {}
+    name = None
+    for line in text.splitlines():
+        indent = len(line) - len(line.lstrip())
+        start = re.match(r"\s{2,4}(-{1,2}[\w.+-]*\w|[a-z]+)(?=[\s,]|$)", line)  # an option or a subcommand
+        if start and indent < 24:
+            name = start.group(1)
+            entries[name] = line.strip().partition("  ")[2].strip()
+        elif line.strip() and indent >= 24 and name is not None:
+            joint = "" if re.search(r"\w-$", entries[name]) else " "  # argparse breaks lines after a hyphen
+            entries[name] = (entries[name] + joint + line.strip()).strip()
+        else:
+            name = None
+    return entries
+
+
+HELPS = [["fit", "--help"], ["fit", "--help_full"], ["--help"], ["fit", "--data.help", "ImageFolderDataModule"]]
+
+
+@pytest.mark.parametrize("arguments", HELPS, ids=[" ".join(arguments) for arguments in HELPS])
+def test_help_is_plain_text_in_whole_sentences(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, arguments: list[str]
+) -> None:
+    """Help texts come from docstrings written for Sphinx: no role, literal or dangling punctuation reaches them."""
+    from condconv_lightning.cli.finetune import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr(sys, "argv", ["condconv-finetune"])
+    with pytest.raises(SystemExit) as exit_:
+        main(arguments)
+    text = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert "`" not in text
+    assert not re.search(r":(mod|class|func|meth|attr|paramref|obj|data|exc|ref):", text)
+    entries = help_entries(text)
+    assert len(entries) > 3
+    for name, help_text in entries.items():
+        assert help_text and not help_text.endswith((";", ",", ":")), (name, help_text)
+    if arguments == ["fit", "--help"]:
+        assert entries["--model.arch"] == (
+            "the network by name, built without downloading weights: timm:NAME, torchvision:NAME, a built-in model "
+            "(resnet_tiny) or module.path:ClassOrFactory (condconv_lightning.loading.architectures); num_classes is "
+            "passed to it when it takes that argument."
+        )
+    if arguments == ["--help"]:
+        assert entries["test"] == "Perform one evaluation epoch over the test set."  # not cut mid-sentence
+    if arguments[1:2] == ["--data.help"]:
+        assert "--data.root" in entries and "--data.batch_size" in entries  # the data module's options
 
 
 def test_custom_classes_import_from_the_current_folder_or_fail_in_one_line(tmp_path: Path) -> None:
