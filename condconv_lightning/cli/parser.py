@@ -4,8 +4,8 @@ LightningCLI's help lists every Trainer, model, optimizer and scheduler option w
 whole docstring (over a thousand lines for ``condconv-finetune fit``). The short help
 keeps the options a fine-tuning run sets, each with the first sentence of its help, in
 argparse's usual layout; ``--help_full`` prints LightningCLI's complete help. Help texts
-come from docstrings written for Sphinx: every help shows them as plain text
-(:func:`plain_text`), in the one formatter that wraps them. A bad
+come from docstrings written for Sphinx: both helps print them as plain text
+(:func:`plain_text`, applied by :class:`PlainTextHelp` where argparse wraps text). A bad
 option is reported in one line (a class that does not import: which, and why; a data
 module name that matches none: the close names) instead of the usage block and
 jsonargparse's nested explanation.

@@ -93,7 +93,7 @@ def resolve_architecture(arch: str, flag: str = "--arch") -> Callable[..., Any]:
 
 def _unknown_model(arch: str, flag: str, known: Sequence[str], lister: str) -> ModelFileError:
     """A registry has no model ``arch`` names: the error names its closest models as ``registry:NAME``, if any."""
-    registry, _, name = arch.partition(":")
+    registry, _, name = arch.rpartition(":")
     close = difflib.get_close_matches(name, known, n=3)
     if not close:
         return ModelFileError(f"{flag} {arch}: {registry} has no model {name!r}; {lister} lists them")
