@@ -26,7 +26,7 @@ from condconv_lightning import compat
 PACKAGE = Path(condconv_lightning.__file__).parent
 COMPAT = PACKAGE / "compat.py"
 EXTERNAL = ("torch", "lightning", "pytorch_lightning", "lightning_fabric", "lightning_utilities", "torchmetrics")
-STDLIB_PRIVATE = frozenset({"_actions", "_action_groups", "_group_actions", "_SubParsersAction"})
+STDLIB_PRIVATE = frozenset({"_actions", "_action_groups", "_group_actions", "_SubParsersAction", "_get_subactions"})
 """argparse's: the standard library keeps them stable, and the CLI's help layout needs them."""
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import importlib
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +98,56 @@ def test_the_first_documented_command_logs_and_validates_within_its_steps(tmp_pa
     assert len(validation) == 1 and validation[0]["val_routing/entropy"]
 
 
+def training_rows(folder: Path) -> list[dict[str, str]]:
+    with open(next(folder.glob("lightning_logs/version_0/metrics.csv"))) as file:
+        return [row for row in csv.DictReader(file) if row["train_loss"]]
+
+
+SMALL_FOLDER_RUN = ["fit", "--data", "ImageFolderDataModule", "--data.batch_size", "2", "--data.image_size", "32"]
+SMALL_FOLDER_RUN += ["--data.num_workers", "0", "--trainer.max_epochs", "3", "--trainer.logger", "CSVLogger"]
+SMALL_FOLDER_RUN += ["--trainer.logger.save_dir", ".", "--trainer.enable_progress_bar", "false"]
+
+
+def test_small_data_logs_training_values_every_epoch_without_a_logging_interval_warning(tmp_path: Path) -> None:
+    """7 batches per epoch: Lightning's default interval (50 steps) would log no training value in 3 epochs."""
+    images = make_images(tmp_path / "images", per_class=6)  # 18 images, 14 for training: 7 batches of 2
+    done = finetune(*SMALL_FOLDER_RUN, "--data.root", str(images), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "smaller than the logging interval" not in done.stderr
+    training = training_rows(tmp_path)
+    assert {row["epoch"] for row in training} == {"0", "1", "2"}
+    assert [int(row["step"]) for row in training] == list(range(21))  # every step: 7 // 10 rounds up to 1
+    assert all(row["routing/entropy"] for row in training), "routing values share the loss's rows"
+
+
+def test_an_explicit_logging_interval_is_kept(tmp_path: Path) -> None:
+    images = make_images(tmp_path / "images", per_class=6)
+    done = finetune(*SMALL_FOLDER_RUN, "--data.root", str(images), "--trainer.log_every_n_steps", "4", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [int(row["step"]) for row in training_rows(tmp_path)] == [3, 7, 11, 15, 19]
+
+
+@pytest.mark.parametrize(
+    ("steps_per_epoch", "max_steps", "interval"),
+    [
+        (7, -1, 1),  # a small folder: every step
+        (25, -1, 2),
+        (250, -1, 25),
+        (2000, -1, 50),  # Lightning's default, at most
+        (2000, 100, 10),  # a step-bounded run shorter than an epoch
+        (7, 1000, 1),  # a long run of short epochs: the epoch decides
+        (math.inf, -1, 50),  # data of no length
+        (math.inf, 30, 3),
+    ],
+)
+def test_the_logging_interval_is_a_tenth_of_the_shorter_of_epoch_and_run(
+    steps_per_epoch: float, max_steps: int, interval: int
+) -> None:
+    from condconv_lightning.cli.finetune import log_interval
+
+    assert log_interval(steps_per_epoch, max_steps) == interval
+
+
 def test_help_is_short_and_the_full_help_is_there(tmp_path: Path) -> None:
     short = finetune("fit", "--help", cwd=tmp_path)
     assert short.returncode == 0
@@ -107,6 +159,59 @@ def test_help_is_short_and_the_full_help_is_there(tmp_path: Path) -> None:
     full = finetune("fit", "--help_full", cwd=tmp_path)
     assert full.returncode == 0 and "--trainer.limit_train_batches" in full.stdout
     assert len(full.stdout.splitlines()) > 3 * len(lines)
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """Each option's (or subcommand's) help in an argparse help, its lines joined, by its first name."""
+    entries: dict[str, str] = {}
+    name = None
+    for line in text.splitlines():
+        indent = len(line) - len(line.lstrip())
+        start = re.match(r"\s{2,4}(-{1,2}[\w.+-]*\w|[a-z]+)(?=[\s,]|$)", line)  # an option or a subcommand
+        if start and indent < 24:
+            name = start.group(1)
+            entries[name] = line.strip().partition("  ")[2].strip()
+        elif line.strip() and indent >= 24 and name is not None:
+            joint = "" if re.search(r"\w-$", entries[name]) else " "  # argparse breaks lines after a hyphen
+            entries[name] = (entries[name] + joint + line.strip()).strip()
+        else:
+            name = None
+    return entries
+
+
+HELPS = [["fit", "--help"], ["fit", "--help_full"], ["--help"], ["fit", "--data.help", "ImageFolderDataModule"]]
+
+
+@pytest.mark.parametrize("arguments", HELPS, ids=[" ".join(arguments) for arguments in HELPS])
+def test_help_is_plain_text_in_whole_sentences(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, arguments: list[str]
+) -> None:
+    """Help texts come from docstrings written for Sphinx: no role, literal or dangling punctuation reaches them."""
+    from condconv_lightning.cli.finetune import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr(sys, "argv", ["condconv-finetune"])
+    with pytest.raises(SystemExit) as exit_:
+        main(arguments)
+    text = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert "`" not in text
+    assert not re.search(r":(mod|class|func|meth|attr|paramref|obj|data|exc|ref):", text)
+    entries = help_entries(text)
+    assert len(entries) > 3
+    for name, help_text in entries.items():
+        assert help_text and not help_text.endswith((";", ",", ":")), (name, help_text)
+    if arguments == ["fit", "--help"]:
+        assert entries["--model.arch"] == (
+            "the network by name, built without downloading weights: timm:NAME, torchvision:NAME, a built-in model "
+            "(resnet_tiny) or module.path:ClassOrFactory (condconv_lightning.loading.architectures); num_classes is "
+            "passed to it when it takes that argument."
+        )
+    if arguments == ["--help"]:
+        assert entries["test"] == "Perform one evaluation epoch over the test set."  # not cut mid-sentence
+    if arguments[1:2] == ["--data.help"]:
+        assert "--data.root" in entries and "--data.batch_size" in entries  # the data module's options
 
 
 def test_custom_classes_import_from_the_current_folder_or_fail_in_one_line(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ def registries(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, dict[str
 
     timm = types.ModuleType("timm")
     timm.is_model = lambda name: name == "resnet18"  # type: ignore[attr-defined]
+    timm.list_models = lambda: ["resnet18"]  # type: ignore[attr-defined]
     timm.create_model = create_model  # type: ignore[attr-defined]
 
     def resnet18(*, weights: object = "DEFAULT", progress: bool = True, **kwargs: Any) -> nn.Module:
@@ -67,7 +68,11 @@ def test_registry_names_build_without_downloading(registries: list) -> None:
 
 def test_unknown_or_missing_models_are_one_line_errors(registries: list, monkeypatch: pytest.MonkeyPatch) -> None:
     cases = {
-        "timm:resnet99": "--arch timm:resnet99: timm has no model 'resnet99'; timm.list_models('*resnet99*') lists close names",
+        "timm:resnet99": "--arch timm:resnet99: timm has no model 'resnet99'; did you mean timm:resnet18? "
+        "(timm.list_models() lists them all)",
+        "timm:vit_x": "--arch timm:vit_x: timm has no model 'vit_x'; timm.list_models() lists them",
+        "torchvision:resnet_18": "--arch torchvision:resnet_18: torchvision has no model 'resnet_18'; did you mean "
+        "torchvision:resnet18? (torchvision.models.list_models() lists them all)",
         "torchvision:vit_x": "--arch torchvision:vit_x: torchvision has no model 'vit_x'; torchvision.models.list_models() lists them",
         "resnet_huge": "--arch resnet_huge: not a built-in model (mobilenet_tiny, resnet50_like, resnet_tiny); name one as "
         "timm:NAME, torchvision:NAME, resnet_tiny or module.path:ClassOrFactory",

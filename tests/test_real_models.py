@@ -30,6 +30,7 @@ import functools
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -373,6 +374,27 @@ def run_convert(*args: object, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "CONDCONV_TUNE": "0", "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
     env.pop("CONDCONV_DEBUG", None)
     return subprocess.run([command, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("arch", "meant"),
+    [
+        ("timm:efficientnetb0", "timm:efficientnet_b0"),
+        ("timm:resnet_18", "timm:resnet18"),
+        ("torchvision:efficientnetb0", "torchvision:efficientnet_b0"),
+        ("torchvision:resnet_18", "torchvision:resnet18"),
+    ],
+)
+def test_a_misspelled_registry_name_is_answered_with_the_closest_names(arch: str, meant: str) -> None:
+    registry(arch.partition(":")[0])
+    registry("torchvision")  # timm's own imports of torchvision fail the same way
+    from condconv_lightning.loading import ModelFileError, build_architecture
+
+    with pytest.raises(ModelFileError) as raised:
+        build_architecture(arch)
+    message = str(raised.value)
+    assert message.startswith(f"--arch {arch}: ") and re.search(f"did you mean {meant}[,?]", message), message
+    assert "\n" not in message
 
 
 @pytest.mark.slow

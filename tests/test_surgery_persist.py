@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ import torch.nn as nn
 from zoo import ZOO, zoo_input, zoo_model
 
 from condconv_lightning import CondConv2d
+from condconv_lightning.demos import resnet_tiny
 from condconv_lightning.surgery import ConversionSpec, apply_spec, convert, load_converted, read_spec, save_converted
 
 # (zoo model, layers, options): each converted, then rebuilt from its spec on a fresh instance
@@ -311,3 +315,54 @@ def test_a_child_named_module_is_no_wrapper_prefix(tmp_path) -> None:
     torch.save(plain.state_dict(), tmp_path / "plain.pt")
     reloaded = load_model(tmp_path / "plain.pt", arch=f"{__name__}:ChildNamedModule").model
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), plain.state_dict().values()))
+
+
+RELOAD = """
+import sys
+
+import torch
+
+from condconv_lightning import load_converted
+from condconv_lightning.demos import resnet_tiny
+from condconv_lightning.functional import load_tuning_cache, save_tuning_cache
+
+path, probe, output, cache = sys.argv[1:]
+model = load_converted(path, resnet_tiny(num_classes=10)).eval()
+if cache.endswith(".in"):
+    load_tuning_cache(cache)
+with torch.no_grad():
+    logits = model(torch.load(probe))
+if cache.endswith(".out"):
+    save_tuning_cache(cache)
+torch.save(logits, output)
+"""
+
+
+def reload_in_a_new_process(folder: Path, name: str, cache: str = "none") -> torch.Tensor:
+    """Load ``folder/model.safetensors`` in a new Python with measured ``auto`` on, and run it on the probe."""
+    command = [sys.executable, "-c", RELOAD, "model.safetensors", "probe.pt", f"{name}.pt", cache]
+    env = {**os.environ, "CONDCONV_TUNE": "1"}
+    done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(folder / f"{name}.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["auto", "mixture"])
+def test_two_processes_compute_the_same_bits_with_a_pinned_strategy_or_the_same_tuned_choices(
+    tmp_path: Path, strategy: str
+) -> None:
+    """With ``auto``, a new process may time another strategy for a layer, which rounds differently: a strategy
+    stored in the file's spec, or the first process's tuning cache loaded in the second, gives the same bits."""
+    torch.manual_seed(0)
+    model = resnet_tiny(num_classes=10)
+    convert(model, ["layer3", "layer4"], num_experts=4, seed=0, strategy=strategy)
+    save_converted(trained(model), tmp_path / "model.safetensors")
+    torch.save(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), tmp_path / "probe.pt")
+    if strategy == "auto":
+        first = reload_in_a_new_process(tmp_path, "first", cache="tuning.json.out")
+        (tmp_path / "tuning.json.out").rename(tmp_path / "tuning.json.in")
+        second = reload_in_a_new_process(tmp_path, "second", cache="tuning.json.in")
+    else:
+        first, second = (reload_in_a_new_process(tmp_path, name) for name in ("first", "second"))
+    assert torch.equal(first, second)

@@ -9,9 +9,11 @@ the default callbacks (``--trainer.callbacks+=...`` appends to them instead).
 ``--model.num_classes`` defaults to the data's ``num_classes`` (an image folder's class
 folders).
 
-A run bounded by ``--trainer.max_steps`` alone (no epoch limit, validation and logging
-left at Lightning's defaults) logs every ``max_steps // 10`` steps (at most every 50) and
-validates at its last step, so a short first run shows its metrics. Errors in the
+Without ``--trainer.log_every_n_steps``, training values are logged about ten times per
+epoch, or per run when ``--trainer.max_steps`` ends it sooner (every ``steps // 10`` steps,
+at least every step and at most every 50, Lightning's default), so small data and short
+runs show their metrics. A run bounded by ``--trainer.max_steps`` alone (no epoch limit,
+validation left at Lightning's defaults) validates at its last step. Errors in the
 options, the model or the data are one line (exit status 2); ``--help`` is short and
 ``--help_full`` lists every option.
 
@@ -24,6 +26,7 @@ Examples:
 
 from __future__ import annotations
 
+import math
 import pickle
 import signal
 import sys
@@ -120,7 +123,7 @@ class FinetuneCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Put back an untrusted ``--ckpt_path`` (see :meth:`parse_arguments`); let a short step-bounded run
-        log and validate (see the module docstring)."""
+        validate (see the module docstring)."""
         if self._untrusted_ckpt_path is not None:
             self._settings()["ckpt_path"] = self._untrusted_ckpt_path
         trainer = self._settings().get("trainer")
@@ -129,8 +132,6 @@ class FinetuneCLI(LightningCLI):
         max_steps = trainer.get("max_steps") or -1
         if max_steps <= 0 or trainer.get("max_epochs") is not None:
             return
-        if trainer.get("log_every_n_steps") is None:
-            trainer["log_every_n_steps"] = min(50, max(1, max_steps // 10))
         if trainer.get("val_check_interval") is None and trainer.get("check_val_every_n_epoch") == 1:
             trainer["val_check_interval"] = max_steps
             trainer["check_val_every_n_epoch"] = None
@@ -151,6 +152,8 @@ class FinetuneCLI(LightningCLI):
             _exit_with(_cause(error))
         if not self._settings().get("trust_checkpoint"):
             self.trainer.callbacks.append(SafeCheckpointPaths())
+        if (self._settings().get("trainer") or {}).get("log_every_n_steps") is None:
+            self.trainer.callbacks.append(LogIntervalFromData())
         classes = getattr(self.datamodule, "num_classes", None)
         outputs = getattr(self.model, "hparams", {}).get("num_classes")
         if isinstance(classes, int) and isinstance(outputs, int) and classes != outputs:
@@ -192,6 +195,31 @@ class FinetuneCLI(LightningCLI):
             settings["model"][key] = value
         self._untrusted_ckpt_path = ckpt_path
         settings["ckpt_path"] = None
+
+
+class LogIntervalFromData(Callback):
+    """Set the Trainer's ``log_every_n_steps`` from the run's length, when the user gave none.
+
+    Lightning logs every 50 optimizer steps by default, counted across epochs: with 7 batches per
+    epoch, a run of a few epochs logs no training value at all, and Lightning warns that the
+    interval exceeds the epoch. The number of batches is known only once the data is loaded, after
+    that warning's check: this callback logs every step until then, and at train start sets the
+    interval to :func:`log_interval` of the steps per epoch and the step limit.
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        trainer.log_every_n_steps = 1
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        trainer.log_every_n_steps = log_interval(steps_per_epoch, trainer.max_steps)
+
+
+def log_interval(steps_per_epoch: float, max_steps: int) -> int:
+    """Log about ten times in the shorter of an epoch and the run (``max_steps``, when positive): every
+    ``steps // 10`` optimizer steps, at least every step and at most every 50 (Lightning's default)."""
+    steps = min(steps_per_epoch, max_steps if max_steps > 0 else math.inf)
+    return 50 if math.isinf(steps) else min(50, max(1, int(steps) // 10))
 
 
 class SafeCheckpointPaths(Callback):

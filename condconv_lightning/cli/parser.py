@@ -3,7 +3,9 @@
 LightningCLI's help lists every Trainer, model, optimizer and scheduler option with its
 whole docstring (over a thousand lines for ``condconv-finetune fit``). The short help
 keeps the options a fine-tuning run sets, each with the first sentence of its help, in
-argparse's usual layout; ``--help_full`` prints LightningCLI's complete help. A bad
+argparse's usual layout; ``--help_full`` prints LightningCLI's complete help. Help texts
+come from docstrings written for Sphinx: both helps print them as plain text
+(:func:`plain_text`, applied by :class:`PlainTextHelp` where argparse wraps text). A bad
 option is reported in one line (a class that does not import: which, and why; a data
 module name that matches none: the close names) instead of the usage block and
 jsonargparse's nested explanation.
@@ -18,12 +20,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser
 
 from .errors import print_error
 
-__all__ = ["FULL_HELP_FLAG", "FinetuneParser"]
+__all__ = ["FULL_HELP_FLAG", "FinetuneParser", "plain_text"]
 
 FULL_HELP_FLAG = "--help_full"
 
@@ -65,6 +68,49 @@ SyntheticImageDataModule (the default); --data.help NAME lists a data module's o
 This is the short help; {FULL_HELP_FLAG} lists every option with its type."""
 
 
+SPHINX_ROLE = re.compile(r"(?::[\w-]+)+:`([^`]+)`")
+"""``:class:`target```, ``:py:func:`~a.b` ``, ``:paramref:`title <target>` ``: a cross-reference; group 1 its text."""
+LITERAL = re.compile(r"``(.+?)``")
+LINK = re.compile(r"`([^`<]+?)\s*<[^`>]+>`_{1,2}")
+INTERPRETED = re.compile(r"`([^`]+)`")
+
+
+def plain_text(text: str) -> str:
+    """Sphinx and reST markup in a help text as the words a reader sees: a cross-reference as its target (the
+    last name after ``~``) or its title, a literal or interpreted text without backticks, a link as its title."""
+
+    def reference(match: re.Match[str]) -> str:
+        target = match.group(1).strip()
+        titled = re.fullmatch(r"(.+?)\s*<[^<>]+>", target)
+        if titled:
+            return titled.group(1)
+        target = target.lstrip("!")
+        return target.rpartition(".")[2] if target.startswith("~") else target
+
+    text = SPHINX_ROLE.sub(reference, text)
+    text = LITERAL.sub(r"\1", text)
+    text = LINK.sub(r"\1", text)
+    return INTERPRETED.sub(r"\1", text)
+
+
+class PlainTextHelp(argparse.HelpFormatter):
+    """Every text of a help as plain text (:func:`plain_text`): the parser's, each group's title and description,
+    and each option's help (argparse's one step that wraps it)."""
+
+    def start_section(self, heading: str | None) -> None:
+        super().start_section(heading and plain_text(heading))
+
+    def add_text(self, text: str | None) -> None:
+        super().add_text(text and plain_text(text))
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return super()._split_lines(plain_text(text), width)
+
+
+class FullHelpFormatter(PlainTextHelp, DefaultHelpFormatter):
+    """jsonargparse's help (each option's type and default), as plain text."""
+
+
 class _FullHelpAction(argparse.Action):
     def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
@@ -76,20 +122,24 @@ class _FullHelpAction(argparse.Action):
 
 
 class FinetuneParser(LightningArgumentParser):
-    """LightningArgumentParser with the short ``--help`` (``--help_full``: the complete one) and one-line errors."""
+    """LightningArgumentParser with the short ``--help`` (``--help_full``: the complete one), help texts as plain
+    text, and one-line errors."""
 
     full_help = False
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, *args: Any, formatter_class: type[argparse.HelpFormatter] = FullHelpFormatter, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
         self.add_argument(
             FULL_HELP_FLAG, action=_FullHelpAction, help="Show every option (Trainer, model, data) and exit."
         )
 
     def format_help(self) -> str:
-        if self.full_help or self._lists_subcommands():
-            return super().format_help()
-        formatter_class, self.formatter_class = self.formatter_class, argparse.HelpFormatter
+        if self.full_help or not self._runs_the_trainer():
+            with _first_sentences(_subcommand_choices(self)):  # LightningCLI cuts their docstrings mid-sentence
+                return super().format_help()
+        formatter_class, self.formatter_class = self.formatter_class, PlainTextHelp
         try:
             with _shortened(self):
                 text = super().format_help()
@@ -102,9 +152,10 @@ class FinetuneParser(LightningArgumentParser):
         print_error("condconv-finetune", _one_line(message))
         raise SystemExit(2)
 
-    def _lists_subcommands(self) -> bool:
-        """Whether this is the top-level parser, whose help lists the subcommands only (short already)."""
-        return any(isinstance(action, argparse._SubParsersAction) for action in self._actions)
+    def _runs_the_trainer(self) -> bool:
+        """Whether this is a subcommand's parser, with the Trainer's options: other parsers (the subcommand list,
+        ``--data.help NAME``'s options) are short already, and show everything they hold."""
+        return any(name.startswith("--trainer.") for action in self._actions for name in action.option_strings)
 
 
 def _shown(action: argparse.Action) -> bool:
@@ -115,8 +166,8 @@ def _shown(action: argparse.Action) -> bool:
 
 
 def _first_sentence(text: str) -> str:
-    text = " ".join(text.split())
-    match = re.match(r"(.+?[.;])(\s|$)", text)
+    text = " ".join(plain_text(text).split())
+    match = re.match(r"(.+?\.)(\s|$)", text)
     return match.group(1) if match else text
 
 
@@ -157,6 +208,26 @@ def _default(action: argparse.Action) -> str:
     if isinstance(action.default, (str, int, float)) and action.default != argparse.SUPPRESS:
         return f" (default: {action.default})"
     return ""
+
+
+def _subcommand_choices(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The entries of the subcommand list (``fit``, ``validate``, ...), if ``parser`` has one."""
+    subcommands = (action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return [choice for action in subcommands for choice in action._get_subactions()]
+
+
+@contextmanager
+def _first_sentences(actions: list[argparse.Action]) -> Iterator[None]:
+    """Cut the help of ``actions`` to its first sentence."""
+    saved = [(action, action.help) for action in actions]
+    try:
+        for action, text in saved:
+            if text and text != argparse.SUPPRESS:
+                action.help = _first_sentence(text)
+        yield
+    finally:
+        for action, text in saved:
+            action.help = text
 
 
 @contextmanager

@@ -19,9 +19,10 @@ built-in name selects a constructor that is already registered, so it is data; o
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -80,17 +81,27 @@ def resolve_architecture(arch: str, flag: str = "--arch") -> Callable[..., Any]:
         ) from None
     if registry == "timm":
         if not package.is_model(name):
-            raise ModelFileError(
-                f"{flag} {arch}: timm has no model {name!r}; timm.list_models('*{name}*') lists close names"
-            )
+            raise _unknown_model(arch, flag, package.list_models(), "timm.list_models()")
         return _offline(partial(package.create_model, name), {"pretrained": False}, arch, flag)
-    if name not in package.models.list_models():
-        raise ModelFileError(
-            f"{flag} {arch}: torchvision has no model {name!r}; torchvision.models.list_models() lists them"
-        )
+    known = package.models.list_models()
+    if name not in known:
+        raise _unknown_model(arch, flag, known, "torchvision.models.list_models()")
     builder = package.models.get_model_builder(name)
     parameters = inspect.signature(builder).parameters
     return _offline(builder, {key: None for key in ("weights", "weights_backbone") if key in parameters}, arch, flag)
+
+
+def _unknown_model(arch: str, flag: str, known: Sequence[str], lister: str) -> ModelFileError:
+    """A registry has no model ``arch`` names: the error names its closest models as ``registry:NAME``, if any."""
+    registry, _, name = arch.rpartition(":")
+    close = difflib.get_close_matches(name, known, n=3)
+    if not close:
+        return ModelFileError(f"{flag} {arch}: {registry} has no model {name!r}; {lister} lists them")
+    names = [f"{registry}:{model}" for model in close]
+    guesses = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    return ModelFileError(
+        f"{flag} {arch}: {registry} has no model {name!r}; did you mean {guesses}? ({lister} lists them all)"
+    )
 
 
 def _offline(build: Callable[..., Any], off: dict[str, Any], arch: str, flag: str) -> Callable[..., Any]:
