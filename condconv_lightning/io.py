@@ -13,6 +13,9 @@
 - A failed write (a full disk, a file size limit, an I/O error, found at ``fsync`` at the
   latest) is one :class:`WriteError` naming the output; the temporary file is removed, so
   nothing was written and a file being replaced is left as it was.
+- A writer may check what it wrote before the file takes its name (``verify``: load it back,
+  run it): a file that fails the check is removed like a failed write, so no output is ever
+  one that was not checked.
 - ``torch.save`` output is byte-identical for identical objects (:func:`torch_save`).
 - Loading is weights-only through one function (:func:`load_weights_only`); trusted
   pickles load through :func:`load_trusted_pickle` only. Both, and :func:`load_state_dict`,
@@ -33,7 +36,7 @@ import re
 import secrets
 import stat
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -54,6 +57,8 @@ from .messages import printable
 from .wrappers import strip_keys
 
 PathLike = str | os.PathLike
+Verify = Callable[[Path], None]
+"""Checks a written file (given its temporary path) before it takes its name; raises if it is wrong."""
 SAFETENSORS_SUFFIXES: tuple[str, ...] = (".safetensors",)
 TEMP_SUFFIX = ".condconv-tmp"
 DEFAULT_NAME_MAX = 255
@@ -62,12 +67,14 @@ TEMP_NAME_OVERHEAD = len(f"..{2**32}.{'0' * 8}{TEMP_SUFFIX}")
 
 
 @contextlib.contextmanager
-def atomic_write(path: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_write(path: PathLike, *, overwrite: bool = False, verify: Verify | None = None) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder; on success move it to ``path`` in one atomic step.
 
     ``overwrite`` replaces a regular file or a symlink (the link itself, never what it points to);
     a directory, device, FIFO or socket at ``path`` is never replaced. The file is synced to disk
     before it takes the name, so a full disk found late (at ``fsync``) still leaves nothing.
+    ``verify`` is then called with the temporary path; what it raises propagates as it is, and
+    nothing is written.
 
     Raises:
         FileExistsError: ``path`` exists (or another writer created it meanwhile) and
@@ -83,13 +90,18 @@ def atomic_write(path: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
         try:
             yield tmp
             _sync(tmp)  # while the file is still ours alone to read (mode 0600)
-            # writers (safetensors among them) may create the file with their own mode: give it open()'s
-            os.chmod(tmp, 0o666 & ~_umask())
         except Exception as error:  # interrupts (BaseException) pass as they are
             failure = _os_error_in(error)
             if failure is None:
                 raise
             raise WriteError(target, failure) from error
+        if verify is not None:
+            verify(tmp)  # likewise
+        try:
+            # writers (safetensors among them) may create the file with their own mode: give it open()'s
+            os.chmod(tmp, 0o666 & ~_umask())
+        except OSError as error:
+            raise WriteError(target, error) from error
         if overwrite:
             _check_replaceable(target)  # again: the work before this may have taken minutes
             os.replace(tmp, target)
@@ -297,6 +309,16 @@ def torch_save(obj: object, path: Path) -> None:
         torch.save(obj, handle)
 
 
+def save_module(
+    module: torch.nn.Module, path: PathLike, *, overwrite: bool = False, verify: Verify | None = None
+) -> Path:
+    """``torch.save(module)`` atomically (:func:`atomic_write`); loading it back unpickles, which runs code."""
+    target = Path(path)
+    with atomic_write(target, overwrite=overwrite, verify=verify) as tmp:
+        torch_save(module, tmp)
+    return target
+
+
 def load_weights_only(
     source: PathLike | DetectedFile | IO[bytes], map_location: str | torch.device = "cpu", *, mmap: bool = False
 ) -> object:
@@ -346,16 +368,18 @@ def save_state_dict(
     *,
     overwrite: bool = False,
     metadata: Mapping[str, str] | None = None,
+    verify: Verify | None = None,
 ) -> Path:
     """Write tensors atomically: safetensors for a ``.safetensors`` path, else ``torch.save``.
 
     ``metadata`` (string pairs) goes into a safetensors header; other formats refuse it.
+    ``verify`` checks the written file before it takes its name (:func:`atomic_write`).
     """
     target = Path(path)
     if metadata is not None and target.suffix not in SAFETENSORS_SUFFIXES:
         raise ValueError(f"{target}: metadata is only stored in .safetensors files")
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
-    with atomic_write(target, overwrite=overwrite) as tmp:
+    with atomic_write(target, overwrite=overwrite, verify=verify) as tmp:
         if target.suffix in SAFETENSORS_SUFFIXES:
             from safetensors.torch import save_file
 

@@ -42,6 +42,25 @@ def test_atomic_write_leaves_nothing_on_error_and_refuses_existing(tmp_path):
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_written_file_that_fails_its_verification_neither_appears_nor_replaces_one(tmp_path, suffix):
+    """``verify`` sees the complete file under its temporary name; what it raises leaves the target as it was."""
+    target = tmp_path / f"weights{suffix}"
+    target.write_bytes(b"an earlier output")
+    seen = []
+
+    def refuse(path):
+        seen.append((path.name, sorted(load_state_dict(path))))
+        raise ValueError("outputs differ")
+
+    with pytest.raises(ValueError, match="outputs differ"):
+        save_state_dict({"w": torch.ones(2)}, target, overwrite=True, verify=refuse)
+    assert seen == [(seen[0][0], ["w"])] and seen[0][0] != target.name
+    assert target.read_bytes() == b"an earlier output" and os.listdir(tmp_path) == [target.name]
+    save_state_dict({"w": torch.ones(2)}, target, overwrite=True, verify=lambda path: seen.append(path))
+    assert torch.equal(load_state_dict(target)["w"], torch.ones(2)) and len(seen) == 2
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_state_dict_round_trip_strips_wrapper_prefixes(tmp_path, suffix):
     weight = torch.randn(3, 2)
     state = {"module._orig_mod.fc.weight": weight, "module.fc.bias": torch.zeros(3)}

@@ -168,22 +168,45 @@ def test_a_checkpoint_naming_an_import_path_as_arch_is_untrusted(tmp_path: Path)
     assert not Path("pwned").exists()
 
 
-def test_a_checkpoint_of_a_converted_run_serves_as_weights(tmp_path: Path) -> None:
-    """What condconv-finetune writes after converting layer3: its spec converts the new model before the weights load."""
+def converted_run(path: Path) -> tuple[ImageClassifier, list[str]]:
+    """What condconv-finetune writes after converting layer3: its spec, beside weights keyed ``model.``."""
     from lightning.pytorch import Trainer
-
-    from condconv_lightning.surgery import convert
 
     torch.manual_seed(0)
     trained = ImageClassifier(num_classes=4)
     report = convert(trained.model, ["layer3"], num_experts=4)
     trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=0)
     trainer.strategy.connect(trained)
-    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    trainer.save_checkpoint(path)
+    return trained.eval(), [layer.name for layer in report.converted]
+
+
+def test_a_checkpoint_of_a_converted_run_serves_as_weights(tmp_path: Path) -> None:
+    """Its spec converts the new model before the weights load."""
+    trained, converted = converted_run(tmp_path / "run.ckpt")
     fresh = ImageClassifier(num_classes=4, weights=str(tmp_path / "run.ckpt"))
-    assert [name for name, m in fresh.model.named_modules() if isinstance(m, CondConv2d)] == [
-        layer.name for layer in report.converted
-    ]
+    assert [name for name, m in fresh.model.named_modules() if isinstance(m, CondConv2d)] == converted
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(fresh.eval()(x), trained.eval()(x), rtol=0, atol=0)
+        torch.testing.assert_close(fresh.eval()(x), trained(x), rtol=0, atol=0)
+
+
+def test_the_convert_command_reads_a_converted_run_with_the_network_as_arch(tmp_path: Path) -> None:
+    """``--arch resnet_tiny`` for a checkpoint whose keys start with ``model.``: the spec converts the network first,
+    and a spec the weights do not bear out is refused before any layer is built."""
+    trained, converted = converted_run(tmp_path / "run.ckpt")
+    loaded = load_model(tmp_path / "run.ckpt", arch="resnet_tiny", arch_kwargs={"num_classes": 4})
+    assert loaded.holds.startswith("Lightning checkpoint (") and loaded.holds.endswith(", conversion spec)")
+    assert [name for name, m in loaded.model.named_modules() if isinstance(m, CondConv2d)] == converted
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.eval()(x), trained.model(x), rtol=0, atol=0)
+
+    checkpoint = torch.load(tmp_path / "run.ckpt", weights_only=True)
+    checkpoint["condconv_conversion"]["layers"]["model.layer3.0.conv1"]["num_experts"] = 64
+    torch.save(checkpoint, tmp_path / "lying.ckpt")
+    with pytest.raises(ModelFileError) as raised:
+        load_model(tmp_path / "lying.ckpt", arch="resnet_tiny", arch_kwargs={"num_classes": 4})
+    message = str(raised.value)
+    assert "\n" not in message and "do not load into --arch resnet_tiny" in message
+    assert "gives layer 'layer3.0.conv1' 64 experts" in message and message.endswith("they were saved from")

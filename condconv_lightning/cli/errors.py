@@ -20,6 +20,11 @@ class CommandError(Exception):
         self.facts = facts
 
 
+class UsageError(CommandError):
+    """A command line that cannot work with the model it names, found once the model is read: exit status 2,
+    as argparse's own usage errors."""
+
+
 def print_error(program: str, message: str) -> None:
     """``program: error: message`` on stderr, in one line, control characters escaped."""
     print(f"{program}: error: {printable(' '.join(message.splitlines()))}", file=sys.stderr)

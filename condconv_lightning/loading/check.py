@@ -105,7 +105,7 @@ def float32_outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
             f"the check could not run the model on a random input of shape {_shape(x.shape)} "
             f"({one_line(error)}); pass --input-shape with the shape the model takes, or --no-check"
         ) from None
-    tensors = [t.detach().float().cpu() for t in _tensors(output)]
+    tensors = [t.detach().float().cpu() for t in output_tensors(output)]
     if not tensors:
         raise ModelFileError("the model's output holds no tensors to compare; pass --no-check")
     return tensors
@@ -127,16 +127,16 @@ def compare(
     return CheckResult(tuple(input_shape), max_abs, max_rel, tolerance)
 
 
-def _tensors(output: object) -> Iterator[Tensor]:
-    """Tensors in a (nested) tensor / tuple / list / dict output, in order."""
+def output_tensors(output: object) -> Iterator[Tensor]:
+    """Tensors in a (nested) tensor / tuple / list / dict output, in order (the order export flattens them in)."""
     if isinstance(output, Tensor):
         yield output
     elif isinstance(output, dict):
         for value in output.values():
-            yield from _tensors(value)
+            yield from output_tensors(value)
     elif isinstance(output, (list, tuple)):
         for value in output:
-            yield from _tensors(value)
+            yield from output_tensors(value)
 
 
 def _shape(shape: Sequence[int]) -> str:

@@ -10,8 +10,11 @@ anything (:func:`~condconv_lightning.formats.pickled_globals`).
 Weights (a state dict, safetensors, a Lightning ``.ckpt``) need the architecture, named
 as :mod:`.architectures` describes (``timm:NAME``, ``torchvision:NAME``, a built-in model or
 ``module.path:callable``); a LightningModule class loads a ``.ckpt`` through its own
-``load_from_checkpoint``. :func:`load_pretrained` loads such weights into a model the
-caller built (pretrained weights before conversion and fine-tuning).
+``load_from_checkpoint``. A file that carries a conversion spec (weights + spec written by
+``save_converted``, or the checkpoint of a converted run, whose keys and spec share the
+LightningModule's ``model.``) converts the fresh architecture by it first, then loads its
+weights strictly. :func:`load_pretrained` loads such weights into a model the caller built
+(pretrained weights before conversion and fine-tuning).
 """
 
 from __future__ import annotations
@@ -82,18 +85,22 @@ def load_model(
         model = unwrap(content)
         return LoadedModel(model, True, f"full module ({type(model).__name__})", detected.format)
     state, checkpoint = _weights_in(content, path)
-    holds = f"{'Lightning checkpoint' if checkpoint else 'state dict'} ({len(state)} tensors)"
+    converted = _is_converted(detected, content)
+    if converted:
+        holds = f"converted weights + spec ({len(state)} tensors)"
+    elif checkpoint:
+        spec = ", conversion spec" if CONVERSION_KEY in content else ""  # type: ignore[operator]
+        holds = f"Lightning checkpoint ({len(state)} tensors{spec})"
+    else:
+        holds = f"state dict ({len(state)} tensors)"
     if arch is None:
         raise ModelFileError(
             f"{path} holds a {holds} but no architecture; pass --arch timm:NAME, torchvision:NAME or "
             "module.path:ClassOrFactory (and --arch-kwargs JSON if it takes arguments)"
         )
     builder = resolve_architecture(arch, "--arch")
-    if _is_converted(detected, content):
-        # Written by this command or save_converted: its spec converts the fresh model first.
-        model = _load_converted(path, build_with(builder, arch, arch_kwargs or {}), f"--arch {arch}")
-        return LoadedModel(model, False, f"converted weights + spec ({len(state)} tensors)", detected.format)
-    if checkpoint and _is_lightning_module_class(builder):
+    label = f"--arch {arch}"
+    if checkpoint and not converted and _is_lightning_module_class(builder):
         kwargs = dict(arch_kwargs or {})
         if not trust_pickle:
             try:
@@ -102,10 +109,13 @@ def load_model(
                 raise ModelFileError(str(error)) from None
             kwargs = {**init_kwargs(builder, values), **kwargs}
         model = _load_lightning_checkpoint(builder, path, arch, kwargs, trust_pickle)
-    else:
-        model = build_with(builder, arch, arch_kwargs or {})
-    _load_weights(model, state, path, f"--arch {arch}")
-    return LoadedModel(model, False, holds, detected.format)
+        _load_weights(model, state, path, label)
+        return LoadedModel(model, False, holds, detected.format)
+    model = build_with(builder, arch, arch_kwargs or {})
+    carried = _load_carried_conversion(detected, content, state, model, label)
+    if carried is None:
+        _load_weights(model, state, path, label)
+    return LoadedModel(model if carried is None else carried, False, holds, detected.format)
 
 
 def load_pretrained(
@@ -135,11 +145,10 @@ def load_pretrained(
     content = _read(detected, trust_pickle, trust_flag)
     if isinstance(content, nn.Module):
         return unwrap(content)
-    state, checkpoint = _weights_in(content, path)
-    if _is_converted(detected, content):
-        return _load_converted(path, model, label)
-    if checkpoint and CONVERSION_KEY in content:  # type: ignore[operator]
-        return _load_converted_run(path, model, content[CONVERSION_KEY], state, label)  # type: ignore[index]
+    state, _ = _weights_in(content, path)
+    carried = _load_carried_conversion(detected, content, state, model, label)
+    if carried is not None:
+        return carried
     head = classifier_name(model)
     left_out = _load_weights(model, state, path, label, new_head=head)
     if left_out:
@@ -187,6 +196,19 @@ def _read(detected: DetectedFile, trust_pickle: bool, trust_flag: str = "--trust
     return _torch_load(detected, trust_pickle, trust_flag)
 
 
+def _load_carried_conversion(
+    detected: DetectedFile, content: object, state: dict[str, Tensor], model: nn.Module, label: str
+) -> nn.Module | None:
+    """``model`` converted by the spec the file carries, its weights then loaded strictly; None when it carries
+    none. Written by ``condconv-convert``/``save_converted`` (weights + spec), or a Lightning checkpoint of a
+    converted run (:data:`~condconv_lightning.checkpoints.CONVERSION_KEY`)."""
+    if _is_converted(detected, content):
+        return _load_converted(detected.path, model, label)
+    if isinstance(content, Mapping) and CONVERSION_KEY in content and isinstance(content.get("state_dict"), Mapping):
+        return _load_converted_run(detected.path, model, content[CONVERSION_KEY], state, label)
+    return None
+
+
 def _load_converted_run(path: Path, model: nn.Module, spec: object, state: dict[str, Tensor], label: str) -> nn.Module:
     """A checkpoint of a converted run: its spec (layer names relative to the LightningModule, as its state dict's
     keys) converts ``model`` first, both read without the first name component they all share (``model.``)."""
@@ -213,7 +235,15 @@ def _converted(path: Path, label: str, load: Callable[[], nn.Module]) -> nn.Modu
     try:
         return load()
     except (ValueError, TypeError, RuntimeError, KeyError) as error:
-        raise ModelFileError(f"the converted weights in {path} do not load into {label}: {one_line(error)}") from None
+        raise ModelFileError(
+            f"the converted weights in {path} do not load into {label}: {one_line(error)}; {_saved_from(label)}"
+        ) from None
+
+
+def _saved_from(label: str) -> str:
+    """The advice for weights that do not fit: the architecture named by ``label`` is not theirs."""
+    arguments = "--arch-kwargs" if label.startswith("--") else "arch_kwargs"
+    return f"pass the architecture (and {arguments}) they were saved from"
 
 
 def _torch_load(detected: DetectedFile, trust_pickle: bool, trust_flag: str) -> object:
@@ -337,11 +367,7 @@ def _load_weights(
         shapes = f"{first}: file {list(state[first].shape)}, model {list(expected[first].shape)}"
         problems.append(f"{len(reshaped)} with another shape ({shapes})")
     if problems:
-        arguments = "--arch-kwargs" if label.startswith("--") else "arch_kwargs"
-        raise ModelFileError(
-            f"the weights in {path} do not match {label}: {', '.join(problems)}; "
-            f"pass the architecture (and {arguments}) they were saved from"
-        )
+        raise ModelFileError(f"the weights in {path} do not match {label}: {', '.join(problems)}; {_saved_from(label)}")
     model.load_state_dict(state, strict=True)
     return left_out
 

@@ -27,11 +27,13 @@ from ..formats import DetectedFile, FileFormat, detect_format
 from ..io import (
     SAFETENSORS_SUFFIXES,
     PathLike,
+    Verify,
     atomic_write,
     key_mismatches,
     load_state_dict,
     load_trusted_pickle,
     load_weights_only,
+    save_module,
     save_state_dict,
     torch_save,
 )
@@ -52,6 +54,7 @@ def save_converted(
     *,
     as_module: bool = False,
     overwrite: bool = False,
+    verify: Verify | None = None,
 ) -> Path:
     """Write a converted model atomically; returns the path.
 
@@ -62,6 +65,8 @@ def save_converted(
             CondConv2d in ``model`` (:func:`~condconv_lightning.surgery.describe`).
         as_module: write the full pickled module instead of weights + spec.
         overwrite: replace an existing file.
+        verify: called with the written file before it takes its name (e.g. load it back and
+            compare outputs); what it raises propagates, and nothing is written.
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
@@ -73,16 +78,16 @@ def save_converted(
             raise ValueError(
                 f"{target}: a full module cannot be stored as safetensors; use a .pt path or as_module=False"
             )
-        with atomic_write(target, overwrite=overwrite) as tmp:
-            torch_save(model, tmp)
-        return target
+        return save_module(model, target, overwrite=overwrite, verify=verify)
     spec = spec if spec is not None else describe(model)
     _check_covers(spec, model)
     text = spec.to_json(indent=None)
     if target.suffix in SAFETENSORS_SUFFIXES:
-        return save_state_dict(model.state_dict(), target, overwrite=overwrite, metadata={SPEC_KEY: text})
+        return save_state_dict(
+            model.state_dict(), target, overwrite=overwrite, metadata={SPEC_KEY: text}, verify=verify
+        )
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_write(target, overwrite=overwrite) as tmp:
+    with atomic_write(target, overwrite=overwrite, verify=verify) as tmp:
         torch_save({"format": FILE_FORMAT, "spec": text, "state_dict": tensors}, tmp)
     return target
 
