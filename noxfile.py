@@ -43,7 +43,8 @@ def docs(session: nox.Session) -> None:
 @nox.session
 @nox.parametrize("stack", list(STACKS))
 def tests(session: nox.Session, stack: str) -> None:
-    """The whole test suite; tests that need torchvision or timm skip, with the reason, where they are missing."""
+    """The whole test suite, the ONNX export included; tests that need torchvision or timm skip, with the
+    reason, where they are missing."""
     session.install(*STACKS[stack])
-    session.install("-e", ".[dev]")
+    session.install("-e", ".[dev,onnx]")  # onnx: condconv-convert --to onnx runs its check in onnxruntime
     session.run("python", "-m", "pytest", "-q", *session.posargs)
