@@ -327,6 +327,17 @@ def test_seed_sets_the_expert_perturbations(work: Path) -> None:
     assert torch.equal(written, experts[5]) and not torch.equal(written, experts[6])
 
 
+def test_an_exact_random_router_passes_the_check_and_is_stored_in_the_spec(work: Path) -> None:
+    options = ["--router-init", "random", "--router-scale", "3", "--routing", "softmax", "--perturbation", "0"]
+    result = run_cli("full.pt", "--trust-pickle", "--layers", "layer4", *options, "-o", "routed.pt", "--json", cwd=work)
+    facts = json.loads(succeeded(result).stdout)
+    assert facts["check"]["passed"] and facts["check"]["max_rel_diff"] <= 1e-5
+    routers = [
+        m.router.weight for m in torch.load(work / "routed.pt", weights_only=False).modules() if hasattr(m, "router")
+    ]
+    assert routers and all(router.abs().sum() > 0 for router in routers)
+
+
 def test_version(work: Path) -> None:
     assert succeeded(run_cli("--version", cwd=work)).stdout.split()[:2] == ["condconv-convert", __version__]
 
@@ -507,6 +518,18 @@ IN_PROCESS_CASES = [
         ["full.pt", "--trust-pickle", "--layers", "layer3", "-o", "full.pt", "--force"],
         1,
         ["is the input"],
+    ),
+    (
+        "random router under sigmoid, checked",
+        ["full.pt", "--trust-pickle", "--layers", "layer4", "--router-init", "random"],
+        2,
+        ["do not convert exactly (a random router under sigmoid routing", "--no-check"],
+    ),
+    (
+        "random router with perturbed experts, checked",
+        ["full.pt", "--trust-pickle", "--layers", "layer4", "--router-init", "random", "--routing", "softmax"],
+        2,
+        ["(a random router mixes the perturbed experts unevenly (perturbation 0.05))", "--perturbation 0"],
     ),
     (
         "full module to safetensors",

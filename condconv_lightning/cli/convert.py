@@ -291,6 +291,11 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     except ValueError as error:
         raise CommandError(str(error)) from None
     _check_packages(args)
+    if args.layers is not None and not (args.no_check or args.list) and (reason := config_from_args(args).inexactness):
+        raise UsageError(
+            f"these options do not convert exactly ({reason}), so the check would fail; for an exact random router "
+            "use --routing softmax (or normalized_sigmoid) with --perturbation 0, or pass --no-check to convert anyway"
+        )
     writes = not (args.list or args.dry_run)
     # A bad output fails before any work; without --layers, whether the command line works depends on the model.
     output = _output_path(args.model, args.output, args.force, args.to) if writes and args.layers else None
