@@ -206,3 +206,21 @@ def test_cli_runs_the_single_device_example_config(tmp_path: Path) -> None:
     assert temperatures == {30.0}  # softmax routing at the start of the 30 -> 1 schedule
     scheduler_state = next(v for k, v in state["callbacks"].items() if "RoutingTemperatureScheduler" in k)
     assert scheduler_state == {"temperature": 30.0}
+
+
+def test_swapping_in_the_image_folder_module_carries_no_worker_count_over(tmp_path: Path, capsys) -> None:
+    """The default data module's options carry over to one given by class name on the command line; a worker
+    count of 0 carried over would stop the folder module from choosing one per spare CPU."""
+    import yaml
+
+    from condconv_lightning.cli.finetune import main
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(SystemExit) as printed:
+        main(["fit", "--data", "ImageFolderDataModule", "--data.root", str(tmp_path), "--print_config"])
+    assert printed.value.code == 0
+    data = yaml.safe_load(capsys.readouterr().out)["data"]
+    assert data["class_path"].endswith("ImageFolderDataModule")
+    assert data["init_args"]["num_workers"] is None
+    assert SyntheticImageDataModule().num_workers == 0  # its own default: none, the data is in memory

@@ -194,7 +194,9 @@ class SyntheticImageDataModule(pl.LightningDataModule):
         seed: seed of the generator; the same seed gives the same data on every process. The training order
             is a permutation seeded by ``seed`` and the epoch (:class:`EpochShuffleSampler`), sharded across DDP
             processes by this module itself, and resumes where a checkpoint left it (:class:`ResumableDataLoader`).
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes; None (the default) runs none, as the data is in
+            memory. None rather than 0, so that a command line that swaps in another data module
+            (``--data ImageFolderDataModule``) carries no worker count over and that module picks its own.
 
     Examples:
 
@@ -214,7 +216,7 @@ class SyntheticImageDataModule(pl.LightningDataModule):
         batch_size: int = 64,
         noise: float = 0.3,
         seed: int = 0,
-        num_workers: int = 0,
+        num_workers: int | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("train_size", train_size), ("val_size", val_size), ("batch_size", batch_size)):
@@ -228,7 +230,7 @@ class SyntheticImageDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.noise = noise
         self.seed = seed
-        self.num_workers = num_workers
+        self.num_workers = 0 if num_workers is None else num_workers
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
 
