@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from console_scripts import run_script
 from rich.console import Console
 from zoo import SqueezeExcite
 
@@ -117,14 +118,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_cli(*args: object, cwd: Path, debug: bool = False) -> subprocess.CompletedProcess:
-    command = shutil.which("condconv-convert")
-    if command is None:
-        pytest.fail("the condconv-convert console script is not installed; run `pip install -e .`")
-    env = {**os.environ, "COLUMNS": "120"}
-    env.pop("CONDCONV_DEBUG", None)
-    if debug:
-        env["CONDCONV_DEBUG"] = "1"
-    return subprocess.run([command, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return run_script("condconv-convert", *args, cwd=cwd, debug=debug)
 
 
 def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

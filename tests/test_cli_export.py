@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from console_scripts import UNTUNED, run_script, script_environment
 from test_real_models import registry
 
 from condconv_lightning import CondConv2d
@@ -41,19 +42,8 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def environment(columns: int = 120) -> dict[str, str]:
-    env = {**os.environ, "CONDCONV_TUNE": "0", "OMP_NUM_THREADS": "1", "COLUMNS": str(columns)}
-    env.pop("CONDCONV_DEBUG", None)
-    return env
-
-
 def run_cli(*args: object, cwd: Path, columns: int = 120) -> subprocess.CompletedProcess:
-    command = shutil.which("condconv-convert")
-    if command is None:
-        pytest.fail("the condconv-convert console script is not installed; run `pip install -e .`")
-    return subprocess.run(
-        [command, *map(str, args)], cwd=cwd, env=environment(columns), capture_output=True, text=True, timeout=300
-    )
+    return run_script("condconv-convert", *args, cwd=cwd, columns=columns, extra_env=UNTUNED)
 
 
 def succeeded(result: subprocess.CompletedProcess) -> dict:
@@ -82,7 +72,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--data.init_args.batch_size", "8", "--data.init_args.image_size", "32",
             "--model.num_classes", str(NUM_CLASSES), "--model.router_lr", "0.5",
         ],
-        cwd=folder, env=environment(), capture_output=True, text=True, timeout=600,
+        cwd=folder, env=script_environment(extra=UNTUNED), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     (checkpoint,) = folder.glob("**/*.ckpt")

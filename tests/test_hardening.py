@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from console_scripts import run_script
 
 from condconv_lightning import CondConv2d
 from condconv_lightning.checkpoints import UntrustedCheckpointError, code_references
@@ -41,21 +42,6 @@ class FileCreator:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
-
-
-def run_cli(program: str, *args: object, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    command = shutil.which(program)
-    assert command is not None, f"the {program} console script is not installed; run `pip install -e .`"
-    env = {k: v for k, v in os.environ.items() if k != "CONDCONV_DEBUG"}
-    return subprocess.run(
-        [command, *map(str, args)],
-        cwd=cwd,
-        env={**env, "COLUMNS": "120"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        **kwargs,
-    )
 
 
 def classifier_checkpoint(path: Path, converted: bool = True, **hyper_parameters: object) -> Path:
@@ -146,13 +132,15 @@ def test_code_references_are_found_at_any_depth() -> None:
 
 @pytest.mark.slow
 def test_command_lines_refuse_untrusted_checkpoints(evil: dict[str, Path], tmp_path: Path) -> None:
-    converted = run_cli(
+    converted = run_script(
         "condconv-convert", evil["trusting"], "--arch", ARCH, "--layers", "model.layer2", "--no-check", cwd=tmp_path
     )
     assert converted.returncode == 0, converted.stderr
-    refused = run_cli("condconv-convert", evil["class_path"], "--arch", ARCH, "--layers", "model.layer4", cwd=tmp_path)
+    refused = run_script(
+        "condconv-convert", evil["class_path"], "--arch", ARCH, "--layers", "model.layer4", cwd=tmp_path
+    )
     assert refused.returncode == 1 and "name code to import" in refused.stderr and "--trust-pickle" in refused.stderr
-    validate = run_cli(
+    validate = run_script(
         "condconv-finetune",
         "validate",
         "--ckpt_path",
@@ -168,7 +156,7 @@ def test_command_lines_refuse_untrusted_checkpoints(evil: dict[str, Path], tmp_p
         cwd=tmp_path,
     )
     assert validate.returncode == 0, validate.stderr[-2000:]
-    class_path = run_cli("condconv-finetune", "validate", "--ckpt_path", evil["class_path"], cwd=tmp_path)
+    class_path = run_script("condconv-finetune", "validate", "--ckpt_path", evil["class_path"], cwd=tmp_path)
     assert class_path.returncode == 2 and "--trust_checkpoint true" in class_path.stderr
     assert not evil["marker"].exists()
 
@@ -318,14 +306,16 @@ def test_markup_in_module_names_and_paths_is_printed_as_text(tmp_path: Path) -> 
     folder = tmp_path / "in[" / "]put"  # the path reads in[/]put, a rich closing tag
     folder.mkdir(parents=True)
     (tmp_path / "markup_arch.py").write_text(MARKUP_ARCH)
-    result = run_cli(
+    result = run_script(
         "python", "-c", "import torch, markup_arch; torch.save(markup_arch.Net(), 'in[/]put/model.pt')", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
-    result = run_cli("condconv-convert", "in[/]put/model.pt", "--trust-pickle", "--layers", "*", cwd=tmp_path)
+    result = run_script("condconv-convert", "in[/]put/model.pt", "--trust-pickle", "--layers", "*", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "[/b]" in result.stdout and "[red]x" in result.stdout and "in[/]put/model.pt" in result.stdout
-    listed = run_cli("condconv-convert", "in[/]put/model.pt", "--trust-pickle", "--list", "--layers", "*", cwd=tmp_path)
+    listed = run_script(
+        "condconv-convert", "in[/]put/model.pt", "--trust-pickle", "--list", "--layers", "*", cwd=tmp_path
+    )
     assert listed.returncode == 0 and "convs.[/b]" in listed.stdout
 
 
@@ -461,7 +451,7 @@ def test_zip_bomb_is_refused_before_it_inflates(tmp_path: Path) -> None:
     assert bomb.stat().st_size < 2**20
     with pytest.raises(UnsafeFileError, match=r"inflates from \d+ to 67108864 bytes; torch.save never compresses"):
         load_weights_only(bomb)
-    result = run_cli("condconv-convert", "bomb.pt", "--layers", "x", cwd=tmp_path)
+    result = run_script("condconv-convert", "bomb.pt", "--layers", "x", cwd=tmp_path)
     assert result.returncode == 1 and "zip bomb" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 

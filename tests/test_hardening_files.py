@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import stat
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from console_scripts import run_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,23 +31,12 @@ from condconv_lightning.functional import save_tuning_cache
 from condconv_lightning.io import OutputPathError, WriteError, atomic_write, save_state_dict
 from condconv_lightning.surgery import convert, save_converted
 
-CONVERT = shutil.which("condconv-convert")
-
 
 def run_convert(*args: object, cwd: Path, limit_bytes: int | None = None) -> subprocess.CompletedProcess:
     """The installed console script; ``limit_bytes`` caps the size of every file it writes
     (``RLIMIT_FSIZE``, with ``SIGXFSZ`` ignored: a write past it fails with ``EFBIG``, as on a full disk)."""
-    assert CONVERT is not None, "the condconv-convert console script is not installed; run `pip install -e .`"
-    env = {k: v for k, v in os.environ.items() if k != "CONDCONV_DEBUG"}
-    return subprocess.run(
-        [CONVERT, *map(str, args)],
-        cwd=cwd,
-        env={**env, "COLUMNS": "120"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=None if limit_bytes is None else lambda: _limit_file_size(limit_bytes),
-    )
+    limit = None if limit_bytes is None else lambda: _limit_file_size(limit_bytes)
+    return run_script("condconv-convert", *args, cwd=cwd, preexec_fn=limit)
 
 
 def _limit_file_size(limit_bytes: int) -> None:

@@ -29,9 +29,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +38,7 @@ from types import ModuleType
 import pytest
 import torch
 import torch.nn as nn
+from console_scripts import UNTUNED, run_script
 from reference import relative_difference
 
 from condconv_lightning import CondConv2d, convert, load_converted, save_converted
@@ -367,13 +366,7 @@ def test_timm_condconv2d_gradients_match_the_functional_form_in_float64(strategy
 
 
 def run_convert(*args: object, cwd: Path) -> subprocess.CompletedProcess:
-    """The installed console script, as users run it (see test_cli_convert)."""
-    command = shutil.which("condconv-convert")
-    if command is None:
-        pytest.fail("the condconv-convert console script is not installed; run `pip install -e .`")
-    env = {**os.environ, "CONDCONV_TUNE": "0", "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
-    env.pop("CONDCONV_DEBUG", None)
-    return subprocess.run([command, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return run_script("condconv-convert", *args, cwd=cwd, extra_env=UNTUNED)
 
 
 @pytest.mark.parametrize(
