@@ -96,7 +96,7 @@ def test_a_second_run_gives_the_same_numbers_and_prints_progress(
 
 def test_converted_file_came_from_the_cli_and_loads(run: tuple[Path, str]) -> None:
     out, stdout = run
-    assert "check: input 2x3x16x16" in stdout and "passed" in stdout  # printed by condconv-convert itself
+    assert "check converted vs original, input 2x3x16x16: passed" in stdout  # printed by condconv-convert itself
     original = resnet_tiny(num_classes=4)
     original.load_state_dict(torch.load(out / "original.pt", weights_only=True))
     converted = load_converted(out / "converted.pt", resnet_tiny(num_classes=4))

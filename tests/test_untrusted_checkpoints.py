@@ -15,6 +15,7 @@ import inspect
 import io
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -27,8 +28,9 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from console_scripts import run_script
 from peak_memory import PRELUDE
-from test_hardening import classifier_checkpoint, run_cli
+from test_hardening import classifier_checkpoint
 from test_models_by_name import registries as registries  # a fixture
 from torch import nn
 
@@ -372,7 +374,7 @@ def test_ckpt_path_strings_bound_to_code_typed_options_import_nothing(tmp_path: 
     checkpoint["datamodule_hyper_parameters"] = {"_class_path": "hostile.Anything"}  # Lightning's CLI skips it
     torch.save(checkpoint, path)
     small = ["--data.val_size", "8", "--data.train_size", "8", "--data.batch_size", "8", "--trainer.logger", "false"]
-    done = run_cli("condconv-finetune", "validate", "--ckpt_path", path, *small, cwd=tmp_path)
+    done = run_script("condconv-finetune", "validate", "--ckpt_path", path, *small, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert not (tmp_path / "imported").exists() and not (tmp_path / "built").exists()
     hostile = {
@@ -380,7 +382,7 @@ def test_ckpt_path_strings_bound_to_code_typed_options_import_nothing(tmp_path: 
         "deep": (deeply_nested(tmp_path / "deep.ckpt", 50_000, path, "callbacks"), "the checkpoint nests deeper"),
     }
     for checkpoint, message in hostile.values():
-        refused = run_cli("condconv-finetune", "validate", "--ckpt_path", checkpoint, *small, cwd=tmp_path)
+        refused = run_script("condconv-finetune", "validate", "--ckpt_path", checkpoint, *small, cwd=tmp_path)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
         assert message in refused.stderr.strip().splitlines()[-1]
 
@@ -435,7 +437,7 @@ SIGNAL_AT = textwrap.dedent(
 )
 def test_a_signal_stops_the_run_with_its_exit_status(tmp_path: Path, name: str, status: int, saved: tuple) -> None:
     (tmp_path / "signal_at.py").write_text(SIGNAL_AT)
-    done = run_cli(
+    done = run_script(
         "condconv-finetune",
         "fit",
         "--trainer.max_steps",
@@ -461,6 +463,9 @@ def test_a_signal_stops_the_run_with_its_exit_status(tmp_path: Path, name: str, 
         "--trainer.callbacks.dirpath",
         tmp_path / "checkpoints",
         cwd=tmp_path,
+        # A shell starts background jobs with SIGINT ignored, and a child inherits that; the run stands for
+        # one started at a terminal, where Ctrl-C interrupts.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert done.returncode == status, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1] == (
@@ -508,7 +513,7 @@ def test_resumed_checkpoint_paths_that_lead_out_of_the_folder_are_dropped(tmp_pa
 @pytest.mark.slow
 def test_resuming_a_hostile_checkpoint_deletes_nothing_outside_the_run(tmp_path: Path) -> None:
     small = ["--trainer.max_steps", "2", "--data.train_size", "8", "--data.val_size", "8", "--data.batch_size", "4"]
-    first = run_cli("condconv-finetune", "fit", *small, "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    first = run_script("condconv-finetune", "fit", *small, "--trainer.enable_progress_bar", "false", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     checkpoint = torch.load(next(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt")), weights_only=True)
     (state,) = [state for key, state in checkpoint["callbacks"].items() if key.startswith("ModelCheckpoint")]
@@ -516,7 +521,7 @@ def test_resuming_a_hostile_checkpoint_deletes_nothing_outside_the_run(tmp_path:
     state["best_model_path"] = "lightning_logs/version_1/checkpoints/../../../precious.txt"
     torch.save(checkpoint, tmp_path / "hostile.ckpt")
     (tmp_path / "precious.txt").write_text("kept")
-    resumed = run_cli(
+    resumed = run_script(
         "condconv-finetune", "fit", "--ckpt_path", "hostile.ckpt", *small[:1], "4", *small[2:], cwd=tmp_path
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
