@@ -272,8 +272,8 @@ class RoutingEntropyMonitor(Callback):
             rank_zero_warn(
                 f"routing of {len(stuck)} CondConv2d layer(s) ({shown}) has been uniform for {self.uniform_steps} "
                 "steps: every sample mixes the experts alike, so each layer acts as one kernel. Convert with "
-                "router_init='random' and routing='softmax' (still exact; CLI: --router-init random --routing "
-                "softmax --perturbation 0) so the experts get different gradients from the first step"
+                "router_init='random', routing='softmax' and perturbation=0 (still exact; CLI: --router-init random "
+                "--routing softmax --perturbation 0) so the experts get different gradients from the first step"
             )
 
     @override
