@@ -125,6 +125,32 @@ def test_quick_study_writes_every_run_and_artifact(quick: tuple[Path, dict]) -> 
     assert "| static |" in summary and "| scratch |" in summary and "## renderings" in summary
 
 
+def test_a_rerun_trains_the_same_models(quick: tuple[Path, dict], tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(TOOL),
+            "--quick",
+            "--tasks",
+            "gratings",
+            "--variants",
+            "random_softmax",
+            "--out",
+            tmp_path,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    again = json.loads((tmp_path / "results.json").read_text())["runs"]
+    first = {(r["task"], r["variant"], r["seed"]): r for r in quick[1]["runs"]}
+    assert len(again) == 4  # static and random_softmax, 2 seeds
+    for run in again:
+        same = first[(run["task"], run["variant"], run["seed"])]
+        assert run["curve"]["val_acc"] == same["curve"]["val_acc"] and run["routing"] == same["routing"]
+
+
 def test_upcycled_variants_start_where_the_static_model_stands(quick: tuple[Path, dict]) -> None:
     """Every exact recipe's step-0 outputs are the static model's; the runs share the static steps' curve."""
     _, results = quick

@@ -60,7 +60,7 @@ from condconv_lightning import __version__
 from condconv_lightning.condconv2d import CondConv2d
 from condconv_lightning.demos import ResNet, make_multicontext_gratings
 from condconv_lightning.finetune import parameter_groups
-from condconv_lightning.functional import routing_entropy
+from condconv_lightning.functional import routing_entropy, set_tuning
 from condconv_lightning.io import atomic_write
 from condconv_lightning.metrics import RoutingEntropy
 from condconv_lightning.surgery import ConversionConfig, convert
@@ -862,6 +862,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     variants = ["static", *(v for v in variants if v != "static")]
     if args.threads is not None or "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(args.threads or 1)
+    # The rules, not timings, pick each layer's strategy: timed choices can differ from run to run, and
+    # strategies round differently, so a rerun would train another model.
+    set_tuning(False)
     args.out.mkdir(parents=True, exist_ok=True)
     seeds = range(args.first_seed, args.first_seed + config.seeds)
 
