@@ -8,6 +8,7 @@ Each python start imports torch (~1.5 s), so cases that share a setup share a ru
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from console_scripts import run_script
 from rich.console import Console
 from zoo import SqueezeExcite
 
-from condconv_lightning import CondConv2d, __version__
+from condconv_lightning import CondConv2d, ConversionConfig, __version__
 from condconv_lightning.cli.listing import conv_rows, conv_table, mark_selection
 from condconv_lightning.demos import mobilenet_tiny, resnet50_like, resnet_tiny
 
@@ -695,3 +696,14 @@ def test_the_check_holds_a_bf16_or_fp16_model_to_its_own_precision(
         ["model.pt", "--trust-pickle", "--layers", "layer4", "--dry-run", "--json", "--tolerance", "1e-9"], capsys
     )
     assert facts["check"]["tolerance"] == 1e-9  # an explicit --tolerance is taken as given
+
+
+def test_every_conversion_option_says_its_default_in_words() -> None:
+    """Options generated from ConversionConfig: a None default reads as what it means, never as 'None'."""
+    from condconv_lightning.cli.convert import build_parser
+
+    parser = build_parser()
+    helps = {action.dest: action.help for action in parser._actions if action.help}
+    for field in dataclasses.fields(ConversionConfig):
+        assert "(default: " in helps[field.name] and "None" not in helps[field.name], helps[field.name]
+    assert helps["kernel_sizes"].endswith("(default: all)") and helps["seed"].endswith("(default: 0)")

@@ -26,7 +26,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str,
     for field in dataclasses.fields(ConversionConfig):
         default = defaults.get(field.name, field.default)
         flag = "--" + field.name.replace("_", "-")
-        help_text = f"{field.metadata.get('help', '')} (default: {_shown(default)})"
+        shown = field.metadata.get("default_shown", default) if field.name not in defaults else default
+        help_text = f"{field.metadata.get('help', '')} (default: {shown})"
         kind = _unoptional(hints[field.name])
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
@@ -78,7 +79,3 @@ def _unoptional(kind: Any) -> Any:
     arguments = [a for a in typing.get_args(kind) if a is not type(None)]
     union = typing.get_origin(kind) in (typing.Union, types.UnionType)
     return arguments[0] if union and len(arguments) == 1 else kind
-
-
-def _shown(value: Any) -> str:
-    return "all" if value is None else str(value)

@@ -78,9 +78,11 @@ class ConversionConfig:
     perturbation: float = field(default=0.05, metadata={"help": "symmetry-breaking expert offsets, relative to std(W)"})
     router_init: RouterInit = field(default="zero", metadata={"help": "router weights at conversion"})
     router_scale: float = field(default=1.0, metadata={"help": "scale of a random router's weights"})
-    seed: int | None = field(default=None, metadata={"help": "seed of the expert offsets"})
+    seed: int | None = field(
+        default=None, metadata={"help": "seed of the expert offsets", "default_shown": "torch's global generator"}
+    )
     kernel_sizes: tuple[tuple[int, int], ...] | None = field(
-        default=None, metadata={"help": "convert only these kernel sizes, e.g. 3 or 1x3"}
+        default=None, metadata={"help": "convert only these kernel sizes, e.g. 3 or 1x3", "default_shown": "all"}
     )
     min_channels: int = field(default=0, metadata={"help": "convert only convs with this many in and out channels"})
     include_depthwise: bool = field(default=True, metadata={"help": "also convert depthwise convs"})
