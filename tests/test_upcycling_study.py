@@ -125,30 +125,29 @@ def test_quick_study_writes_every_run_and_artifact(quick: tuple[Path, dict]) -> 
     assert "| static |" in summary and "| scratch |" in summary and "## renderings" in summary
 
 
-def test_a_rerun_trains_the_same_models(quick: tuple[Path, dict], tmp_path: Path) -> None:
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(TOOL),
-            "--quick",
-            "--tasks",
-            "gratings",
-            "--variants",
-            "random_softmax",
-            "--out",
-            tmp_path,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def run_tool(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_seeds_run_apart_merge_into_the_run_of_one_process(quick: tuple[Path, dict], tmp_path: Path) -> None:
+    """A seed trains the same models in any process, so seeds split over processes join into one study."""
+    for seed in (0, 1):
+        part = ("--quick", "--tasks", "gratings", "--variants", "random_softmax", "--first-seed", seed, "--seeds", 1)
+        completed = run_tool(*part, "--out", tmp_path / f"seed{seed}")
+        assert completed.returncode == 0, completed.stderr[-3000:]
+    parts = [tmp_path / f"seed{seed}" / "results.json" for seed in (0, 1)]
+    completed = run_tool("--merge", *parts, "--out", tmp_path / "merged")
     assert completed.returncode == 0, completed.stderr[-3000:]
-    again = json.loads((tmp_path / "results.json").read_text())["runs"]
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["seed_list"] == [0, 1] and len(merged["runs"]) == 4  # static and random_softmax, 2 seeds
     first = {(r["task"], r["variant"], r["seed"]): r for r in quick[1]["runs"]}
-    assert len(again) == 4  # static and random_softmax, 2 seeds
-    for run in again:
+    for run in merged["runs"]:
         same = first[(run["task"], run["variant"], run["seed"])]
         assert run["curve"]["val_acc"] == same["curve"]["val_acc"] and run["routing"] == same["routing"]
+    assert "| random_softmax |" in (tmp_path / "merged" / "summary.md").read_text()
+    assert (tmp_path / "merged" / "delta_vs_static_gratings.png").stat().st_size > 10_000
+    twice = run_tool("--merge", parts[0], parts[0], "--out", tmp_path / "twice")
+    assert twice.returncode == 2 and "gratings seed 0 is in an earlier file too" in twice.stderr
 
 
 def test_upcycled_variants_start_where_the_static_model_stands(quick: tuple[Path, dict]) -> None:

@@ -1,6 +1,7 @@
 """Multi-seed upcycling study: does converting a trained CNN to CondConv pay, and with which recipe?
 
     python tools/upcycling_study.py [--quick] [--seeds N] [--tasks a,b] [--variants a,b] [--total-steps N] [--out DIR]
+    python tools/upcycling_study.py --merge A/results.json B/results.json --out DIR   # seeds run apart, joined
 
 Protocol, per task and seed, at one budget of ``total_steps`` training steps for every model:
 
@@ -843,6 +844,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--convert-at", type=int, default=None, help="static steps before conversion (default: half)")
     parser.add_argument("--out", type=Path, default=Path("runs/upcycling_study"))
     parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="RESULTS",
+        help="instead of training, join the results.json of runs of other seeds or tasks (same settings and "
+        "variants; seeds train the same models in any process) and write their tables and plots into --out",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -850,6 +859,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "made these small steps several times slower)",
     )
     args = parser.parse_args(argv)
+    if args.merge:
+        try:
+            results = merged(args.merge)
+        except ValueError as error:
+            parser.error(str(error))
+        return write_report(results, args.out)
     config = QUICK if args.quick else FULL
     if args.total_steps is not None:
         config = dataclasses.replace(config, total_steps=args.total_steps, convert_at=args.total_steps // 2)
@@ -924,13 +939,52 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["seconds"] = time.perf_counter() - started
             write_json(args.out / "results.json", results)  # after every seed: a stopped run keeps what it did
     results["machine"]["load_average_1min_at_end"] = os.getloadavg()[0]
-    plots = [path for task_name in args.tasks for path in plot(results, task_name, args.out)]
     results["seconds"] = time.perf_counter() - started
-    write_json(args.out / "results.json", results)
-    with atomic_write(args.out / "summary.md", overwrite=True) as tmp:
+    return write_report(results, args.out)
+
+
+def write_report(results: dict[str, Any], out: Path) -> int:
+    """``results.json``, ``summary.md`` and the plots of every task into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots = [path for task_name in results["tasks"] for path in plot(results, task_name, out)]
+    write_json(out / "results.json", results)
+    with atomic_write(out / "summary.md", overwrite=True) as tmp:
         tmp.write_text(summary_markdown(results))
-    print(f"wrote results.json, summary.md and {len(plots)} plots to {args.out} in {results['seconds']:.0f} s")
+    print(f"wrote results.json, summary.md and {len(plots)} plots to {out} ({results['seconds'] / 60:.1f} min of runs)")
     return 0
+
+
+def merged(paths: Sequence[Path]) -> dict[str, Any]:
+    """One results dict from the ``results.json`` of several runs with the same settings and variants.
+
+    Runs of one seed train the same models in any process (seeded, strategies by rules), so runs
+    split over processes or machines join into the run one process would have made; only the
+    timings differ. A (task, seed) in two files is refused.
+    """
+    parts = [json.loads(Path(path).read_text()) for path in paths]
+    first = parts[0]
+    for path, part in zip(paths, parts):
+        for key in ("mode", "config", "variants_run"):
+            if part[key] != first[key]:
+                raise ValueError(f"{path}: its {key} differs from {paths[0]}'s; merge runs of one setting only")
+    results = copy.deepcopy(first)
+    results["runs"], results["tasks"], seen = [], {}, set()
+    for path, part in zip(paths, parts):
+        for task, about in part["tasks"].items():
+            joined = results["tasks"].setdefault(task, {**about, "pretrain": {}})
+            for seed in about["pretrain"]:
+                if (task, seed) in seen:
+                    raise ValueError(f"{path}: {task} seed {seed} is in an earlier file too")
+                seen.add((task, seed))
+                joined["pretrain"][seed] = about["pretrain"][seed]
+        results["runs"] += part["runs"]
+    seeds = sorted({int(seed) for _, seed in seen})
+    results.update(seeds=len(seeds), seed_list=seeds, seconds=sum(part["seconds"] for part in parts))
+    results["merged_from"] = [
+        {"path": str(path), "machine": part["machine"], "seed_list": part["seed_list"], "seconds": part["seconds"]}
+        for path, part in zip(paths, parts)
+    ]
+    return results
 
 
 def progress(message: str, started: float, done: int, total: int) -> None:
