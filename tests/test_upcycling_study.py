@@ -140,6 +140,7 @@ def test_seeds_run_apart_merge_into_the_run_of_one_process(quick: tuple[Path, di
     assert completed.returncode == 0, completed.stderr[-3000:]
     merged = json.loads((tmp_path / "merged" / "results.json").read_text())
     assert merged["seed_list"] == [0, 1] and len(merged["runs"]) == 4  # static and random_softmax, 2 seeds
+    assert merged["seeds"] == merged["config"]["seeds"] == 2  # each part ran one
     first = {(r["task"], r["variant"], r["seed"]): r for r in quick[1]["runs"]}
     for run in merged["runs"]:
         same = first[(run["task"], run["variant"], run["seed"])]

@@ -963,9 +963,13 @@ def merged(paths: Sequence[Path]) -> dict[str, Any]:
     """
     parts = [json.loads(Path(path).read_text()) for path in paths]
     first = parts[0]
+
+    def setting(part: dict[str, Any]) -> dict[str, Any]:
+        return {"mode": part["mode"], "config": {**part["config"], "seeds": None}, "variants_run": part["variants_run"]}
+
     for path, part in zip(paths, parts):
-        for key in ("mode", "config", "variants_run"):
-            if part[key] != first[key]:
+        for key, value in setting(part).items():
+            if value != setting(first)[key]:
                 raise ValueError(f"{path}: its {key} differs from {paths[0]}'s; merge runs of one setting only")
     results = copy.deepcopy(first)
     results["runs"], results["tasks"], seen = [], {}, set()
@@ -980,6 +984,7 @@ def merged(paths: Sequence[Path]) -> dict[str, Any]:
         results["runs"] += part["runs"]
     seeds = sorted({int(seed) for _, seed in seen})
     results.update(seeds=len(seeds), seed_list=seeds, seconds=sum(part["seconds"] for part in parts))
+    results["config"]["seeds"] = len(seeds)
     results["merged_from"] = [
         {"path": str(path), "machine": part["machine"], "seed_list": part["seed_list"], "seconds": part["seconds"]}
         for path, part in zip(paths, parts)
