@@ -180,14 +180,15 @@ def _tied_weights(model: nn.Module, planned: list[nn.Module]) -> str:
 
 
 def with_options(config: ConversionConfig | None, options: dict[str, Any]) -> ConversionConfig:
-    """``config`` (default: the defaults) with ``options`` (its field names) replaced; validated."""
+    """``config`` (default: the defaults) with ``options`` (its field names) replaced; validated and
+    :meth:`~ConversionConfig.resolved`, so a spec records what ran."""
     unknown = sorted(set(options) - set(ConversionConfig.field_names()))
     if unknown:
         raise TypeError(
             f"unknown conversion option {unknown[0]!r}; options are the fields of ConversionConfig: "
             f"{', '.join(ConversionConfig.field_names())}"
         )
-    return dataclasses.replace(config or ConversionConfig(), **options)
+    return dataclasses.replace(config or ConversionConfig(), **options).resolved()
 
 
 def apply_spec(
@@ -235,7 +236,7 @@ def apply_spec(
         if (reason := _refusal(module, (type(module),))) is not None:
             raise ValueError(f"spec layer {name!r} cannot be converted: it {reason}")
         plan.append((candidate, layer_options))
-    config = spec.config if upcycle else dataclasses.replace(spec.config, init="fresh")
+    config = spec.config.resolved() if upcycle else dataclasses.replace(spec.config, init="fresh").resolved()
     converted = _convert_planned(model, plan, config, input_size)
     return ConversionReport(converted, [], already, dataclasses.replace(spec), _size(input_size))
 
