@@ -254,8 +254,9 @@ class RoutingEntropyMonitor(Callback):
                 self._warned.add(name)
                 rank_zero_warn(
                     f"routing of {printable(name)} collapsed onto few experts: usage entropy {usage:.3f} < "
-                    f"collapse_threshold {self.collapse_threshold}; consider softmax routing with a temperature "
-                    "schedule or a lower learning rate for routers"
+                    f"collapse_threshold {self.collapse_threshold}; consider a temperature above 1 "
+                    "(RoutingTemperatureScheduler), a smaller router_scale when converting, or a lower learning rate "
+                    "for routers"
                 )
 
     def _warn_on_uniform(self, logged: dict[str, float], prefix: str, observed: list[str], step: int) -> None:
