@@ -305,24 +305,21 @@ def test_check_input_shape_is_inferred_from_the_first_conv(work: Path) -> None:
     assert json.loads(result.stdout)["check"]["input_shape"] == [1, 3, 224, 224]
 
 
-@pytest.mark.parametrize(
-    ("options", "drawn"),
-    [([], "router.weight"), (["--routing", "sigmoid"], "weight")],  # a random router; a zero one, perturbed experts
-    ids=["default", "sigmoid"],
-)
-def test_seed_sets_what_the_conversion_draws(work: Path, options: list[str], drawn: str) -> None:
+def test_seed_sets_the_expert_perturbations(work: Path) -> None:
     from condconv_lightning.surgery import convert
 
-    output = f"seeded-{len(options)}.pt"  # the module's folder is shared by the parametrized runs
-    command = ["full.pt", "--trust-pickle", "--layers", "layer1", "--no-check", "--seed", "5", "-o", output]
-    succeeded(run_cli(*command, *options, cwd=work))
-    written = torch.load(work / output, weights_only=False).layer1[0].conv1.get_parameter(drawn)
-    draws = {}
+    succeeded(
+        run_cli(
+            "full.pt", "--trust-pickle", "--layers", "layer1", "--no-check", "--seed", "5", "-o", "seeded.pt", cwd=work
+        )
+    )
+    written = torch.load(work / "seeded.pt", weights_only=False).layer1[0].conv1.weight
+    experts = {}
     for seed in (5, 6):
         model = torch.load(work / "full.pt", weights_only=False)
-        convert(model, ["layer1"], seed=seed, routing="sigmoid" if options else "softmax")
-        draws[seed] = model.layer1[0].conv1.get_parameter(drawn)
-    assert torch.equal(written, draws[5]) and not torch.equal(written, draws[6])
+        convert(model, ["layer1"], seed=seed)
+        experts[seed] = model.layer1[0].conv1.weight
+    assert torch.equal(written, experts[5]) and not torch.equal(written, experts[6])
 
 
 def test_an_exact_random_router_passes_the_check_and_is_stored_in_the_spec(work: Path) -> None:
@@ -519,13 +516,13 @@ IN_PROCESS_CASES = [
     ),
     (
         "random router under sigmoid, checked",
-        ["full.pt", "--trust-pickle", "--layers", "layer4", "--router-init", "random", "--routing", "sigmoid"],
+        ["full.pt", "--trust-pickle", "--layers", "layer4", "--router-init", "random"],
         2,
         ["do not convert exactly (a random router under sigmoid routing", "--no-check"],
     ),
     (
         "random router with perturbed experts, checked",
-        ["full.pt", "--trust-pickle", "--layers", "layer4", "--router-init", "random", "--perturbation", "0.05"],
+        ["full.pt", "--trust-pickle", "--layers", "layer4", "--router-init", "random", "--routing", "softmax"],
         2,
         ["(a random router mixes the perturbed experts unevenly (perturbation 0.05))", "--perturbation 0"],
     ),

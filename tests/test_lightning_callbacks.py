@@ -149,8 +149,8 @@ class StaticNet(nn.Module):
 
 @pytest.mark.parametrize(
     ("options", "warns"),
-    [({"routing": "sigmoid"}, True), ({}, False)],  # sigmoid: a zero router; the defaults: a random one
-    ids=["zero-sigmoid", "defaults"],
+    [({}, True), ({"routing": "softmax", "router_init": "random", "perturbation": 0.0}, False)],
+    ids=["zero-sigmoid", "random-softmax"],
 )
 def test_routing_that_stays_uniform_warns_once_naming_the_router_init(
     tmp_path: Path, options: dict, warns: bool

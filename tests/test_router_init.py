@@ -34,12 +34,11 @@ def test_normalized_sigmoid_is_the_sigmoid_divided_by_its_sum() -> None:
     ("options", "reason"),
     [
         ({}, None),
-        ({"routing": "sigmoid"}, None),
         ({"routing": "softmax", "router_init": "random", "perturbation": 0.0}, None),
         ({"routing": "normalized_sigmoid", "router_init": "random", "perturbation": 0.0}, None),
-        ({"routing": "sigmoid", "router_init": "random"}, "a random router under sigmoid routing"),
-        ({"routing": "sigmoid", "router_init": "random", "perturbation": 0.0}, "a random router under sigmoid"),
-        ({"router_init": "random", "perturbation": 0.05}, "mixes the perturbed experts unevenly (perturbation 0.05)"),
+        ({"router_init": "random"}, "a random router under sigmoid routing"),
+        ({"router_init": "random", "perturbation": 0.0}, "a random router under sigmoid routing"),
+        ({"routing": "softmax", "router_init": "random"}, "mixes the perturbed experts unevenly (perturbation 0.05)"),
         ({"init": "fresh"}, "init='fresh' trains experts from scratch"),
     ],
 )
@@ -48,51 +47,12 @@ def test_the_config_says_whether_a_conversion_is_exact(options: dict, reason: st
     assert inexactness is None if reason is None else reason in inexactness
 
 
-@pytest.mark.parametrize(
-    ("options", "router_init", "perturbation"),
-    [
-        ({}, "random", 0.0),  # the defaults: softmax, so a random router is exact
-        ({"routing": "normalized_sigmoid"}, "random", 0.0),
-        ({"routing": "sigmoid"}, "zero", 0.05),  # CondConv's sigmoid: only a zero router is exact
-        ({"perturbation": 0.1}, "zero", 0.1),  # perturbed experts: a random router would mix them unevenly
-        ({"perturbation": 0.0}, "random", 0.0),
-        ({"router_init": "zero"}, "zero", 0.05),
-        ({"router_init": "random", "routing": "sigmoid"}, "random", 0.0),  # asked for: inexact, and said so
-    ],
-)
-def test_auto_router_init_and_perturbation_resolve_to_an_exact_conversion_where_one_exists(
-    options: dict, router_init: str, perturbation: float
-) -> None:
-    config = ConversionConfig(**options)
-    resolved = config.resolved()
-    assert (resolved.router_init, resolved.perturbation) == (router_init, perturbation)
-    assert resolved.resolved() == resolved and resolved.inexactness == config.inexactness
-    assert (config.inexactness is None) == (
-        options.get("router_init") != "random" or options.get("routing") != "sigmoid"
-    )
-
-
-def test_a_conversion_and_its_spec_record_the_resolved_options() -> None:
-    from condconv_lightning.demos import resnet_tiny
-
-    report = convert(resnet_tiny(), "layer4", seed=0)
-    recorded = ConversionSpec.from_json(report.spec.to_json()).config
-    assert (recorded.routing, recorded.router_init, recorded.perturbation, recorded.router_scale) == (
-        "softmax",
-        "random",
-        0.0,
-        3.0,
-    )
-    report = convert(resnet_tiny(), "layer4", routing="sigmoid", seed=0)
-    assert (report.spec.config.router_init, report.spec.config.perturbation) == ("zero", 0.05)
-
-
 def test_an_inexact_conversion_warns_and_is_not_exact() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
     original, x = copy.deepcopy(model), torch.randn(2, 3, 8, 8)
     with pytest.warns(UserWarning, match=r"will not compute what their convs did: a random router under sigmoid"):
-        convert(model, "*", routing="sigmoid", router_init="random", seed=0)
+        convert(model, "*", router_init="random", seed=0)
     with torch.no_grad():
         assert not torch.allclose(model(x), original(x), rtol=1e-3, atol=0)
 
@@ -133,32 +93,25 @@ def test_the_spec_records_the_router_init_and_repeats_it() -> None:
 
     torch.manual_seed(0)
     model = resnet_tiny()
-    report = convert(model, "layer4", routing="softmax", router_init="random", router_scale=1.0, seed=3)
+    report = convert(model, "layer4", routing="softmax", router_init="random", perturbation=0.0, seed=3)
     spec = ConversionSpec.from_json(report.spec.to_json())
-    assert (spec.config.router_init, spec.config.router_scale, spec.config.perturbation) == ("random", 1.0, 0.0)
+    assert (spec.config.router_init, spec.config.router_scale) == ("random", 1.0)
     again = resnet_tiny()
     apply_spec(again, spec)
     torch.testing.assert_close(again.layer4[0].conv1.router.weight, model.layer4[0].conv1.router.weight)
 
 
-@pytest.mark.parametrize("routing", ["sigmoid", "softmax"])
-def test_options_written_before_router_init_existed_mean_a_zero_router(routing: str) -> None:
-    """Files of that time hold every other field, the perturbation (then 0.05 by default) included."""
-    options = ConversionConfig(routing=routing, router_init="zero", perturbation=0.05).to_dict()
+def test_options_written_before_router_init_existed_mean_a_zero_router() -> None:
+    options = ConversionConfig().to_dict()
     del options["router_init"], options["router_scale"]
-    config = ConversionConfig.from_dict(options).resolved()
-    assert (config.routing, config.router_init, config.router_scale, config.perturbation) == (
-        routing,
-        "zero",
-        1.0,
-        0.05,
-    )
+    config = ConversionConfig.from_dict(options)
+    assert (config.router_init, config.router_scale) == ("zero", 1.0)
 
 
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"router_init": "kmeans"}, r"router_init must be one of \('auto', 'zero', 'random'\)"),
+        ({"router_init": "kmeans"}, r"router_init must be one of \('zero', 'random'\)"),
         ({"router_scale": 0.0}, "router_scale must be a positive finite number"),
         ({"router_scale": float("nan")}, "router_scale must be a positive finite number"),
         ({"routing": "relu"}, "routing must be one of"),

