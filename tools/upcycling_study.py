@@ -157,7 +157,7 @@ VARIANTS: dict[str, Variant] = {
     "scratch": Variant("CondConv from scratch, all steps (the paper's: sigmoid, K=4): the ceiling", kind="scratch"),
     "static_wide": Variant("static ResNet widened to the converted model's parameter count, all steps", kind="wide"),
     "k1": Variant("one expert, sigmoid: a per-sample scale of each conv (zero router, exact)", num_experts=1),
-    "zero_sigmoid": Variant("sigmoid routing, zero router, perturbation 0.05 (the former defaults; exact)"),
+    "zero_sigmoid": Variant("sigmoid routing, zero router, perturbation 0.05 (the defaults; exact)"),
     "zero_softmax": Variant("softmax routing, zero router, perturbation 0.05 (exact)", routing="softmax"),
     "random_softmax": Variant("softmax routing, random router (scale 1), identical experts (exact)", **EXACT_SOFTMAX),
     "random_softmax_s3": Variant(

@@ -66,7 +66,7 @@ class RoutingEntropyMonitor(Callback):
             sample uniformly (training per-sample entropy within :data:`UNIFORM_TOLERANCE`
             of 1 at every training log) for this many optimizer steps (0 disables): such a
             layer is one kernel, not a conditional one. It is what a zero router under
-            sigmoid routing keeps (upcycling's former default); the warning names the
+            sigmoid routing keeps (the conversion's default); the warning names the
             conversion options that break the symmetry. Checked at training logs, so it
             needs training values to be logged.
         log_experts: also log the mean routing weight of every expert.
